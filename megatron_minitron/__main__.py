@@ -1,0 +1,5 @@
+import sys
+
+from megatron_minitron.cli import main
+
+sys.exit(main())

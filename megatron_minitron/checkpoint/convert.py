@@ -1,0 +1,125 @@
+"""`minitron convert`: HF dir / GGUF file / Megatron checkpoint -> Megatron checkpoint or HF dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from megatron_minitron.checkpoint import hf_io, mcore
+from megatron_minitron.checkpoint.atomic import atomic_directory, check_destination
+from megatron_minitron.checkpoint.layout import hf_to_mcore, mcore_to_hf
+from megatron_minitron.config import CheckpointMeta, ConfigError, ModelConfig, ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def detect_format(src: Path) -> str:
+    if not src.exists():
+        raise ConfigError(f"source {src} does not exist")
+    if src.is_file():
+        if src.suffix == ".gguf":
+            return "gguf"
+        raise ConfigError(f"source {src} is a file but not a .gguf file")
+    if mcore.is_mcore_dir(src):
+        return "mcore"
+    if hf_io.is_hf_dir(src):
+        return "hf"
+    raise ConfigError(f"source {src}: neither a HF model dir (config.json), a GGUF file, "
+                      f"nor a megatron-minitron checkpoint ({mcore.META_FILE})")
+
+
+def _tokenizer_from_gguf(path: Path, tokenizer_json: str) -> dict[str, bytes]:
+    from megatron_minitron.checkpoint.gguf_io import gguf_special_tokens
+
+    special = gguf_special_tokens(path)
+    vocab = json.loads(tokenizer_json)["model"]["vocab"]
+    inv = {i: t for t, i in vocab.items()}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
+           "clean_up_tokenization_spaces": False}
+    for k, i in special.items():
+        name = "pad" if k == "padding" else k
+        cfg[f"{name}_token"] = inv.get(i)
+        cfg[f"{name}_token_id"] = i
+    return {"tokenizer.json": tokenizer_json.encode(),
+            "tokenizer_config.json": json.dumps(cfg, indent=2).encode()}
+
+
+def read_source(src: Path, fmt: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(config, HF-layout state dict, tokenizer files) for a GGUF file or HF dir."""
+    if fmt == "gguf":
+        from megatron_minitron.checkpoint.gguf_io import read_gguf
+
+        cfg, sd, tok_json = read_gguf(src)
+        return cfg, sd, _tokenizer_from_gguf(src, tok_json)
+    cfg, sd = hf_io.read_hf(src)
+    toks = {n: src / n for n in hf_io.TOKENIZER_FILES if (src / n).is_file()}
+    return cfg, sd, toks
+
+
+def _check_state_dict(sd: dict[str, torch.Tensor], model_sd: dict, src: Path) -> None:
+    missing = sorted(set(model_sd) - set(sd))
+    extra = sorted(set(sd) - set(model_sd))
+    if missing or extra:
+        raise ConfigError(f"{src}: weights do not match the model config "
+                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(model_sd[k].shape):
+            raise ConfigError(f"{src}: tensor {k} has shape {tuple(v.shape)}, the config implies "
+                              f"{tuple(model_sd[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise ConfigError(f"{src}: tensor {k} contains NaN or Inf")
+
+
+def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
+            ) -> Path:
+    from megatron_minitron.model import build_model, te_available
+    from megatron_minitron.runtime import init_runtime
+
+    src, dst = Path(src), Path(dst)
+    parallel = parallel or ParallelConfig()
+    check_destination(dst)
+    fmt = detect_format(src)
+    if to not in ("mcore", "hf"):
+        raise ConfigError(f"unknown target format {to!r} (mcore or hf)")
+
+    if fmt == "mcore":
+        meta = mcore.read_meta(src)
+        meta.model.check_parallel(parallel.tp, parallel.pp)
+        rt = init_runtime(parallel if to == "mcore" else ParallelConfig())
+        chunks = build_model(meta.model, rt.parallel)
+        mcore.load_checkpoint(chunks, src)
+        if to == "mcore":  # reshard: save at this run's TP/PP
+            meta.history.append(f"resharded at tp={parallel.tp} pp={parallel.pp}")
+            mcore.save_checkpoint(chunks, meta, dst, mcore.tokenizer_files(src))
+        else:
+            hf_sd = mcore_to_hf(mcore.model_state_dict(chunks), meta.model, te=te_available())
+            with atomic_directory(dst) as stage:
+                hf_io.write_hf(stage, meta.model, hf_sd, src / mcore.TOKENIZER_DIR)
+        return dst
+
+    cfg, hf_sd, toks = read_source(src, fmt)
+    cfg.check_parallel(parallel.tp, parallel.pp)
+    if to == "hf":
+        if fmt == "gguf":
+            raise ConfigError("GGUF -> HF: convert to mcore first, then mcore -> hf")
+        raise ConfigError(f"{src} is already a HF directory")
+    rt = init_runtime(ParallelConfig())
+    if rt.world_size > 1:
+        raise ConfigError("importing HF/GGUF weights runs in one process; reshard the result "
+                          "with `torchrun ... minitron convert CKPT NEW --tp N --pp M`")
+    chunks = build_model(cfg, rt.parallel)
+    mc_sd = hf_to_mcore(hf_sd, cfg, te=te_available())
+    model_sd = {k: v for k, v in chunks[0].state_dict().items() if "_extra_state" not in k}
+    if cfg.tie_embeddings:
+        model_sd.pop("output_layer.weight", None)
+    _check_state_dict(mc_sd, model_sd, src)
+    chunks[0].load_state_dict(mc_sd, strict=False)
+    tok_name = next((n for n in ("tokenizer.json", "tokenizer.model") if n in toks), None)
+    meta = CheckpointMeta(model=cfg, tokenizer=tok_name, source=f"{fmt}:{src.resolve()}",
+                          history=[f"converted from {fmt}"])
+    mcore.save_checkpoint(chunks, meta, dst, toks)
+    log.info("wrote %s (%d parameters)", dst, cfg.num_parameters())
+    return dst

@@ -1,0 +1,59 @@
+"""Hugging Face model directories: config.json + safetensors (+ tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_minitron.checkpoint.layout import hf_config, model_config_from_hf
+from megatron_minitron.config import ConfigError, ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    cfg = model_config_from_hf(hf, str(path))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors weights found (pickled .bin weights are "
+                          "not loaded: they can execute code)")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sd[k] = st.get_tensor(k).to(torch.float32)
+        except Exception as e:
+            raise ConfigError(f"{f}: unreadable safetensors file ({e})") from None
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd
+
+
+def write_hf(path: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],
+             tokenizer_dir: Path | None) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, path / name)

@@ -1,0 +1,168 @@
+"""The one place that knows how Hugging Face and Megatron-Core lay out the same weights.
+
+All functions work on full (TP=1) tensors keyed by name; sharding is Megatron's business.
+Facts encoded here:
+- fused QKV: rows grouped per query group g = [q heads of g | k_g | v_g];
+- SwiGLU `linear_fc1` = [gate; up] (HF gate_proj, up_proj);
+- local spec norms are `input_layernorm` / `pre_mlp_layernorm`; TE fuses them into
+  `linear_qkv.layer_norm_*` / `linear_fc1.layer_norm_*`;
+- Nemotron's LayerNorm1P stores zero-centred gamma in both formats, so norms copy unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_minitron.config import ModelConfig
+
+HF_LAYER = "model.layers.{i}."
+MC_LAYER = "decoder.layers.{i}."
+
+
+def norm_names(te: bool) -> tuple[str, str]:
+    """Megatron names (without `.weight`) of a layer's pre-attention and pre-MLP norms."""
+    if te:
+        return "self_attention.linear_qkv.layer_norm", "mlp.linear_fc1.layer_norm"
+    return "input_layernorm", "pre_mlp_layernorm"
+
+
+def _norm_suffixes(cfg: ModelConfig) -> tuple[str, ...]:
+    return ("weight", "bias") if cfg.traits.normalization == "LayerNorm" else ("weight",)
+
+
+def _te_suffix(suffix: str, te: bool) -> str:
+    # TE names its fused norm params `layer_norm_weight`, the local norm module `.weight`.
+    return f"_{suffix}" if te else f".{suffix}"
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    ng, d = cfg.num_query_groups, cfg.kv_channels
+    per = cfg.num_attention_heads // ng
+    h_in = q.shape[1]
+    q = q.reshape(ng, per * d, h_in)
+    k = k.reshape(ng, d, h_in)
+    v = v.reshape(ng, d, h_in)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ng, d = cfg.num_query_groups, cfg.kv_channels
+    per = cfg.num_attention_heads // ng
+    g = qkv.reshape(ng, (per + 2) * d, qkv.shape[1])
+    q, k, v = torch.split(g, [per * d, d, d], dim=1)
+    return (q.reshape(-1, qkv.shape[1]), k.reshape(-1, qkv.shape[1]), v.reshape(-1, qkv.shape[1]))
+
+
+def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
+                ) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
+    attn_norm, mlp_norm = norm_names(te)
+    for i in range(cfg.num_layers):
+        s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
+        for suf in _norm_suffixes(cfg):
+            out[m + attn_norm + _te_suffix(suf, te)] = hf[s + f"input_layernorm.{suf}"]
+            out[m + mlp_norm + _te_suffix(suf, te)] = hf[s + f"post_attention_layernorm.{suf}"]
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            hf[s + "self_attn.q_proj.weight"], hf[s + "self_attn.k_proj.weight"],
+            hf[s + "self_attn.v_proj.weight"], cfg)
+        out[m + "self_attention.linear_proj.weight"] = hf[s + "self_attn.o_proj.weight"]
+        if cfg.traits.gated:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [hf[s + "mlp.gate_proj.weight"], hf[s + "mlp.up_proj.weight"]], dim=0)
+        else:
+            out[m + "mlp.linear_fc1.weight"] = hf[s + "mlp.up_proj.weight"]
+        out[m + "mlp.linear_fc2.weight"] = hf[s + "mlp.down_proj.weight"]
+    for suf in _norm_suffixes(cfg):
+        out[f"decoder.final_layernorm.{suf}"] = hf[f"model.norm.{suf}"]
+    if not cfg.tie_embeddings:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
+                ) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"]}
+    attn_norm, mlp_norm = norm_names(te)
+    for i in range(cfg.num_layers):
+        s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
+        for suf in _norm_suffixes(cfg):
+            out[s + f"input_layernorm.{suf}"] = mc[m + attn_norm + _te_suffix(suf, te)]
+            out[s + f"post_attention_layernorm.{suf}"] = mc[m + mlp_norm + _te_suffix(suf, te)]
+        q, k, v = split_qkv(mc[m + "self_attention.linear_qkv.weight"], cfg)
+        out[s + "self_attn.q_proj.weight"] = q
+        out[s + "self_attn.k_proj.weight"] = k
+        out[s + "self_attn.v_proj.weight"] = v
+        out[s + "self_attn.o_proj.weight"] = mc[m + "self_attention.linear_proj.weight"]
+        fc1 = mc[m + "mlp.linear_fc1.weight"]
+        if cfg.traits.gated:
+            gate, up = torch.chunk(fc1, 2, dim=0)
+            out[s + "mlp.gate_proj.weight"] = gate
+            out[s + "mlp.up_proj.weight"] = up
+        else:
+            out[s + "mlp.up_proj.weight"] = fc1
+        out[s + "mlp.down_proj.weight"] = mc[m + "mlp.linear_fc2.weight"]
+    for suf in _norm_suffixes(cfg):
+        out[f"model.norm.{suf}"] = mc[f"decoder.final_layernorm.{suf}"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = mc["output_layer.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json for `transformers` (LlamaForCausalLM / NemotronForCausalLM)."""
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rotary_base,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if cfg.family == "llama":
+        return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base}}
+    return {**common, "architectures": ["NemotronForCausalLM"], "model_type": "nemotron",
+            "hidden_act": "relu2", "norm_eps": cfg.norm_epsilon,
+            "partial_rotary_factor": cfg.rotary_percent,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base,
+                                "partial_rotary_factor": cfg.rotary_percent}}
+
+
+def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
+    from megatron_minitron.config import ConfigError
+
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    family = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron"}.get(arch)
+    if family is None:
+        raise ConfigError(f"{source}: unsupported architecture {arch!r} "
+                          "(supported: LlamaForCausalLM, NemotronForCausalLM)")
+    rope = hf.get("rope_parameters") or {}
+    heads = hf["num_attention_heads"]
+    cfg = ModelConfig(
+        family=family,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rotary_percent=float(rope.get("partial_rotary_factor",
+                                      hf.get("partial_rotary_factor", 1.0))),
+        norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: RoPE scaling {rope or hf.get('rope_scaling')} is not supported")
+    cfg.validate()
+    return cfg

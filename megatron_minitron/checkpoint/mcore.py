@@ -1,0 +1,144 @@
+"""Self-describing Megatron dist checkpoints.
+
+Layout of a checkpoint directory:
+  minitron.json   model shape, family, tokenizer file, provenance (CheckpointMeta)
+  tokenizer/      tokenizer.json or tokenizer.model (+ tokenizer_config.json)
+  weights/        Megatron-Core dist checkpoint (torch_dist), loadable at any TP/PP
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.checkpoint.atomic import atomic_directory
+from megatron_minitron.config import CheckpointMeta, ConfigError
+
+META_FILE = "minitron.json"
+TOKENIZER_DIR = "tokenizer"
+WEIGHTS_DIR = "weights"
+
+
+def is_mcore_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    meta = CheckpointMeta.from_file(path / META_FILE)
+    if not (path / WEIGHTS_DIR / "metadata.json").is_file():
+        raise ConfigError(f"checkpoint {path} has no weights/ (incomplete or corrupt)")
+    return meta
+
+
+def _sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
+                    tokenizer_files: dict[str, bytes | Path]) -> None:
+    """Every rank calls this; the directory appears at `dst` only when all shards are written."""
+    from megatron.core import dist_checkpointing
+
+    with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
+        (stage / WEIGHTS_DIR).mkdir(exist_ok=True) if _rank() == 0 else None
+        _barrier()
+        dist_checkpointing.save(_sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+        if _rank() == 0:
+            tok = stage / TOKENIZER_DIR
+            tok.mkdir()
+            for name, content in tokenizer_files.items():
+                if isinstance(content, Path):
+                    shutil.copy2(content, tok / name)
+                else:
+                    (tok / name).write_bytes(content)
+            (stage / META_FILE).write_text(meta.to_json())
+
+
+def tokenizer_files(ckpt: Path) -> dict[str, Path]:
+    d = Path(ckpt) / TOKENIZER_DIR
+    return {p.name: p for p in sorted(d.iterdir())} if d.is_dir() else {}
+
+
+def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
+    """Load weights into this rank's chunks, resharding from whatever TP/PP they were saved at."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(ckpt)
+    sharded = _sharded_state_dict(chunks)
+    _install_safe_metadata_reader()
+    try:
+        loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / WEIGHTS_DIR))
+    except Exception as e:
+        raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+    return meta
+
+
+# --- the dist checkpoint's .metadata is a pickle: read it without running arbitrary code -------
+
+_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"),
+    ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"),
+    ("torch", "uint8"), ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"),
+    ("torch", "preserve_format"), ("torch", "channels_last"), ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("torch.serialization", "_get_layout"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from checkpoint metadata (not an allowed type)")
+
+
+def _install_safe_metadata_reader() -> None:
+    from torch.distributed.checkpoint import filesystem
+
+    if getattr(filesystem.FileSystemReader.read_metadata, "_minitron_safe", False):
+        return
+    original = filesystem.FileSystemReader.read_metadata
+
+    def read_metadata(self, *args, **kwargs):
+        real_load = pickle.load
+        pickle.load = lambda f, *a, **k: _SafeUnpickler(f).load()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            pickle.load = real_load
+
+    read_metadata._minitron_safe = True
+    filesystem.FileSystemReader.read_metadata = read_metadata
+
+
+def model_state_dict(chunks) -> dict[str, torch.Tensor]:
+    """Full-size tensors of a single-process (TP=1, PP=1) model, tied output weight excluded."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError("exporting full weights runs in one process (TP=1, PP=1); "
+                          "the dist checkpoint reshards on load, so launch without torchrun")
+    sd = chunks[0].state_dict()
+    return {k: v for k, v in sd.items() if "_extra_state" not in k and not (
+        k == "output_layer.weight" and chunks[0].share_embeddings_and_output_weights)}

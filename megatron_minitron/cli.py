@@ -1,0 +1,147 @@
+"""`minitron <verb>`: argument parsing only; each verb calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from megatron_minitron.config import ConfigError, ParallelConfig
+
+log = logging.getLogger("minitron")
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (Megatron names; --tp/--pp short forms)")
+    g.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int,
+                   default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+
+
+def _parallel(a) -> ParallelConfig:
+    return ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel)
+
+
+def cmd_convert(a) -> None:
+    from megatron_minitron.checkpoint.convert import convert
+
+    out = convert(Path(a.src), Path(a.dst), to=a.to, parallel=_parallel(a))
+    log.info("converted %s -> %s (%s)", a.src, out, a.to)
+
+
+def _load(a):
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.model import build_model
+    from megatron_minitron.runtime import init_runtime
+
+    meta = mcore.read_meta(Path(a.load))
+    meta.model.check_parallel(a.tp, a.pp)
+    rt = init_runtime(_parallel(a))
+    chunks = build_model(meta.model, rt.parallel)
+    mcore.load_checkpoint(chunks, Path(a.load))
+    return rt, meta, chunks
+
+
+def _eval_text(a) -> str:
+    from megatron_minitron.data.demo import held_out_plays
+
+    files = [Path(f) for f in a.data] if a.data else held_out_plays()
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"evaluation data {f} not found")
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if not text.strip():
+        raise ConfigError(f"evaluation data {', '.join(map(str, files))} is empty")
+    return text
+
+
+def cmd_eval(a) -> None:
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
+
+    text = _eval_text(a)
+    rt, meta, chunks = _load(a)
+    windows = token_windows(load_tokenizer(Path(a.load)).encode(text), a.seq_length,
+                            a.max_windows)
+    res = evaluate_windows(chunks, windows, a.micro_batch_size)
+    if rt.is_main:
+        print(f"{a.load}: {res.line()}")
+        if a.out:
+            Path(a.out).write_text(json.dumps(res.__dict__, indent=2))
+
+
+def cmd_generate(a) -> None:
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate.generate import greedy
+
+    rt, meta, chunks = _load(a)
+    tok = load_tokenizer(Path(a.load))
+    new = greedy(chunks, tok.encode(a.prompt), a.max_new_tokens, tok.eos_id)
+    if rt.is_main:
+        print(a.prompt + tok.decode(new))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minitron", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    c = sub.add_parser("convert", help="HF dir / GGUF / Megatron checkpoint -> mcore or HF")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", choices=("mcore", "hf"), default="mcore")
+    _add_parallel(c)
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="held-out loss and perplexity")
+    e.add_argument("--load", required=True)
+    e.add_argument("--data", nargs="*", help="text files (default: held-out Shakespeare plays)")
+    e.add_argument("--seq-length", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--out", help="write the result as JSON here")
+    _add_parallel(e)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy continuation of a prompt")
+    g.add_argument("--load", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    _add_parallel(g)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def _quiet_third_party() -> None:
+    # Megatron warns about apex, TE and deprecated flags on every import: noise for our users.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("megatron", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="[minitron] %(message)s")
+    _quiet_third_party()
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"minitron {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_minitron.runtime.distributed import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

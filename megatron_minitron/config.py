@@ -1,0 +1,153 @@
+"""Plain dataclasses that describe a model and how it is sharded.
+
+A checkpoint directory stores `ModelConfig` as JSON, so every command rebuilds the exact GPTModel
+from the directory alone. Family-specific choices (norm, activation, zero-centred gamma) are derived
+from `family` in one place, `family_traits`, rather than repeated as free fields that could disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FAMILIES = ("llama", "nemotron")
+
+
+class ConfigError(ValueError):
+    """A shape, parallel layout or file that cannot work; the message names the offending value."""
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    normalization: str  # "RMSNorm" | "LayerNorm"
+    activation: str  # "swiglu" | "squared_relu"
+    zero_centered_gamma: bool  # LayerNorm1P: stored gamma is (weight - 1)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+
+def family_traits(family: str) -> FamilyTraits:
+    if family == "llama":
+        return FamilyTraits("RMSNorm", "swiglu", False)
+    if family == "nemotron":
+        return FamilyTraits("LayerNorm", "squared_relu", True)
+    raise ConfigError(f"unsupported model family {family!r}; supported: {', '.join(FAMILIES)}")
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def traits(self) -> FamilyTraits:
+        return family_traits(self.family)
+
+    def validate(self) -> None:
+        family_traits(self.family)
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={self.num_query_groups}")
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
+        if self.num_attention_heads % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide "
+                              f"num_query_groups={self.num_query_groups}")
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide "
+                              f"ffn_hidden_size={self.ffn_hidden_size}")
+        if self.num_layers % pp:
+            raise ConfigError(f"pipeline parallel size {pp} does not divide "
+                              f"num_layers={self.num_layers}")
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Exact parameter count of the GPTModel this config builds (tied weights counted once)."""
+        h, f, t = self.hidden_size, self.ffn_hidden_size, self.traits
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        norm = h * (2 if t.normalization == "LayerNorm" else 1)
+        layer = h * (q + kv) + q * h + (2 if t.gated else 1) * f * h + f * h + 2 * norm
+        total = self.num_layers * layer + norm
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return total
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron's parallel sizes; data parallelism is whatever the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sequence_parallel and self.tp == 1:
+            # Megatron ignores SP at TP=1; keep the flag honest.
+            self.sequence_parallel = False
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint directory says about itself (stored as minitron.json)."""
+
+    model: ModelConfig
+    tokenizer: str | None = None  # file name inside <ckpt>/tokenizer/
+    source: str = ""
+    history: list[str] = field(default_factory=list)
+    format_version: int = 1
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "CheckpointMeta":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found: not a megatron-minitron checkpoint") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        d["model"] = ModelConfig.from_dict(d["model"])
+        return cls(**d)

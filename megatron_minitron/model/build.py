@@ -1,0 +1,126 @@
+"""Build a Megatron-Core GPTModel (this rank's pipeline chunks) from a ModelConfig.
+
+Transformer Engine's spec is used when TE imports and CUDA is present; otherwise the local spec with
+`MinitronNorm` plugged in through the ModuleSpec (no fork of Megatron's layer code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.config import ModelConfig, ParallelConfig
+
+
+@functools.cache
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
+                       dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer import TransformerConfig
+
+    t = cfg.traits
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization=t.normalization,
+        layernorm_zero_centered_gamma=t.zero_centered_gamma,
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=t.gated,
+        activation_func=F.silu if t.gated else squared_relu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # weights always come from a checkpoint or conversion
+        bias_activation_fusion=te_available() and t.gated,
+        bias_dropout_fusion=te_available(),
+        masked_softmax_fusion=te_available(),
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        # Contract at the fp32 accumulator so CPU and GPU logits are comparable.
+        attention_softmax_in_fp32=True,
+    )
+
+
+def layer_spec(config, vp_stage: int | None = None):
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if te_available():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_minitron.model.norm import MinitronNorm
+
+    spec = get_gpt_layer_local_spec()
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=MinitronNorm,
+                                     pre_mlp_layernorm=MinitronNorm)
+    layer = ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig,
+                dtype: torch.dtype = torch.float32) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), in Megatron's list convention."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    cfg.check_parallel(parallel.tp, parallel.pp)
+    config = transformer_config(cfg, parallel, dtype)
+    chunks = []
+    for vp in range(parallel.vpp or 1):
+        vp_stage = vp if parallel.vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, vp_stage),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=cfg.rotary_percent,
+            rotary_base=int(cfg.rotary_base),
+            vp_stage=vp_stage,
+        )
+        model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        chunks.append(model)
+    return chunks

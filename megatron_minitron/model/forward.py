@@ -1,0 +1,75 @@
+"""Forward-only passes through a (possibly TP/PP/VPP-sharded) GPTModel via Megatron's schedules.
+
+`forward_microbatches` runs each microbatch through `get_forward_backward_func()` (so pipeline
+parallelism works unchanged) and returns, on the last pipeline stage, what `collect` made of each
+microbatch's output; other stages get an empty list. `broadcast_from_last_stage` shares a result
+with every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
+                         collect: Callable[[torch.Tensor, dict], object]) -> list:
+    """microbatches: dicts with `tokens` [b, s] and optional `labels` [b, s]."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+    b, s = microbatches[0]["tokens"].shape
+    it = iter(microbatches)
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb.get("labels"))
+        return out, lambda output, non_loss_data=True: collect(output, mb)
+
+    iters = [it] * len(chunks) if len(chunks) > 1 else it
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters, model=chunks if len(chunks) > 1
+            else chunks[0], num_microbatches=len(microbatches), seq_length=s,
+            micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
+
+
+def gather_logits(output: torch.Tensor, _mb=None) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V] from this TP rank's vocabulary shard."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(output).float()
+
+
+def logits(chunks, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor | None:
+    """Logits [B, s, V] on the last pipeline stage, None elsewhere."""
+    mbs = [{"tokens": t} for t in torch.split(tokens, micro_batch_size)]
+    out = forward_microbatches(chunks, mbs, gather_logits)
+    return torch.cat(out) if out else None
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float64) -> torch.Tensor:
+    """Send the last pipeline stage's tensor to every rank of its pipeline group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return t
+    buf = t.to(dtype) if is_last_stage() else torch.zeros(shape, dtype=dtype)
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(buf, src, group=parallel_state.get_pipeline_model_parallel_group())
+    return buf

@@ -1,0 +1,32 @@
+"""Norm for the local (non-TE) layer spec.
+
+Megatron's `WrappedTorchNorm` refuses sequence parallelism and zero-centred gamma, both of which we
+need on CPU (TP+SP tests, Nemotron's LayerNorm1P). This module does both: it marks its parameters
+`sequence_parallel` so Megatron all-reduces their gradients across TP ranks, and applies
+`weight + 1` when gamma is zero-centred. Parameter names (`weight`, `bias`) match Megatron's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class MinitronNorm(torch.nn.Module):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.zero_centered = bool(config.layernorm_zero_centered_gamma)
+        self.eps = eps
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight + 1 if self.zero_centered else self.weight
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), w, self.bias, self.eps)

@@ -1,0 +1,3 @@
+from megatron_minitron.runtime.distributed import Runtime, init_runtime
+
+__all__ = ["Runtime", "init_runtime"]

@@ -1,0 +1,91 @@
+"""Make Megatron-Core run on CPU (gloo) when CUDA is absent.
+
+Megatron-Core assumes a GPU in a handful of places: buffers placed with `torch.cuda.current_device()`
+or a literal `device="cuda"`, `.cuda()` calls, `pin_memory`, `torch.cuda.synchronize`, and the CUDA
+RNG tracker. Rather than patching each call site (they move between releases), this module
+ 1. routes every tensor-factory request for a CUDA device to the CPU with one TorchFunctionMode;
+ 2. makes `torch.cuda.current_device/synchronize` and `Tensor.cuda` CPU no-ops;
+ 3. installs an RNG tracker with the same interface that forks the CPU generator;
+ 4. lets gloo gather 0-d tensors (it rejects them; Megatron gathers scalars in a few places).
+`apply()` is called once by the runtime and only when `torch.cuda.is_available()` is False; on a GPU
+none of this is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaRequestsToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and any(_is_cuda(a) for a in args[1:]):
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """Megatron's tracker, forking torch's CPU generator instead of the CUDA one."""
+
+        def add(self, name, seed):
+            if name in self.states_:
+                raise RuntimeError(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return mcore_random, CpuRNGStatesTracker
+
+
+def _gloo_safe_all_gather_into_tensor(original):
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if input_tensor.dim() == 0:
+            input_tensor = input_tensor.reshape(1)
+        return original(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    return all_gather_into_tensor
+
+
+def apply() -> None:
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _CudaRequestsToCpu().__enter__()
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    dist.all_gather_into_tensor = _gloo_safe_all_gather_into_tensor(dist.all_gather_into_tensor)
+    mcore_random, tracker_cls = _cpu_rng_tracker_class()
+    mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _applied = True

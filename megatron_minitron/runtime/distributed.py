@@ -1,0 +1,108 @@
+"""Process-group and Megatron parallel-state set-up for torchrun, srun and plain `python`.
+
+torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; srun exports SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID and the node list. A single `python` process runs as world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.config import ConfigError, ParallelConfig
+from megatron_minitron.runtime import cpu_compat
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    parallel: ParallelConfig
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as `gpu[003-005,007],cpu1` -> `gpu003`."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ConfigError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launch_env(env: dict | None = None) -> tuple[int, int, int, dict]:
+    """(rank, world_size, local_rank, extra env to set) from torchrun or SLURM variables."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), {}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        extra = {}
+        if "MASTER_ADDR" not in env:
+            extra["MASTER_ADDR"] = first_slurm_host(env.get("SLURM_JOB_NODELIST",
+                                                            env.get("SLURM_NODELIST", "127.0.0.1")))
+        if "MASTER_PORT" not in env:
+            extra["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", 0)), extra)
+    return 0, 1, 0, {"MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+                     "MASTER_PORT": env.get("MASTER_PORT", str(_free_port()))}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
+    """Initialise torch.distributed and Megatron's parallel state once per process."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    rank, world, local_rank, extra = launch_env()
+    os.environ.update(extra)
+    if world % (parallel.tp * parallel.pp):
+        raise ConfigError(f"world size {world} is not divisible by tp*pp = "
+                          f"{parallel.tp}*{parallel.pp}")
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        cpu_compat.apply()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                init_method="env://")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return Runtime(rank, world, local_rank, parallel, device)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

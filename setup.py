@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-minitron",
+    version="0.1.0",
+    description="Derive smaller LLMs from a large one the Minitron way (prune + distill) "
+                "on Megatron-Core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_minitron", "megatron_minitron.*"]),
+    install_requires=[
+        # An existing torch (e.g. an NVIDIA container's) satisfies this; `make setup` installs
+        # the 2.13.0 CPU build first on machines without one.
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "psutil",  # needed by megatron's torch_dist writer, not declared by megatron-core
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "gguf",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "dev": ["pytest", "ruff", "transformers>=4.46", "accelerate"],
+    },
+    entry_points={"console_scripts": ["minitron=megatron_minitron.cli:main"]},
+)
