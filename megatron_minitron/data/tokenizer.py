@@ -40,7 +40,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         if self._hf is not None:
-            return self._hf.decode(ids)
+            return self._hf.decode(ids, skip_special_tokens=False)
         return self._sp.decode(ids)
 
 

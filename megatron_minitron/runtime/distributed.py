@@ -41,22 +41,19 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def launch_env(env: dict | None = None) -> tuple[int, int, int, dict]:
-    """(rank, world_size, local_rank, extra env to set) from torchrun or SLURM variables."""
+def launch_env(env: dict | None = None) -> tuple[int, int, int, str]:
+    """(rank, world_size, local_rank, init_method) from torchrun or SLURM variables."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), {}
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://"
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        extra = {}
-        if "MASTER_ADDR" not in env:
-            extra["MASTER_ADDR"] = first_slurm_host(env.get("SLURM_JOB_NODELIST",
-                                                            env.get("SLURM_NODELIST", "127.0.0.1")))
-        if "MASTER_PORT" not in env:
-            extra["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        addr = env.get("MASTER_ADDR") or first_slurm_host(
+            env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                int(env.get("SLURM_LOCALID", 0)), extra)
-    return 0, 1, 0, {"MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-                     "MASTER_PORT": env.get("MASTER_PORT", str(_free_port()))}
+                int(env.get("SLURM_LOCALID", 0)), f"tcp://{addr}:{port}")
+    # Plain `python`: a fresh port each time, so repeated runs in one process never collide.
+    return 0, 1, 0, f"tcp://127.0.0.1:{_free_port()}"
 
 
 def _free_port() -> int:
@@ -72,8 +69,7 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    rank, world, local_rank, extra = launch_env()
-    os.environ.update(extra)
+    rank, world, local_rank, init_method = launch_env()
     if world % (parallel.tp * parallel.pp):
         raise ConfigError(f"world size {world} is not divisible by tp*pp = "
                           f"{parallel.tp}*{parallel.pp}")
@@ -86,7 +82,7 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                init_method="env://")
+                                init_method=init_method)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -1,0 +1,153 @@
+"""Shared fixtures. Megatron runs in this pytest process for single-rank checks (one import, many
+tests) and under real `torchrun` (gloo) for the distributed ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`minitron ARGS` in a fresh process (under torchrun when nproc > 1)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), "-m", "megatron_minitron.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "megatron_minitron.cli", *args]
+    return _run(cmd, check)
+
+
+def torchrun_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path, nproc: int,
+                    *flags: str) -> torch.Tensor:
+    """Logits from `tests/dist_worker.py` launched with torchrun at the given parallel flags."""
+    tok_file, out = tmp / "tokens.safetensors", tmp / f"logits{'_'.join(flags)}.safetensors"
+    save_file({"tokens": tokens.contiguous()}, str(tok_file))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_worker.py"),
+           "--load", str(ckpt), "--tokens", str(tok_file), "--out", str(out), *flags]
+    _run(cmd, True)
+    return load_file(str(out))["logits"]
+
+
+def _run(cmd: list[str], check: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return r
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from megatron_minitron.data.demo import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("smol") / "teacher"
+    run_cli("convert", str(smol_gguf), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smol_hf_model(smol_gguf):
+    """Independent reference: transformers' own GGUF loader (dequantize + un-permute)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name,
+                                             dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokens(smol_ckpt) -> torch.Tensor:
+    """A real text batch [2, 96] from a held-out play (96 divisible by TP 2 and 3)."""
+    from megatron_minitron.data.demo import held_out_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(smol_ckpt).encode(held_out_plays()[0].read_text()[:6000])
+    return torch.tensor(ids[: 2 * 96]).reshape(2, 96)
+
+
+def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:
+    """A small random-weight HF model written by `transformers` itself (heads 4, groups 2)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_theta=10000.0)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.NemotronConfig(**common, norm_eps=1e-5, partial_rotary_factor=0.5,
+                                          hidden_act="relu2")
+        model = transformers.NemotronForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms so a mis-mapped norm cannot hide
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory) -> Path:
+    return tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "llama_hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ckpt(tiny_llama_hf, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("tiny") / "llama_mcore"
+    run_cli("convert", str(tiny_llama_hf), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (2, 32), generator=g)
+
+
+def hf_logits(hf_dir_or_model, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    m = hf_dir_or_model
+    if isinstance(m, Path):
+        m = AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(tokens).logits.float()
+
+
+def in_process_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits at TP=1 in this pytest process (Megatron imported once for the whole session)."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.model import build_model
+    from megatron_minitron.model.forward import logits
+    from megatron_minitron.runtime import init_runtime
+
+    meta = mcore.read_meta(ckpt)
+    rt = init_runtime(ParallelConfig())
+    chunks = build_model(meta.model, rt.parallel)
+    mcore.load_checkpoint(chunks, ckpt)
+    return logits(chunks, tokens, micro_batch_size=tokens.shape[0])

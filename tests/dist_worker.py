@@ -1,0 +1,31 @@
+"""Run under torchrun by the tests: load a checkpoint at some TP/PP/SP and dump its logits."""
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_minitron.cli import _add_parallel, _load, _quiet_third_party
+from megatron_minitron.model.forward import logits
+from megatron_minitron.runtime.distributed import shutdown
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--load", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--out", required=True)
+    _add_parallel(p)
+    a = p.parse_args()
+    _quiet_third_party()
+    rt, _, chunks = _load(a)
+    tokens = load_file(a.tokens)["tokens"]
+    out = logits(chunks, tokens, a.micro_batch_size)
+    if out is not None and torch.distributed.get_rank() == rt.world_size - 1:
+        save_file({"logits": out.contiguous()}, str(Path(a.out)))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
