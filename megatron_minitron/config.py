@@ -2,7 +2,8 @@
 
 A checkpoint directory stores `ModelConfig` as JSON, so every command rebuilds the exact GPTModel
 from the directory alone. Family-specific choices (norm, activation, zero-centred gamma) are derived
-from `family` in one place, `family_traits`, rather than repeated as free fields that could disagree.
+from `family` in one place, `family_traits`, rather than stored as free fields that could
+disagree.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -142,7 +143,7 @@ class CheckpointMeta:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: Path) -> "CheckpointMeta":
+    def from_file(cls, path: Path) -> CheckpointMeta:
         try:
             d = json.loads(Path(path).read_text())
         except FileNotFoundError:

@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import (hf_logits, in_process_logits, run_cli, tiny_hf_dir,
-                            torchrun_logits)
+from tests.conftest import hf_logits, in_process_logits, run_cli, tiny_hf_dir, torchrun_logits
 
 
 def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_llama_ckpt,

@@ -111,12 +111,9 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
         raise ConfigError("importing HF/GGUF weights runs in one process; reshard the result "
                           "with `torchrun ... minitron convert CKPT NEW --tp N --pp M`")
     chunks = build_model(cfg, rt.parallel)
-    mc_sd = hf_to_mcore(hf_sd, cfg, te=te_available())
-    model_sd = {k: v for k, v in chunks[0].state_dict().items() if "_extra_state" not in k}
-    if cfg.tie_embeddings:
-        model_sd.pop("output_layer.weight", None)
-    _check_state_dict(mc_sd, model_sd, src)
-    chunks[0].load_state_dict(mc_sd, strict=False)
+    # Check in the source's own names, so the message names the tensor the user can find.
+    _check_state_dict(hf_sd, mcore_to_hf(mcore.model_state_dict(chunks), cfg, te_available()), src)
+    chunks[0].load_state_dict(hf_to_mcore(hf_sd, cfg, te=te_available()), strict=False)
     tok_name = next((n for n in ("tokenizer.json", "tokenizer.model") if n in toks), None)
     meta = CheckpointMeta(model=cfg, tokenizer=tok_name, source=f"{fmt}:{src.resolve()}",
                           history=[f"converted from {fmt}"])

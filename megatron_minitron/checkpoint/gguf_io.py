@@ -112,7 +112,8 @@ def gguf_tokenizer_json(r, path: Path) -> str:
 
     model = _field(r, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ConfigError(f"{path}: tokenizer model {model!r} not supported (byte-level BPE 'gpt2')")
+        raise ConfigError(f"{path}: tokenizer model {model!r} not supported "
+                          "(byte-level BPE 'gpt2' only)")
     tokens = list(_field(r, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
     types = list(_field(r, "tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -122,7 +123,7 @@ def gguf_tokenizer_json(r, path: Path) -> str:
     tok.decoder = decoders.ByteLevel()
     control = 3
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == control])
+                            for t, ty in zip(tokens, types, strict=True) if ty == control])
     return tok.to_str()
 
 

@@ -45,7 +45,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
     return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
 
 
-def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ng, d = cfg.num_query_groups, cfg.kv_channels
     per = cfg.num_attention_heads // ng
     g = qkv.reshape(ng, (per + 2) * d, qkv.shape[1])
@@ -163,6 +164,7 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
     if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{source}: RoPE scaling {rope or hf.get('rope_scaling')} is not supported")
+        scaling = rope or hf.get("rope_scaling")
+        raise ConfigError(f"{source}: RoPE scaling {scaling} is not supported")
     cfg.validate()
     return cfg

@@ -1,8 +1,9 @@
 """Make Megatron-Core run on CPU (gloo) when CUDA is absent.
 
-Megatron-Core assumes a GPU in a handful of places: buffers placed with `torch.cuda.current_device()`
-or a literal `device="cuda"`, `.cuda()` calls, `pin_memory`, `torch.cuda.synchronize`, and the CUDA
-RNG tracker. Rather than patching each call site (they move between releases), this module
+Megatron-Core assumes a GPU in a handful of places: buffers placed with
+`torch.cuda.current_device()` or a literal `device="cuda"`, `.cuda()` calls, `pin_memory`,
+`torch.cuda.synchronize`, and the CUDA RNG tracker. Rather than patching each call site (they
+move between releases), this module
  1. routes every tensor-factory request for a CUDA device to the CPU with one TorchFunctionMode;
  2. makes `torch.cuda.current_device/synchronize` and `Tensor.cuda` CPU no-ops;
  3. installs an RNG tracker with the same interface that forks the CPU generator;

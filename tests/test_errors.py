@@ -1,0 +1,99 @@
+"""Bad input: one clear line naming the problem, exit code 2, nothing left at the destination."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_minitron.cli import main
+from tests.conftest import run_cli
+
+
+def _fails(capsys, args, *needles):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minitron "), err
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+def _nothing_at(dst):
+    assert not dst.exists()
+    assert not any(p.name.startswith(f".{dst.name}") for p in dst.parent.iterdir())
+
+
+def test_missing_source(capsys, tmp_path):
+    _fails(capsys, ["convert", str(tmp_path / "nope"), str(tmp_path / "dst")], "does not exist")
+    _nothing_at(tmp_path / "dst")
+
+
+def test_truncated_safetensors(capsys, tiny_llama_hf, tmp_path):
+    bad = tmp_path / "bad_hf"
+    shutil.copytree(tiny_llama_hf, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "model.safetensors")
+    _nothing_at(tmp_path / "dst")
+
+
+def test_truncated_gguf(capsys, smol_gguf, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    with open(smol_gguf, "rb") as src:
+        bad.write_bytes(src.read(smol_gguf.stat().st_size // 3))
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "cut.gguf")
+    _nothing_at(tmp_path / "dst")
+
+
+def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
+    bad = tmp_path / "mistral"
+    shutil.copytree(tiny_llama_hf, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["MixtralForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM")
+    _nothing_at(tmp_path / "dst")
+
+
+@pytest.mark.parametrize("tp,what", [("3", "num_attention_heads=4"), ("4", "num_query_groups=2")])
+def test_tp_must_divide_heads_and_groups(capsys, tiny_llama_hf, tmp_path, tp, what):
+    _fails(capsys, ["convert", str(tiny_llama_hf), str(tmp_path / "dst"), "--tp", tp], what)
+    _nothing_at(tmp_path / "dst")
+
+
+def test_non_empty_destination_is_left_alone(capsys, tiny_llama_hf, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "precious.txt").write_text("keep me")
+    _fails(capsys, ["convert", str(tiny_llama_hf), str(dst)], "not empty")
+    assert [p.name for p in dst.iterdir()] == ["precious.txt"]
+
+
+def test_nan_weights_are_refused(capsys, tiny_llama_hf, tmp_path):
+    bad = tmp_path / "nan_hf"
+    shutil.copytree(tiny_llama_hf, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"))
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "NaN", "down_proj")
+    _nothing_at(tmp_path / "dst")
+
+
+def test_shape_mismatch_is_named(capsys, tiny_llama_hf, tmp_path):
+    bad = tmp_path / "shape_hf"
+    shutil.copytree(tiny_llama_hf, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
+    save_file(sd, str(bad / "model.safetensors"))
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "up_proj", "shape")
+
+
+def test_eval_of_missing_checkpoint(capsys, tmp_path):
+    _fails(capsys, ["eval", "--load", str(tmp_path / "none")], "does not exist")
+
+
+def test_real_process_exit_code(tmp_path):
+    r = run_cli("convert", str(tmp_path / "missing.gguf"), str(tmp_path / "dst"), check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
