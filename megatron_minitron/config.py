@@ -52,6 +52,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    # Llama-3.1 RoPE scaling (Megatron's fixed low/high frequency factors 1/4, original context
+    # 8192); None = plain RoPE.
+    rope_scaling_factor: float | None = None
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
 

@@ -87,7 +87,8 @@ def shakespeare_tokens(smol_ckpt) -> torch.Tensor:
     return torch.tensor(ids[: 2 * 96]).reshape(2, 96)
 
 
-def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int = 0) -> Path:
+def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int = 0,
+                rope_scaling: float | None = None) -> Path:
     """A small random-weight HF model written by `transformers` itself (heads 4, groups 2)."""
     import transformers
 
@@ -96,7 +97,12 @@ def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int 
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tie)
     if family == "llama":
-        cfg = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_theta=10000.0)
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        if rope_scaling:  # Llama-3.1 style
+            rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": rope_scaling,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+        cfg = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_parameters=rope)
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.NemotronConfig(**common, norm_eps=1e-5, partial_rotary_factor=0.5,

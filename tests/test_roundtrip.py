@@ -21,15 +21,22 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_
     assert torch.equal(hf_logits(out, tiny_tokens), hf_logits(tiny_llama_hf, tiny_tokens))
 
 
-@pytest.mark.parametrize("family,tie", [("llama", False), ("llama", True), ("nemotron", False)])
-def test_family_logits_match_transformers(family, tie, tmp_path, tiny_tokens):
-    hf = tiny_hf_dir(tmp_path / "hf", family, tie, seed=1)
+@pytest.mark.parametrize("family,tie,rope_scaling", [
+    ("llama", False, None), ("llama", True, None), ("llama", False, 8.0),
+    ("nemotron", False, None)])
+def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, tiny_tokens):
+    hf = tiny_hf_dir(tmp_path / "hf", family, tie, seed=1, rope_scaling=rope_scaling)
     ckpt = tmp_path / "mcore"
     run_cli("convert", str(hf), str(ckpt))
     meta = json.loads((ckpt / "minitron.json").read_text())
     assert meta["model"]["family"] == family and meta["model"]["tie_embeddings"] == tie
-    diff = (in_process_logits(ckpt, tiny_tokens) - hf_logits(hf, tiny_tokens)).abs().max()
+    assert meta["model"]["rope_scaling_factor"] == rope_scaling
+    ref = hf_logits(hf, tiny_tokens)
+    diff = (in_process_logits(ckpt, tiny_tokens) - ref).abs().max()
     assert diff <= 1e-5, f"{family}: {diff}"
+    exported = tmp_path / "hf_export"
+    run_cli("convert", str(ckpt), str(exported), "--to", "hf")
+    assert torch.equal(hf_logits(exported, tiny_tokens), ref)
 
 
 def test_tp2_sequence_parallel_logits_match_transformers(tiny_llama_hf, tiny_llama_ckpt,

@@ -16,6 +16,9 @@ import torch
 from megatron_minitron.config import ModelConfig
 
 HF_LAYER = "model.layers.{i}."
+# The only RoPE scaling Megatron-Core's GPTModel implements (Llama-3.1's), with its fixed factors.
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 MC_LAYER = "decoder.layers.{i}."
 
 
@@ -127,9 +130,12 @@ def hf_config(cfg: ModelConfig) -> dict:
         "mlp_bias": False,
     }
     if cfg.family == "llama":
+        rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+        if cfg.rope_scaling_factor is not None:
+            rope = {**rope, **LLAMA3_ROPE, "factor": cfg.rope_scaling_factor}
         return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base}}
+                "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon, "rope_parameters": rope,
+                "rope_scaling": rope if cfg.rope_scaling_factor is not None else None}
     return {**common, "architectures": ["NemotronForCausalLM"], "model_type": "nemotron",
             "hidden_act": "relu2", "norm_eps": cfg.norm_epsilon,
             "partial_rotary_factor": cfg.rotary_percent,
@@ -145,7 +151,10 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     if family is None:
         raise ConfigError(f"{source}: unsupported architecture {arch!r} "
                           "(supported: LlamaForCausalLM, NemotronForCausalLM)")
-    rope = hf.get("rope_parameters") or {}
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    scaling = _rope_scaling_factor(rope, source)
     heads = hf["num_attention_heads"]
     cfg = ModelConfig(
         family=family,
@@ -162,9 +171,20 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
                                       hf.get("partial_rotary_factor", 1.0))),
         norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling_factor=scaling,
     )
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        scaling = rope or hf.get("rope_scaling")
-        raise ConfigError(f"{source}: RoPE scaling {scaling} is not supported")
     cfg.validate()
     return cfg
+
+
+def _rope_scaling_factor(rope: dict, source: str) -> float | None:
+    from megatron_minitron.config import ConfigError
+
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    fixed = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+    if kind == "llama3" and all(float(rope.get(k, -1)) == v for k, v in fixed.items()):
+        return float(rope["factor"])
+    raise ConfigError(f"{source}: RoPE scaling {rope} is not supported (plain RoPE, or llama3 "
+                      f"scaling with {fixed})")

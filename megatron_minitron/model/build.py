@@ -119,6 +119,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig,
             position_embedding_type="rope",
             rotary_percent=cfg.rotary_percent,
             rotary_base=int(cfg.rotary_base),
+            rope_scaling=cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
         )
         model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
