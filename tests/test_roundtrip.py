@@ -54,3 +54,8 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tiny_llama_ckpt, tiny_toke
     original = in_process_logits(tiny_llama_ckpt, tiny_tokens)
     assert torch.equal(in_process_logits(tp2, tiny_tokens), original)
     assert torch.equal(torchrun_logits(tp2, tiny_tokens, tmp_path, 2, "--pp", "2"), original)
+
+
+def test_virtual_pipeline_logits_match(tiny_llama_hf, tiny_llama_ckpt, tiny_tokens, tmp_path):
+    ours = torchrun_logits(tiny_llama_ckpt, tiny_tokens, tmp_path, 2, "--pp", "2", "--vpp", "2")
+    assert (ours - hf_logits(tiny_llama_hf, tiny_tokens)).abs().max() <= 1e-5

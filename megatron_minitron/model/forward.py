@@ -26,14 +26,14 @@ def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
     if not microbatches:
         return []
     b, s = microbatches[0]["tokens"].shape
-    it = iter(microbatches)
 
     def step(data_iterator, model):
         mb = next(data_iterator)
         out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb.get("labels"))
         return out, lambda output, non_loss_data=True: collect(output, mb)
 
-    iters = [it] * len(chunks) if len(chunks) > 1 else it
+    # Virtual pipeline: every model chunk walks the microbatches with its own iterator.
+    iters = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     for c in chunks:
         c.eval()
     with torch.no_grad():
