@@ -77,15 +77,10 @@ class ModelConfig:
         """Raise unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
         if tp < 1 or pp < 1:
             raise ConfigError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
-        if self.num_attention_heads % tp:
-            raise ConfigError(f"tensor parallel size {tp} does not divide "
-                              f"num_attention_heads={self.num_attention_heads}")
-        if self.num_query_groups % tp:
-            raise ConfigError(f"tensor parallel size {tp} does not divide "
-                              f"num_query_groups={self.num_query_groups}")
-        if self.ffn_hidden_size % tp:
-            raise ConfigError(f"tensor parallel size {tp} does not divide "
-                              f"ffn_hidden_size={self.ffn_hidden_size}")
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ConfigError(f"tensor parallel size {tp} does not divide "
+                                  f"{name}={getattr(self, name)}")
         if self.num_layers % pp:
             raise ConfigError(f"pipeline parallel size {pp} does not divide "
                               f"num_layers={self.num_layers}")
