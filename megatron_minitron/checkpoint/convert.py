@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,29 +30,12 @@ def detect_format(src: Path) -> str:
                       f"nor a megatron-minitron checkpoint ({mcore.META_FILE})")
 
 
-def _tokenizer_from_gguf(path: Path, tokenizer_json: str) -> dict[str, bytes]:
-    from megatron_minitron.checkpoint.gguf_io import gguf_special_tokens
-
-    special = gguf_special_tokens(path)
-    vocab = json.loads(tokenizer_json)["model"]["vocab"]
-    inv = {i: t for t, i in vocab.items()}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
-           "clean_up_tokenization_spaces": False}
-    for k, i in special.items():
-        name = "pad" if k == "padding" else k
-        cfg[f"{name}_token"] = inv.get(i)
-        cfg[f"{name}_token_id"] = i
-    return {"tokenizer.json": tokenizer_json.encode(),
-            "tokenizer_config.json": json.dumps(cfg, indent=2).encode()}
-
-
 def read_source(src: Path, fmt: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """(config, HF-layout state dict, tokenizer files) for a GGUF file or HF dir."""
     if fmt == "gguf":
         from megatron_minitron.checkpoint.gguf_io import read_gguf
 
-        cfg, sd, tok_json = read_gguf(src)
-        return cfg, sd, _tokenizer_from_gguf(src, tok_json)
+        return read_gguf(src)
     cfg, sd = hf_io.read_hf(src)
     toks = {n: src / n for n in hf_io.TOKENIZER_FILES if (src / n).is_file()}
     return cfg, sd, toks

@@ -7,6 +7,7 @@ half-split RoPE. The embedded byte-level BPE vocabulary becomes a `tokenizers` t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,8 @@ def _open(path: Path):
         raise ConfigError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """(config, HF-layout state dict in fp32, tokenizer.json text)."""
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, bytes]]:
+    """(config, HF-layout state dict in fp32, tokenizer files by name)."""
     from gguf.quants import dequantize
 
     path = Path(path)
@@ -103,7 +104,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_qk(w, cfg.num_query_groups)
         sd[name] = w
-    return cfg, sd, gguf_tokenizer_json(r, path)
+    return cfg, sd, gguf_tokenizer_files(r, path)
 
 
 def gguf_tokenizer_json(r, path: Path) -> str:
@@ -127,7 +128,15 @@ def gguf_tokenizer_json(r, path: Path) -> str:
     return tok.to_str()
 
 
-def gguf_special_tokens(path: Path) -> dict[str, int]:
-    r = _open(Path(path))
-    return {k: int(v) for k in ("bos", "eos", "padding")
-            if (v := _field(r, f"tokenizer.ggml.{k}_token_id")) is not None}
+def gguf_tokenizer_files(r, path: Path) -> dict[str, bytes]:
+    """tokenizer.json plus a tokenizer_config.json naming the special tokens, for transformers."""
+    tok_json = gguf_tokenizer_json(r, path)
+    tokens = list(_field(r, "tokenizer.ggml.tokens"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "model_max_length": int(_field(r, "llama.context_length", 4096))}
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        i = _field(r, f"tokenizer.ggml.{key}_token_id")
+        if i is not None:
+            cfg[f"{name}_token"], cfg[f"{name}_token_id"] = tokens[int(i)], int(i)
+    return {"tokenizer.json": tok_json.encode(),
+            "tokenizer_config.json": json.dumps(cfg, indent=2).encode()}

@@ -58,7 +58,8 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
     from megatron.core import dist_checkpointing
 
     with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
-        (stage / WEIGHTS_DIR).mkdir(exist_ok=True) if _rank() == 0 else None
+        if _rank() == 0:
+            (stage / WEIGHTS_DIR).mkdir()
         _barrier()
         dist_checkpointing.save(_sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
         if _rank() == 0:
