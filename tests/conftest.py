@@ -25,6 +25,12 @@ def run_cli(*args: str, nproc: int = 1, check: bool = True) -> subprocess.Comple
     return _run(cmd, check)
 
 
+def converted(src: Path, dst: Path) -> Path:
+    """`minitron convert SRC DST` in a fresh process; returns DST."""
+    run_cli("convert", str(src), str(dst))
+    return dst
+
+
 def torchrun_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path, nproc: int,
                     *flags: str) -> torch.Tensor:
     """Logits from `tests/dist_worker.py` launched with torchrun at the given parallel flags."""
@@ -62,9 +68,7 @@ def smol_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("smol") / "teacher"
-    run_cli("convert", str(smol_gguf), str(dst))
-    return dst
+    return converted(smol_gguf, tmp_path_factory.mktemp("smol") / "teacher")
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +127,7 @@ def tiny_llama_hf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_ckpt(tiny_llama_hf, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("tiny") / "llama_mcore"
-    run_cli("convert", str(tiny_llama_hf), str(dst))
-    return dst
+    return converted(tiny_llama_hf, tmp_path_factory.mktemp("tiny") / "llama_mcore")
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,9 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
 
 
 def shutdown() -> None:
+    """Tear down what `init_runtime` set up; a no-op (and no Megatron import) if it never ran."""
+    if not dist.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
