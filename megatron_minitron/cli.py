@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from megatron_minitron.config import ConfigError, ParallelConfig
+from megatron_minitron.importance.stats import AGGREGATIONS
 
 log = logging.getLogger("minitron")
 
@@ -76,6 +77,42 @@ def cmd_eval(a) -> None:
             Path(a.out).write_text(json.dumps(res.__dict__, indent=2))
 
 
+def _calibration_files(a) -> list[Path]:
+    from megatron_minitron.data.demo import train_plays
+
+    return [Path(f) for f in a.data] if a.data else train_plays()
+
+
+def cmd_importance(a) -> None:
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.calibration import sample_windows, token_stream
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.importance import ImportanceConfig, compute_importance
+
+    out = Path(a.out)
+    if out.exists() or not out.parent.is_dir():
+        raise ConfigError(f"scores file {out} exists or its directory does not; choose a new "
+                          "path")
+    meta = mcore.read_meta(Path(a.load))
+    cfg = ImportanceConfig(samples=a.samples, seq_length=a.seq_length, seq_agg=a.seq_agg,
+                           sample_agg=a.sample_agg, block_sizes=tuple(a.block_sizes),
+                           depth_samples=a.depth_samples, micro_batch_size=a.micro_batch_size,
+                           seed=a.seed)
+    cfg.validate(meta.model)
+    files = _calibration_files(a)
+    ids = token_stream(files, load_tokenizer(Path(a.load)), meta.model.vocab_size, a.json_key)
+    samples = sample_windows(ids, a.samples, a.seq_length, a.seed)
+    rt, meta, chunks = _load(a)
+    scores = compute_importance(chunks, meta.model, samples, cfg, {
+        "checkpoint": str(Path(a.load).resolve()), "fingerprint": meta.fingerprint,
+        "data": [str(f) for f in files], "data_tokens": len(ids)})
+    if rt.is_main:
+        scores.save(out)
+        secs = scores.meta["seconds"]
+        print(f"{out}: {cfg.samples} samples x {cfg.seq_length} tokens; activations "
+              f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s")
+
+
 def cmd_generate(a) -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.generate import greedy
@@ -107,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the result as JSON here")
     _add_parallel(e)
     e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("importance", help="activation importance of every prunable axis")
+    i.add_argument("--load", required=True)
+    i.add_argument("--data", nargs="*", help="text, .jsonl files or indexed-dataset prefixes "
+                   "(default: the Shakespeare training plays)")
+    i.add_argument("--json-key", default="text", help="text field of JSONL documents")
+    i.add_argument("--samples", type=int, default=1024)
+    i.add_argument("--seq-length", type=int, default=4096)
+    i.add_argument("--seed", type=int, default=1234)
+    i.add_argument("--seq-agg", choices=AGGREGATIONS, default="mean",
+                   help="default aggregation over the sequence (all are stored)")
+    i.add_argument("--sample-agg", choices=AGGREGATIONS, default="l2",
+                   help="default aggregation over samples (all are stored)")
+    i.add_argument("--block-sizes", type=int, nargs="+", default=[1],
+                   help="measure the LM-loss rise of skipping every contiguous block of K layers")
+    i.add_argument("--depth-samples", type=int, default=128,
+                   help="samples for the layer-skip losses (0: block influence only)")
+    i.add_argument("--out", required=True, help="scores file (.safetensors)")
+    _add_parallel(i)
+    i.set_defaults(func=cmd_importance)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt")
     g.add_argument("--load", required=True)

@@ -135,6 +135,9 @@ class CheckpointMeta:
     source: str = ""
     history: list[str] = field(default_factory=list)
     format_version: int = 1
+    # Identity of the weights: set when a checkpoint with new weights is written, kept when the
+    # same weights are resharded. Scores files record it so prune can refuse foreign scores.
+    fingerprint: str = ""
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ def _rank() -> int:
 
 def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                     tokenizer_files: dict[str, bytes | Path]) -> None:
-    """Every rank calls this; the directory appears at `dst` only when all shards are written."""
+    """Every rank calls this; the directory appears at `dst` only when all shards are written.
+    A meta without a fingerprint (new weights) gets a fresh one."""
     from megatron.core import dist_checkpointing
 
     with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
@@ -70,6 +72,7 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                     shutil.copy2(content, tok / name)
                 else:
                     (tok / name).write_bytes(content)
+            meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
             (stage / META_FILE).write_text(meta.to_json())
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.calibration import window_count, windows
 from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
 
 
@@ -28,16 +29,14 @@ class EvalResult:
 
 def token_windows(ids: list[int], seq_length: int, max_windows: int | None = None
                   ) -> torch.Tensor:
-    """[n, seq_length + 1] windows; consecutive windows share one token so every token but the
-    first is predicted exactly once."""
-    n = (len(ids) - 1) // seq_length
+    """The first `max_windows` consecutive windows [n, seq_length + 1] of the text."""
+    n = window_count(len(ids), seq_length)
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise ConfigError(f"evaluation text has {len(ids)} tokens, fewer than one window of "
                           f"{seq_length + 1}")
-    t = torch.tensor(ids[: n * seq_length + 1], dtype=torch.long)
-    return torch.stack([t[i * seq_length: (i + 1) * seq_length + 1] for i in range(n)])
+    return windows(torch.tensor(ids, dtype=torch.long), seq_length, range(n))
 
 
 def _token_losses(output: torch.Tensor, _mb) -> torch.Tensor:

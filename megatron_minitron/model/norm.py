@@ -26,7 +26,14 @@ class MinitronNorm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight + 1 if self.zero_centered else self.weight
-        if self.rms:
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return F.layer_norm(x, (x.shape[-1],), w, self.bias, self.eps)
+        return apply_norm(x, self.weight, self.bias, self.rms, self.zero_centered, self.eps)
+
+
+def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rms: bool,
+               zero_centered: bool, eps: float) -> torch.Tensor:
+    """The norm both specs compute; TE fuses it into the next linear, so importance recomputes it
+    from that linear's `layer_norm_weight`."""
+    w = weight + 1 if zero_centered else weight
+    if rms:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return F.layer_norm(x, (x.shape[-1],), w, bias, eps)

@@ -1,0 +1,143 @@
+"""Forward hooks that turn activations into running sums as they pass (no activation is kept).
+
+Sites, per transformer layer (Megatron-Core names):
+- `ln_attn`, `ln_mlp`: outputs of the input LN and the pre-MLP LN. With TE's spec those norms are
+  fused into `linear_qkv` / `linear_fc1`, so the norm is recomputed from the fused module's input
+  and `layer_norm_weight`. Under sequence parallelism each TP rank sees s/tp tokens: the token
+  sums are all-reduced over TP before the per-sample value is taken.
+- `heads`: input of `linear_proj`, L2 over each head's kv_channels, for this TP rank's heads.
+- `ffn`: input of `linear_fc2` (after the activation, and after the gate for SwiGLU), for this TP
+  rank's neurons.
+- block influence: 1 - cos(layer input, layer output) per token (ShortGPT), summed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_minitron.importance import stats
+from megatron_minitron.model.norm import apply_norm
+
+SITES = ("ln_attn", "ln_mlp", "heads", "ffn")
+TP_SPLIT_SITES = ("heads", "ffn")  # columns are split across TP ranks; the others are replicated
+
+
+def decoder_layers(chunks):
+    for chunk in chunks:
+        yield from chunk.decoder.layers
+
+
+def _norm_site(layer, which: str):
+    """(module, fused): the module whose output (local spec) or input (TE, fused) is the LN."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norm = layer.input_layernorm if which == "attn" else layer.pre_mlp_layernorm
+    if not isinstance(norm, IdentityOp):
+        return norm, False
+    return (layer.self_attention.linear_qkv if which == "attn" else layer.mlp.linear_fc1), True
+
+
+class ImportanceHooks:
+    """Context manager: attach to every decoder layer of this rank's chunks; `reduce()` afterwards
+    gives the whole model's sums on every rank."""
+
+    def __init__(self, chunks):
+        from megatron.core import parallel_state
+
+        self.chunks = chunks
+        self.config = chunks[0].config
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.sp = bool(self.config.sequence_parallel) and self.tp > 1
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.influence: dict[int, torch.Tensor] = {}  # [sum of 1 - cos, tokens]
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> ImportanceHooks:
+        for layer in decoder_layers(self.chunks):
+            i = layer.layer_number - 1
+            for site, which in (("ln_attn", "attn"), ("ln_mlp", "mlp")):
+                module, fused = _norm_site(layer, which)
+                if fused:
+                    self._handles.append(module.register_forward_pre_hook(
+                        lambda m, args, i=i, site=site: self._add_fused_norm(i, site, m, args[0])))
+                else:
+                    self._handles.append(module.register_forward_hook(
+                        lambda m, args, out, i=i, site=site: self._add(i, site, out, True)))
+            self._handles += [
+                layer.self_attention.linear_proj.register_forward_pre_hook(
+                    lambda m, args, i=i: self._add_heads(i, args[0])),
+                layer.mlp.linear_fc2.register_forward_pre_hook(
+                    lambda m, args, i=i: self._add(i, "ffn", args[0], False)),
+                layer.register_forward_pre_hook(
+                    lambda m, args, kwargs, i=i: self._keep_input(i, args, kwargs),
+                    with_kwargs=True),
+                layer.register_forward_hook(lambda m, args, out, i=i: self._add_influence(i, out)),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _add(self, i: int, site: str, x: torch.Tensor, sequence_split: bool) -> None:
+        sums = stats.sequence_sums(x)
+        seq_length = x.shape[0]
+        if sequence_split and self.sp:
+            dist.all_reduce(sums, group=self.tp_group)
+            seq_length *= self.tp
+        v = stats.sample_sums(stats.per_sample(sums, seq_length))
+        key = (site, i)
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def _add_fused_norm(self, i: int, site: str, module, x: torch.Tensor) -> None:
+        c = self.config
+        y = apply_norm(x, module.layer_norm_weight, getattr(module, "layer_norm_bias", None),
+                       c.normalization == "RMSNorm", c.layernorm_zero_centered_gamma,
+                       c.layernorm_epsilon)
+        self._add(i, site, y, True)
+
+    def _add_heads(self, i: int, x: torch.Tensor) -> None:
+        s, b, _ = x.shape
+        self._add(i, "heads", x.reshape(s, b, -1, self.config.kv_channels).norm(dim=-1), False)
+
+    def _keep_input(self, i: int, args, kwargs) -> None:
+        self._inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _add_influence(self, i: int, out) -> None:
+        x_in = self._inputs.pop(i).detach().double()
+        x_out = (out[0] if isinstance(out, tuple) else out).detach().double()
+        one_minus_cos = 1 - F.cosine_similarity(x_in, x_out, dim=-1)
+        t = torch.stack([one_minus_cos.sum(), one_minus_cos.new_tensor(one_minus_cos.numel())])
+        self.influence[i] = self.influence[i] + t if i in self.influence else t
+
+    def reduce(self, num_layers: int, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Whole-model sums on every rank: each rank writes what only it holds into zero buffers
+        (its layers; its TP columns; replicated sites from TP rank 0 only) and one all-reduce over
+        the world adds pipeline stages, TP shards and data-parallel replicas together."""
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        out = {site: torch.zeros(num_layers, stats.SEQ_SUMS, 2, widths[site],
+                                 dtype=torch.float64, device=dev) for site in SITES}
+        for (site, i), t in self.sums.items():
+            if site in TP_SPLIT_SITES:
+                c = t.shape[-1]
+                out[site][i, ..., self.tp_rank * c:(self.tp_rank + 1) * c] = t
+            elif self.tp_rank == 0:
+                out[site][i] = t
+        out["influence"] = torch.zeros(num_layers, 2, dtype=torch.float64, device=dev)
+        for i, t in self.influence.items():
+            if self.sp or self.tp_rank == 0:  # under SP each TP rank saw different tokens
+                out["influence"][i] = t
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([t.flatten() for t in out.values()])
+            dist.all_reduce(flat)
+            parts = flat.split([t.numel() for t in out.values()])
+            out = {k: p.view_as(t) for (k, t), p in zip(out.items(), parts, strict=True)}
+        return {k: t.cpu() for k, t in out.items()}

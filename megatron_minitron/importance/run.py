@@ -1,0 +1,90 @@
+"""One importance pass: stream calibration samples forward-only through the sharded model with
+the hooks attached, reduce the sums over all ranks, add the depth metrics, return `Scores`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.importance import stats
+from megatron_minitron.importance.depth import skip_losses
+from megatron_minitron.importance.hooks import ImportanceHooks
+from megatron_minitron.importance.scores import FORMAT, Scores
+from megatron_minitron.model.forward import forward_microbatches
+from megatron_minitron.runtime.progress import Progress
+
+
+@dataclass
+class ImportanceConfig:
+    samples: int = 1024
+    seq_length: int = 4096
+    seq_agg: str = "mean"  # default aggregations recorded in the file; any can be read later
+    sample_agg: str = "l2"
+    block_sizes: tuple[int, ...] = (1,)  # contiguous blocks whose skip cost is measured
+    depth_samples: int = 128  # samples for the layer-skip losses (0: block influence only)
+    micro_batch_size: int = 1
+    seed: int = 1234
+
+    def validate(self, model: ModelConfig) -> None:
+        num_layers = model.num_layers
+        if self.seq_length > model.max_position_embeddings:
+            raise ConfigError(f"sequence length {self.seq_length} exceeds the model's "
+                              f"{model.max_position_embeddings} positions")
+        stats.check_aggregation(self.seq_agg, "sequence")
+        stats.check_aggregation(self.sample_agg, "sample")
+        for k in self.block_sizes:
+            if not 1 <= k < num_layers:
+                raise ConfigError(f"block size {k} must be between 1 and {num_layers - 1} "
+                                  f"(the model has {num_layers} layers)")
+        if self.depth_samples < 0 or self.micro_batch_size < 1:
+            raise ConfigError("depth samples must be >= 0 and micro batch size >= 1")
+
+
+def _ignore(_output, _mb) -> None:
+    return None
+
+
+def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
+                    model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Whole-model activation sums over `samples` [N, L+1]; data-parallel ranks split them."""
+    from megatron.core import parallel_state
+
+    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
+                   parallel_state.get_data_parallel_rank())
+    mine = samples[dp_rank::dp, :-1]
+    mbs = [{"tokens": t.contiguous()} for t in torch.split(mine, micro_batch_size)]
+    # Several microbatches per schedule call keep the pipeline full; between calls we report.
+    per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
+    progress = Progress("importance", samples.shape[0] * mine.shape[1])
+    widths = {"ln_attn": model.hidden_size, "ln_mlp": model.hidden_size,
+              "heads": model.num_attention_heads, "ffn": model.ffn_hidden_size}
+    with ImportanceHooks(chunks) as hooks:
+        for i in range(0, len(mbs), per_call):
+            group = mbs[i:i + per_call]
+            forward_microbatches(chunks, group, _ignore)
+            progress.update(sum(m["tokens"].numel() for m in group) * dp)
+        return hooks.reduce(model.num_layers, widths)
+
+
+def compute_importance(chunks, model: ModelConfig, samples: torch.Tensor, cfg: ImportanceConfig,
+                       meta: dict | None = None) -> Scores:
+    cfg.validate(model)
+    start = time.time()
+    sums = activation_pass(chunks, samples, cfg.micro_batch_size, model)
+    tensors = {f"sums.{k}": v for k, v in sums.items() if k != "influence"}
+    tensors["depth.block_influence"] = sums["influence"][:, 0] / sums["influence"][:, 1]
+    seconds = {"activations": time.time() - start}
+    if cfg.depth_samples:
+        t = time.time()
+        tensors.update(skip_losses(chunks, model.num_layers, samples[:cfg.depth_samples],
+                                   cfg.block_sizes, cfg.micro_batch_size))
+        seconds["depth"] = time.time() - t
+    info = {"format": FORMAT, "model": model.to_dict(), "samples": int(samples.shape[0]),
+            "seq_length": int(samples.shape[1] - 1), "seq_agg": cfg.seq_agg,
+            "sample_agg": cfg.sample_agg, "block_sizes": list(cfg.block_sizes),
+            "depth_samples": min(cfg.depth_samples, int(samples.shape[0])), "seed": cfg.seed,
+            "seconds": seconds, **(meta or {})}
+    return Scores(tensors, info)

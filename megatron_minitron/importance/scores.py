@@ -1,0 +1,109 @@
+"""The scores file: one safetensors file of accumulated sums plus JSON metadata in its header.
+
+Tensors (L = layers):
+  sums.{ln_attn,ln_mlp}  [L, 3, 2, hidden]   see `stats`: any sequence x sample aggregation
+  sums.heads             [L, 3, 2, heads]    is derived from these when the file is read,
+  sums.ffn               [L, 3, 2, ffn]      so one calibration serves every choice and target
+  depth.block_influence  [L]                 mean over tokens of 1 - cos(layer in, layer out)
+  depth.base_loss        [1]                 LM loss on the depth samples
+  depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
+Metadata: model shape, checkpoint path and fingerprint, data, samples, seq length, default
+aggregations, timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_minitron.config import ConfigError
+from megatron_minitron.importance import stats
+
+FORMAT = "minitron-importance-v1"
+WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")
+
+
+@dataclass
+class Scores:
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensors["sums.ffn"].shape[0]
+
+    def _aggs(self, seq: str | None, samples: str | None) -> tuple[str, str]:
+        return seq or self.meta["seq_agg"], samples or self.meta["sample_agg"]
+
+    def axis(self, name: str, seq: str | None = None, samples: str | None = None
+             ) -> torch.Tensor:
+        """Per-layer scores [L, width] of one width axis (ln_attn, ln_mlp, heads, ffn)."""
+        if name not in WIDTH_AXES:
+            raise ConfigError(f"unknown importance axis {name!r} ({', '.join(WIDTH_AXES)})")
+        return stats.finalize(self.tensors[f"sums.{name}"], self.meta["samples"],
+                              *self._aggs(seq, samples))
+
+    def hidden(self, seq: str | None = None, samples: str | None = None,
+               layers: list[int] | None = None) -> torch.Tensor:
+        """Embedding-channel scores [hidden], combined over both norms of the given layers
+        (default all): L2 of the per-site scores for L2 aggregation (the same as one L2 over all
+        samples and sites), their sum otherwise."""
+        seq, samples = self._aggs(seq, samples)
+        idx = list(range(self.num_layers)) if layers is None else list(layers)
+        per_site = torch.cat([self.axis("ln_attn", seq, samples)[idx],
+                              self.axis("ln_mlp", seq, samples)[idx]])
+        return per_site.pow(2).sum(0).sqrt() if samples == "l2" else per_site.sum(0)
+
+    def groups(self, num_query_groups: int, seq: str | None = None, samples: str | None = None
+               ) -> torch.Tensor:
+        """Query-group scores [L, groups]: the sum of each group's head scores."""
+        heads = self.axis("heads", seq, samples)
+        return heads.view(heads.shape[0], num_query_groups, -1).sum(-1)
+
+    def layers(self, metric: str = "skip_loss", block: int = 1) -> torch.Tensor:
+        """Depth scores, higher = more important: `block_influence` [L] or `skip_loss` (LM-loss
+        increase when `block` contiguous layers starting at each index are skipped)."""
+        key = "depth.block_influence" if metric == "block_influence" else \
+            f"depth.skip_loss.k{block}" if metric == "skip_loss" else None
+        if key is None:
+            raise ConfigError(f"unknown depth metric {metric!r} (block_influence, skip_loss)")
+        if key not in self.tensors:
+            have = sorted(k.split(".k")[-1] for k in self.tensors if "skip_loss" in k)
+            raise ConfigError(f"scores have no {metric} for blocks of {block} layers (computed "
+                              f"for {', '.join(have) or 'none'}); rerun importance with "
+                              f"--block-sizes {block}")
+        return self.tensors[key]
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.partial"
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                  metadata={"format": FORMAT, "minitron": json.dumps(self.meta)})
+        os.replace(tmp, path)
+
+
+def load_scores(path: Path) -> Scores:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"scores file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ConfigError(f"scores file {path} is not readable safetensors: {e}") from None
+    if header.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a megatron-minitron scores file")
+    missing = [f"sums.{a}" for a in WIDTH_AXES if f"sums.{a}" not in tensors]
+    if missing:
+        raise ConfigError(f"scores file {path} lacks {', '.join(missing)}")
+    return Scores(tensors, json.loads(header["minitron"]))

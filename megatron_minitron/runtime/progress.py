@@ -1,0 +1,35 @@
+"""Progress lines with rate and ETA for long loops (logged by global rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch.distributed as dist
+
+log = logging.getLogger("minitron")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    def __init__(self, what: str, total: int, unit: str = "tokens", every_s: float = 10.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done = 0
+        self.start = self.last = time.time()
+        self.quiet = dist.is_initialized() and dist.get_rank() != 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if self.quiet or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        log.info("%s: %d/%d %s (%.3g %s/s, ETA %s)", self.what, self.done, self.total,
+                 self.unit, rate, self.unit, _duration(eta))
