@@ -117,7 +117,22 @@ def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int 
             if "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer(path)
     return path
+
+
+def tiny_tokenizer(path: Path) -> None:
+    """A 128-token BPE trained on a Shakespeare play, so the tiny models read real text too."""
+    from tokenizers import Tokenizer, models, trainers
+
+    from megatron_minitron.data.demo import train_plays
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator([train_plays()[0].read_text()], trainers.BpeTrainer(
+        vocab_size=128, special_tokens=["<unk>", "<eos>"], limit_alphabet=90,
+        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text('{"eos_token_id": 1}')
 
 
 @pytest.fixture(scope="session")

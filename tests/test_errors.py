@@ -97,3 +97,76 @@ def test_eval_of_missing_checkpoint(capsys, tmp_path):
 def test_real_process_exit_code(tmp_path):
     r = run_cli("convert", str(tmp_path / "missing.gguf"), str(tmp_path / "dst"), check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# --- importance ---------------------------------------------------------------------------------
+
+def _importance(ckpt, data, out, *extra):
+    return ["importance", "--load", str(ckpt), "--data", *map(str, data), "--samples", "4",
+            "--seq-length", "16", "--depth-samples", "0", "--out", str(out), *extra]
+
+
+def _indexed(prefix, docs):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(f"{prefix}.bin")
+    for d in docs:
+        b.add_item(torch.tensor(d))
+        b.end_document()
+    b.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def test_importance_bad_data(capsys, tiny_llama_ckpt, tmp_path):
+    out = tmp_path / "s.safetensors"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _fails(capsys, _importance(tiny_llama_ckpt, [empty], out), "holds no text")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be, that is the question.")
+    _fails(capsys, _importance(tiny_llama_ckpt, [short], out), "fewer than 4 samples x 16")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    _fails(capsys, _importance(tiny_llama_ckpt, [bad], out), f"{bad}:2", "not valid JSON")
+    foreign = _indexed(tmp_path / "foreign", [[1, 2, 3, 500] * 40])
+    _fails(capsys, _importance(tiny_llama_ckpt, [foreign], out), "token id 500",
+           "another tokenizer")
+    _fails(capsys, _importance(tiny_llama_ckpt, [tmp_path / "nope.txt"], out), "not found")
+    _fails(capsys, _importance(tiny_llama_ckpt, [short], out, "--block-sizes", "4"),
+           "block size 4")
+    assert not out.exists() and not any(p.name.startswith(".s.") for p in tmp_path.iterdir())
+
+
+def test_importance_foreign_tokenizer_and_existing_output(capsys, tiny_llama_ckpt, smol_ckpt,
+                                                          tmp_path):
+    from megatron_minitron.data.demo import held_out_plays
+
+    wrong = tmp_path / "wrong_tokenizer"
+    shutil.copytree(tiny_llama_ckpt, wrong)
+    shutil.rmtree(wrong / "tokenizer")
+    shutil.copytree(smol_ckpt / "tokenizer", wrong / "tokenizer")
+    out = tmp_path / "s.safetensors"
+    _fails(capsys, _importance(wrong, held_out_plays(), out), "49152 tokens",
+           "not this checkpoint's tokenizer")
+    out.write_text("keep me")
+    _fails(capsys, _importance(tiny_llama_ckpt, held_out_plays(), out), "exists")
+    assert out.read_text() == "keep me"
+
+
+def test_importance_unknown_aggregation(capsys, tiny_llama_ckpt, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(_importance(tiny_llama_ckpt, [tmp_path], tmp_path / "s", "--seq-agg", "median"))
+    assert e.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_corrupt_scores_file(tmp_path):
+    from megatron_minitron.config import ConfigError
+    from megatron_minitron.importance import load_scores
+
+    bad = tmp_path / "s.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ConfigError, match="not readable safetensors"):
+        load_scores(bad)
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(ConfigError, match="not a megatron-minitron scores file"):
+        load_scores(bad)

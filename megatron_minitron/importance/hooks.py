@@ -111,10 +111,12 @@ class ImportanceHooks:
         self._inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def _add_influence(self, i: int, out) -> None:
-        x_in = self._inputs.pop(i).detach().double()
-        x_out = (out[0] if isinstance(out, tuple) else out).detach().double()
-        one_minus_cos = 1 - F.cosine_similarity(x_in, x_out, dim=-1)
-        t = torch.stack([one_minus_cos.sum(), one_minus_cos.new_tensor(one_minus_cos.numel())])
+        x_in = self._inputs.pop(i).detach()
+        x_out = (out[0] if isinstance(out, tuple) else out).detach()
+        one_minus_cos = 1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+        t = torch.stack([one_minus_cos.sum(dtype=torch.float64),
+                         torch.tensor(one_minus_cos.numel(), dtype=torch.float64,
+                                      device=x_in.device)])
         self.influence[i] = self.influence[i] + t if i in self.influence else t
 
     def reduce(self, num_layers: int, widths: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ when the scores are read:
 - over samples: `mean`, `l2`, `var` of the per-sample values v, from (sum v, sum v^2) and the
   sample count, which add up across data-parallel ranks.
 
-Variances are population variances (ddof 0). Sums are float64.
+Variances are population variances (ddof 0). Accumulators are float64.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def check_aggregation(name: str, what: str) -> str:
 
 
 def sequence_sums(x: torch.Tensor) -> torch.Tensor:
-    """[3, b, C] token sums of |x|, x and x^2 for x [s, b, C]."""
-    x = x.detach().double()
-    return torch.stack([x.abs().sum(0), x.sum(0), (x * x).sum(0)])
+    """[3, b, C] token sums of |x|, x and x^2 for x [s, b, C].
+
+    Summed in the activation's precision, at least fp32 (torch's blocked reductions: relative
+    error ~1e-7 over thousands of tokens), then kept in float64. Plain elementwise + sum is
+    several times faster than fused norms or a float64 copy of x on CPU."""
+    x = x.detach().float()
+    return torch.stack([x.abs().sum(0), x.sum(0), x.square().sum(0)]).double()
 
 
 def per_sample(sums: torch.Tensor, seq_length: int) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: the model under test, a peak-memory meter, timing by alternation."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def teacher_checkpoint(load: str | None) -> Path:
+    """`load`, or SmolLM2-135M converted from the shipped GGUF into a temporary directory."""
+    if load:
+        return Path(load)
+    from megatron_minitron.checkpoint.convert import convert
+    from megatron_minitron.data.demo import smollm2_gguf
+
+    return convert(smollm2_gguf(), Path(tempfile.mkdtemp()) / "smollm2")
+
+
+def _exact_cpu_heap() -> None:
+    """Make glibc serve every allocation over 64 KiB by mmap and unmap it on free, so process
+    RSS follows live tensor memory (otherwise freed heap stays resident and peaks drift).
+    Slows allocation: call it after the timed runs."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes while `fn` runs: CUDA allocator peak on GPU, sampled process RSS on CPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    _exact_cpu_heap()
+    proc, stop = psutil.Process(), threading.Event()
+    peak = [proc.memory_info().rss]
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return peak[0]
+
+
+def alternate(runs: dict, repeats: int = 3) -> dict[str, tuple[float, int]]:
+    """Median seconds of each callable over `repeats` interleaved runs (A B A B ..., so drift
+    hits all alike), then each one's peak memory."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    peaks = {name: peak_memory(fn) for name, fn in runs.items()}
+    return {k: (sorted(v)[len(v) // 2], peaks[k]) for k, v in times.items()}

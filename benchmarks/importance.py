@@ -1,0 +1,71 @@
+"""Importance pass vs plain forward over the same samples, side by side in one process.
+
+    python benchmarks/importance.py [--load CKPT] [--samples 16] [--seq-length 256]
+
+Prints time ratio (goal <= 1.10) and peak-memory ratio (goal <= 1.05). The importance pass is the
+activation pass (hooks on every site); the depth metrics are separate forward passes and are
+reported as their count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import alternate, teacher_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--load")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.cli import _quiet_third_party
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.data.calibration import sample_windows, token_stream
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.importance.run import _ignore, activation_pass
+    from megatron_minitron.model import build_model
+    from megatron_minitron.model.forward import forward_microbatches
+    from megatron_minitron.runtime import init_runtime
+
+    _quiet_third_party()
+    ckpt = teacher_checkpoint(a.load)
+    meta = mcore.read_meta(ckpt)
+    rt = init_runtime(ParallelConfig())
+    chunks = build_model(meta.model, rt.parallel)
+    mcore.load_checkpoint(chunks, ckpt)
+    ids = token_stream(train_plays()[:4], load_tokenizer(ckpt), meta.model.vocab_size)
+    samples = sample_windows(ids, a.samples, a.seq_length, seed=0)
+    mbs = [{"tokens": t[:, :-1].contiguous()} for t in torch.split(samples, a.micro_batch_size)]
+
+    res = alternate({
+        "forward": lambda: forward_microbatches(chunks, mbs, _ignore),
+        "importance": lambda: activation_pass(chunks, samples, a.micro_batch_size, meta.model),
+    }, a.repeats)
+    (tf, mf), (ti, mi) = res["forward"], res["importance"]
+    tokens = a.samples * a.seq_length
+    where = "GPU allocator" if torch.cuda.is_available() else "process RSS, mmap-backed heap"
+    print(f"model {meta.model.num_parameters() / 1e6:.1f}M params, {a.samples} x {a.seq_length} "
+          f"tokens, micro-batch {a.micro_batch_size}, median of {a.repeats}")
+    print(f"plain forward      {tf:8.2f} s  {tokens / tf:8.0f} tok/s  peak {mf / 2**20:8.0f} MiB")
+    print(f"importance pass    {ti:8.2f} s  {tokens / ti:8.0f} tok/s  peak {mi / 2**20:8.0f} MiB")
+    print(f"time ratio  {ti / tf:.3f}  (goal <= 1.10)")
+    print(f"peak-memory ratio  {mi / mf:.3f}  (goal <= 1.05; {where})")
+    print(f"depth metrics: 1 + {meta.model.num_layers} forward passes over --depth-samples for "
+          "single-layer skips, plus L - k + 1 per extra block size k")
+
+
+if __name__ == "__main__":
+    main()
