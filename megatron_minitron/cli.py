@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megatron_minitron.config import ConfigError, ParallelConfig
 from megatron_minitron.importance.stats import AGGREGATIONS
+from megatron_minitron.prune.plan import DEPTH_METRICS
 
 log = logging.getLogger("minitron")
 
@@ -113,6 +114,58 @@ def cmd_importance(a) -> None:
               f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s")
 
 
+def _target(a):
+    from megatron_minitron.prune import PruneTarget
+
+    drop = [int(i) for i in a.drop_layers.split(",") if i.strip()] if a.drop_layers else None
+    return PruneTarget(hidden=a.target_hidden, ffn=a.target_ffn, heads=a.target_heads,
+                       groups=a.target_groups, layers=a.target_layers, drop_layers=drop,
+                       depth_metric=a.depth_metric, norm_rescale=not a.no_norm_rescale)
+
+
+def cmd_prune(a) -> None:
+    import torch.distributed as dist
+
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.checkpoint.atomic import check_destination
+    from megatron_minitron.config import CheckpointMeta
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.prune import check_scores, make_plan, prune_model
+
+    src, out = Path(a.load), Path(a.out)
+    check_destination(out)
+    if a.hf_out:
+        check_destination(Path(a.hf_out))
+    meta = mcore.read_meta(src)
+    scores = load_scores(Path(a.scores)) if a.scores else None
+    if scores is not None:
+        check_scores(scores, meta.model, meta.fingerprint)
+    plan = make_plan(meta.model, _target(a), scores)
+    plan.model.check_parallel(a.tp, 1)
+    rt, meta, chunks = _load(a)
+    if a.hf_out and rt.world_size > 1:
+        raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
+                          "`minitron convert OUT HF --to hf` afterwards")
+    new = prune_model(chunks, meta.model, plan, rt.parallel)
+    history = [*meta.history, f"pruned to {plan.summary()}", *plan.notes]
+    mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
+                                              source=f"mcore:{src.resolve()}", history=history),
+                          out, mcore.tokenizer_files(src))
+    if a.hf_out:
+        from megatron_minitron.checkpoint.convert import export_hf
+
+        export_hf(new, plan.model, out, Path(a.hf_out))
+    if rt.is_main:
+        before, after = meta.model.num_parameters(), plan.model.num_parameters()
+        print(f"{out}: {plan.summary()}\n  parameters {before:,} -> {after:,} "
+              f"({after / before:.1%}); non-embedding "
+              f"{meta.model.num_parameters(False):,} -> {plan.model.num_parameters(False):,}")
+        for n in plan.notes:
+            print(f"  {n}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def cmd_generate(a) -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.generate import greedy
@@ -164,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="scores file (.safetensors)")
     _add_parallel(i)
     i.set_defaults(func=cmd_importance)
+
+    r = sub.add_parser("prune", help="prune to a target shape; writes a new checkpoint")
+    r.add_argument("--load", required=True)
+    r.add_argument("--scores", help="importance scores of --load (not needed for --drop-layers)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--target-hidden", type=int)
+    r.add_argument("--target-ffn", type=int)
+    r.add_argument("--target-heads", type=int)
+    r.add_argument("--target-groups", type=int)
+    r.add_argument("--target-layers", type=int)
+    r.add_argument("--drop-layers", help="comma-separated 0-based layer indices")
+    r.add_argument("--depth-metric", default="auto", choices=DEPTH_METRICS,
+                   help="how --target-layers picks layers (auto: the contiguous block with the "
+                   "smallest LM-loss rise when the scores have it, else single-layer skip loss)")
+    r.add_argument("--no-norm-rescale", action="store_true",
+                   help="slice RMSNorm weights without the sqrt(h/h') rescale")
+    r.add_argument("--hf-out", help="also export the pruned model as a Hugging Face directory")
+    _add_parallel(r)
+    r.set_defaults(func=cmd_prune)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt")
     g.add_argument("--load", required=True)

@@ -55,6 +55,15 @@ def _check_state_dict(sd: dict[str, torch.Tensor], model_sd: dict, src: Path) ->
             raise ConfigError(f"{src}: tensor {k} contains NaN or Inf")
 
 
+def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path) -> None:
+    """Write a single-process model as a HF directory, with the tokenizer of checkpoint `ckpt`."""
+    from megatron_minitron.model import te_available
+
+    hf_sd = mcore_to_hf(mcore.model_state_dict(chunks), cfg, te=te_available())
+    with atomic_directory(dst) as stage:
+        hf_io.write_hf(stage, cfg, hf_sd, ckpt / mcore.TOKENIZER_DIR)
+
+
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
             ) -> Path:
     from megatron_minitron.model import build_model, te_available
@@ -77,9 +86,7 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
             meta.history.append(f"resharded at tp={parallel.tp} pp={parallel.pp}")
             mcore.save_checkpoint(chunks, meta, dst, mcore.tokenizer_files(src))
         else:
-            hf_sd = mcore_to_hf(mcore.model_state_dict(chunks), meta.model, te=te_available())
-            with atomic_directory(dst) as stage:
-                hf_io.write_hf(stage, meta.model, hf_sd, src / mcore.TOKENIZER_DIR)
+            export_hf(chunks, meta.model, src, dst)
         return dst
 
     cfg, hf_sd, toks = read_source(src, fmt)

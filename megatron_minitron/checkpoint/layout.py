@@ -3,7 +3,9 @@
 All functions work on full (TP=1) tensors keyed by name; sharding is Megatron's business.
 Facts encoded here:
 - fused QKV: rows grouped per query group g = [q heads of g | k_g | v_g];
-- SwiGLU `linear_fc1` = [gate; up] (HF gate_proj, up_proj);
+- SwiGLU `linear_fc1` = [gate; up] (HF gate_proj, up_proj); under TP each rank holds
+  [gate_r; up_r], not a contiguous slice of the full tensor;
+- `linear_proj` input columns are head-major (head h = columns h*d .. (h+1)*d);
 - local spec norms are `input_layernorm` / `pre_mlp_layernorm`; TE fuses them into
   `linear_qkv.layer_norm_*` / `linear_fc1.layer_norm_*`;
 - Nemotron's LayerNorm1P stores zero-centred gamma in both formats, so norms copy unchanged.
@@ -55,6 +57,44 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig
     g = qkv.reshape(ng, (per + 2) * d, qkv.shape[1])
     q, k, v = torch.split(g, [per * d, d, d], dim=1)
     return (q.reshape(-1, qkv.shape[1]), k.reshape(-1, qkv.shape[1]), v.reshape(-1, qkv.shape[1]))
+
+
+def qkv_rows(cfg: ModelConfig, heads: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Rows of `linear_qkv` that keep query `heads` (global indices, all inside `groups`) and the
+    K/V rows of `groups`, in the fused per-group order."""
+    d, per = cfg.kv_channels, cfg.num_attention_heads // cfg.num_query_groups
+    span = torch.arange(d)
+    rows = []
+    for g in groups.tolist():
+        base = g * (per + 2) * d
+        rows += [base + (h - g * per) * d + span for h in heads.tolist() if h // per == g]
+        rows += [base + per * d + span, base + (per + 1) * d + span]
+    return torch.cat(rows)
+
+
+def head_columns(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
+    """Input columns of `linear_proj` that carry the given heads."""
+    d = cfg.kv_channels
+    return (heads[:, None] * d + torch.arange(d)).flatten()
+
+
+def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor) -> torch.Tensor:
+    """Rows of `linear_fc1` for the given MLP neurons (gate and up halves for SwiGLU)."""
+    if cfg.traits.gated:
+        return torch.cat([neurons, neurons + cfg.ffn_hidden_size])
+    return neurons
+
+
+def swiglu_from_shards(shards: list[torch.Tensor]) -> torch.Tensor:
+    """Full [gate; up] from TP shards that each hold [gate_r; up_r]."""
+    halves = [s.chunk(2) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+
+def swiglu_shard(full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """TP rank `rank`'s [gate_r; up_r] of a full [gate; up]."""
+    gate, up = full.chunk(2)
+    return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
 
 
 def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False

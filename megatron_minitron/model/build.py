@@ -26,12 +26,26 @@ def te_available() -> bool:
     return True
 
 
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
+def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
+    """Megatron's custom pipeline layout: virtual stage s (= vpp_rank * pp + pp_rank) holds
+    `layers_per_stage[s]` decoder layers; the embedding is on the first, the loss on the last."""
+    layout = [["decoder"] * n for n in layers_per_stage]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
-                       dtype: torch.dtype = torch.float32):
+                       dtype: torch.dtype = torch.float32,
+                       layers_per_stage: list[int] | None = None):
     from megatron.core.transformer import TransformerConfig
 
     t = cfg.traits
@@ -53,12 +67,19 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        pipeline_model_parallel_layout=pipeline_layout(layers_per_stage)
+        if layers_per_stage and parallel.pp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,  # weights always come from a checkpoint or conversion
+        # Weights always come from a checkpoint, so initialisation is a no-op; but it must "run":
+        # Megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim) only there,
+        # and gradient clipping and pruning need those marks.
+        perform_initialization=True,
+        init_method=_no_init,
+        output_layer_init_method=_no_init,
         bias_activation_fusion=te_available() and t.gated,
         bias_dropout_fusion=te_available(),
         masked_softmax_fusion=te_available(),
@@ -96,13 +117,15 @@ def layer_spec(config, vp_stage: int | None = None):
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig,
-                dtype: torch.dtype = torch.float32) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), in Megatron's list convention."""
+                dtype: torch.dtype = torch.float32,
+                layers_per_stage: list[int] | None = None) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), in Megatron's list convention.
+    `layers_per_stage` overrides the even split (pruning keeps each layer on its stage)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    cfg.check_parallel(parallel.tp, parallel.pp)
-    config = transformer_config(cfg, parallel, dtype)
+    cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp)
+    config = transformer_config(cfg, parallel, dtype, layers_per_stage)
     chunks = []
     for vp in range(parallel.vpp or 1):
         vp_stage = vp if parallel.vpp else None

@@ -1,0 +1,166 @@
+"""Which units survive: targets are validated, then every axis is ranked from the scores.
+
+Pure functions of (model config, scores, target); all ranks compute the same plan. Indices are
+global (TP=1 numbering) and sorted, so kept units keep their original order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.importance.scores import Scores
+
+DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
+
+
+@dataclass
+class PruneTarget:
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+    groups: int | None = None
+    layers: int | None = None
+    drop_layers: list[int] | None = None
+    depth_metric: str = "auto"  # how --layers chooses what to drop
+    norm_rescale: bool = True  # RMSNorm: keep pruned channels' share of the mean square
+
+    def needs_scores(self) -> bool:
+        return any(v is not None for v in (self.hidden, self.ffn, self.heads, self.groups,
+                                           self.layers))
+
+
+@dataclass
+class PrunePlan:
+    model: ModelConfig  # the pruned shape
+    layers: list[int]  # kept source layers, in order; new layer i is source layer layers[i]
+    hidden: torch.Tensor  # kept embedding channels
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # per kept source layer
+    groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
+
+    def summary(self) -> str:
+        m = self.model
+        return (f"layers {m.num_layers}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
+                f"heads {m.num_attention_heads} in {m.num_query_groups} groups")
+
+
+def _check_range(name: str, value: int | None, original: int) -> None:
+    if value is not None and not 1 <= value <= original:
+        raise ConfigError(f"target {name} {value} must be between 1 and the original {original}")
+
+
+def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
+    """The target shape, validated against the original; raises ConfigError naming the problem."""
+    for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
+                                  ("ffn", t.ffn, cfg.ffn_hidden_size),
+                                  ("heads", t.heads, cfg.num_attention_heads),
+                                  ("groups", t.groups, cfg.num_query_groups),
+                                  ("layers", t.layers, cfg.num_layers)):
+        _check_range(name, value, original)
+    if t.depth_metric not in DEPTH_METRICS:
+        raise ConfigError(f"unknown depth metric {t.depth_metric!r} ({', '.join(DEPTH_METRICS)})")
+    if t.layers is not None and t.drop_layers:
+        raise ConfigError("give either a target layer count or layers to drop, not both")
+    layers = cfg.num_layers
+    if t.drop_layers:
+        bad = [i for i in t.drop_layers if not 0 <= i < cfg.num_layers]
+        if bad or len(set(t.drop_layers)) != len(t.drop_layers):
+            raise ConfigError(f"layers to drop {t.drop_layers}: indices must be distinct and in "
+                              f"0..{cfg.num_layers - 1}")
+        layers = cfg.num_layers - len(t.drop_layers)
+        if layers < 1:
+            raise ConfigError(f"cannot drop all {cfg.num_layers} layers")
+    elif t.layers is not None:
+        layers = t.layers
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    groups = t.groups or cfg.num_query_groups
+    heads = t.heads or (groups * per_group if t.groups else cfg.num_attention_heads)
+    if heads % groups:
+        raise ConfigError(f"target heads {heads} is not a multiple of the query groups {groups}")
+    if heads // groups > per_group:
+        raise ConfigError(f"target {heads} heads in {groups} groups needs {heads // groups} heads "
+                          f"per group; the model has {per_group}")
+    new = dataclasses.replace(cfg, num_layers=layers, hidden_size=t.hidden or cfg.hidden_size,
+                              ffn_hidden_size=t.ffn or cfg.ffn_hidden_size,
+                              num_attention_heads=heads, num_query_groups=groups)
+    if t.norm_rescale and cfg.traits.normalization == "RMSNorm":
+        new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
+    new.validate()
+    return new
+
+
+def check_scores(scores: Scores, cfg: ModelConfig, fingerprint: str) -> None:
+    if scores.meta.get("model") != cfg.to_dict():
+        raise ConfigError("the scores were computed for a model of another shape "
+                          f"({scores.meta.get('checkpoint', '?')}), not this checkpoint")
+    theirs = scores.meta.get("fingerprint", "")
+    if theirs and fingerprint and theirs != fingerprint:
+        raise ConfigError(f"the scores were computed for checkpoint "
+                          f"{scores.meta.get('checkpoint', '?')} (fingerprint {theirs[:12]}), "
+                          f"not this one ({fingerprint[:12]})")
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k).indices.sort().values
+
+
+def _kept_layers(cfg: ModelConfig, t: PruneTarget, scores: Scores | None,
+                 notes: list[str]) -> list[int]:
+    if t.drop_layers:
+        return [i for i in range(cfg.num_layers) if i not in set(t.drop_layers)]
+    if t.layers is None or t.layers == cfg.num_layers:
+        return list(range(cfg.num_layers))
+    drop = cfg.num_layers - t.layers
+    metric = t.depth_metric
+    if metric == "auto":
+        have = f"depth.skip_loss.k{drop}" in scores.tensors
+        metric = "block" if have else "skip_loss" if "depth.skip_loss.k1" in scores.tensors \
+            else "block_influence"
+    if metric == "block":
+        rise = scores.layers("skip_loss", block=drop)
+        start = int(rise.argmin())
+        notes.append(f"depth: dropped the contiguous block {start}..{start + drop - 1} "
+                     f"(LM-loss rise {rise[start]:.4f} on the calibration samples)")
+        gone = set(range(start, start + drop))
+    else:
+        s = scores.layers(metric)
+        gone = set(s.argsort()[:drop].tolist())
+        notes.append(f"depth: dropped layers {sorted(gone)}, the lowest by {metric}")
+    return [i for i in range(cfg.num_layers) if i not in gone]
+
+
+def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> PrunePlan:
+    new = pruned_config(cfg, target)
+    if scores is None and target.needs_scores():
+        raise ConfigError("width targets and --target-layers need a scores file (--scores)")
+    notes: list[str] = []
+    layers = _kept_layers(cfg, target, scores, notes)
+    full = torch.arange
+    if new.hidden_size < cfg.hidden_size:
+        hidden = _top(scores.hidden(layers=layers), new.hidden_size)
+        notes.append(f"hidden: embedding-channel scores of the {len(layers)} kept layers")
+    else:
+        hidden = full(cfg.hidden_size)
+    plan = PrunePlan(new, layers, hidden, notes=notes)
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    keep_per_group = new.num_attention_heads // new.num_query_groups
+    for i in layers:
+        if new.ffn_hidden_size < cfg.ffn_hidden_size:
+            plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
+        else:
+            plan.ffn[i] = full(cfg.ffn_hidden_size)
+        if new.num_attention_heads == cfg.num_attention_heads:
+            plan.groups[i], plan.heads[i] = full(cfg.num_query_groups), full(
+                cfg.num_attention_heads)
+            continue
+        head_scores = scores.axis("heads")[i].view(cfg.num_query_groups, per_group)
+        groups = _top(head_scores.sum(-1), new.num_query_groups)
+        plan.groups[i] = groups
+        plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
+                                   for g in groups.tolist()])
+    return plan

@@ -1,0 +1,103 @@
+"""Prune a loaded (TP/PP-sharded) model into a new model of the pruned shape, on the same ranks.
+
+Each kept layer stays on the pipeline stage that holds it: the pruned model is built with
+Megatron's custom pipeline layout (kept layers per virtual stage), so no layer crosses ranks. Per
+parameter, TP shards are gathered into the full (TP=1 layout) tensor, sliced by the pure
+functions in `slicing`, and this rank's shard of the result is copied into the new model; a
+parameter at a time, so at most one full tensor is ever materialised. The dist checkpoint written
+from the new model stores global tensors, so it loads at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.checkpoint.layout import swiglu_from_shards, swiglu_shard
+from megatron_minitron.config import ModelConfig, ParallelConfig
+from megatron_minitron.importance.hooks import decoder_layers
+from megatron_minitron.prune.plan import PrunePlan
+from megatron_minitron.prune.slicing import slice_layer_tensor, slice_model_tensor
+
+# Sliced along the hidden (unsplit) dimension only: this rank's vocabulary shard stays its shard.
+VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_group())
+
+
+def _is_swiglu_fc1(name: str, cfg: ModelConfig) -> bool:
+    return cfg.traits.gated and name.endswith("linear_fc1.weight")
+
+
+def full_tensor(name: str, p: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The TP=1-layout tensor of a (possibly TP-sharded) parameter."""
+    tp, _, group = _tp()
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return p.detach()
+    shards = [torch.empty_like(p) for _ in range(tp)]
+    dist.all_gather(shards, p.detach().contiguous(), group=group)
+    if _is_swiglu_fc1(name, cfg):
+        return swiglu_from_shards(shards)
+    return torch.cat(shards, dim=p.partition_dim)
+
+
+def local_shard(name: str, full: torch.Tensor, like: torch.Tensor, cfg: ModelConfig
+                ) -> torch.Tensor:
+    tp, rank, _ = _tp()
+    if tp == 1 or not getattr(like, "tensor_model_parallel", False):
+        return full
+    if _is_swiglu_fc1(name, cfg):
+        return swiglu_shard(full, rank, tp)
+    return full.chunk(tp, dim=like.partition_dim)[rank]
+
+
+def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "") -> None:
+    """Copy every parameter, sliced; names passed to `slicer` carry `prefix`."""
+    src = {prefix + n: p for n, p in src_module.named_parameters()}
+    dst = {prefix + n: p for n, p in dst_module.named_parameters()}
+    if src.keys() != dst.keys():
+        raise RuntimeError(f"pruned module has parameters {sorted(dst)}, source {sorted(src)}")
+    with torch.no_grad():
+        for name, p in src.items():
+            if name in VOCAB_PARALLEL:
+                new = slicer(name, p.detach())
+            else:
+                new = local_shard(name, slicer(name, full_tensor(name, p, cfg)), dst[name], cfg)
+            if new.shape != dst[name].shape:
+                raise RuntimeError(f"{name}: sliced to {tuple(new.shape)}, the pruned model "
+                                   f"expects {tuple(dst[name].shape)}")
+            dst[name].copy_(new)
+
+
+def layers_per_stage(plan: PrunePlan, src: ModelConfig, parallel: ParallelConfig) -> list[int]:
+    """Kept layers in each virtual pipeline stage of the source's even split."""
+    stages = parallel.pp * (parallel.vpp or 1)
+    per = src.num_layers // stages
+    return [sum(1 for i in plan.layers if i // per == s) for s in range(stages)]
+
+
+def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelConfig) -> list:
+    from megatron_minitron.model import build_model
+
+    new_chunks = build_model(plan.model, parallel, dtype=next(chunks[0].parameters()).dtype,
+                             layers_per_stage=layers_per_stage(plan, src, parallel))
+    src_layers = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
+    new_layers = {layer.layer_number - 1: layer for layer in decoder_layers(new_chunks)}
+    for new_i, src_i in enumerate(plan.layers):
+        if src_i in src_layers:
+            _copy(src_layers[src_i], new_layers[new_i], src,
+                  lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i))
+    for old, new in zip(chunks, new_chunks, strict=True):
+        for path in ("embedding", "output_layer", "decoder.final_layernorm"):
+            parent, _, attr = path.rpartition(".")
+            a, b = (getattr(m.decoder if parent else m, attr, None) for m in (old, new))
+            if a is not None:
+                _copy(a, b, src, lambda name, t: slice_model_tensor(name, t, src, plan),
+                      prefix=path + ".")
+    return new_chunks

@@ -1,0 +1,60 @@
+"""Slice full (TP=1 layout) tensors to a plan: pure functions; layout facts come from layout.py.
+
+RMSNorm and hidden pruning: a norm over h' < h channels divides by the RMS of h' values. We scale
+the norm weights by sqrt(h / h') and epsilon by h / h' (in `pruned_config`), which is exactly the
+norm over all h channels with the pruned ones at zero: a channel that carried nothing can be
+pruned without changing the function. LayerNorm (Nemotron) is sliced without rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_minitron.checkpoint.layout import fc1_rows, head_columns, qkv_rows
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.prune.plan import PrunePlan
+
+NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
+
+
+def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
+    if src.traits.normalization != "RMSNorm" or plan.model.norm_epsilon == src.norm_epsilon:
+        return 1.0  # LayerNorm, no hidden pruning, or rescaling switched off
+    return math.sqrt(src.hidden_size / plan.model.hidden_size)
+
+
+def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tensor:
+    t = t[plan.hidden]
+    if name.endswith(("bias",)):
+        return t
+    zc = 1.0 if src.traits.zero_centered_gamma else 0.0  # stored gamma is (weight - 1)
+    return (t + zc) * norm_scale(src, plan) - zc
+
+
+def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan
+                       ) -> torch.Tensor:
+    """Embedding, output layer and final norm (names as in GPTModel.state_dict())."""
+    if name.endswith(NORM_PARAMS):
+        return _norm(name, t, src, plan)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return t[:, plan.hidden]
+    raise KeyError(f"no pruning rule for {name}")
+
+
+def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan,
+                       layer: int) -> torch.Tensor:
+    """One tensor of source layer `layer`; `name` is relative to the layer module."""
+    if name.endswith(NORM_PARAMS):
+        return _norm(name, t, src, plan)
+    heads, groups, ffn, hidden = plan.heads[layer], plan.groups[layer], plan.ffn[layer], plan.hidden
+    if name.endswith("linear_qkv.weight"):
+        return t[qkv_rows(src, heads, groups)][:, hidden]
+    if name.endswith("linear_proj.weight"):
+        return t[hidden][:, head_columns(src, heads)]
+    if name.endswith("linear_fc1.weight"):
+        return t[fc1_rows(src, ffn)][:, hidden]
+    if name.endswith("linear_fc2.weight"):
+        return t[hidden][:, ffn]
+    raise KeyError(f"no pruning rule for layer tensor {name}")
