@@ -73,6 +73,19 @@ def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
+    """Importance of SmolLM2 on 32 x 128 training-play tokens; depth from 4 samples, blocks of 1
+    and 6 layers."""
+    from megatron_minitron.cli import main
+
+    out = tmp_path_factory.mktemp("smol_scores") / "scores.safetensors"
+    assert main(["importance", "--load", str(smol_ckpt), "--samples", "32", "--seq-length", "128",
+                 "--depth-samples", "4", "--block-sizes", "1", "6", "--micro-batch-size", "4",
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smol_hf_model(smol_gguf):
     """Independent reference: transformers' own GGUF loader (dequantize + un-permute)."""
     from transformers import AutoModelForCausalLM
@@ -162,16 +175,20 @@ def hf_logits(hf_dir_or_model, tokens: torch.Tensor) -> torch.Tensor:
         return m(tokens).logits.float()
 
 
-def in_process_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits at TP=1 in this pytest process (Megatron imported once for the whole session)."""
+def load_in_process(ckpt: Path):
+    """(ModelConfig, chunks) at TP=1 in this pytest process (Megatron imported once)."""
     from megatron_minitron.checkpoint import mcore
     from megatron_minitron.config import ParallelConfig
     from megatron_minitron.model import build_model
-    from megatron_minitron.model.forward import logits
     from megatron_minitron.runtime import init_runtime
 
     meta = mcore.read_meta(ckpt)
-    rt = init_runtime(ParallelConfig())
-    chunks = build_model(meta.model, rt.parallel)
+    chunks = build_model(meta.model, init_runtime(ParallelConfig()).parallel)
     mcore.load_checkpoint(chunks, ckpt)
-    return logits(chunks, tokens, micro_batch_size=tokens.shape[0])
+    return meta.model, chunks
+
+
+def in_process_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron_minitron.model.forward import logits
+
+    return logits(load_in_process(ckpt)[1], tokens, micro_batch_size=tokens.shape[0])

@@ -12,19 +12,7 @@ import torch
 from megatron_minitron.cli import main
 from megatron_minitron.importance import ImportanceConfig, compute_importance, load_scores
 from megatron_minitron.importance.stats import AGGREGATIONS
-from tests.conftest import run_cli
-
-
-def _load(ckpt: Path):
-    from megatron_minitron.checkpoint import mcore
-    from megatron_minitron.config import ParallelConfig
-    from megatron_minitron.model import build_model
-    from megatron_minitron.runtime import init_runtime
-
-    meta = mcore.read_meta(ckpt)
-    chunks = build_model(meta.model, init_runtime(ParallelConfig()).parallel)
-    mcore.load_checkpoint(chunks, ckpt)
-    return meta.model, chunks
+from tests.conftest import load_in_process, run_cli
 
 
 def _reference(acts: list[np.ndarray], seq: str, samples: str) -> np.ndarray:
@@ -69,7 +57,7 @@ def _stored_activations(chunks, samples: torch.Tensor, kv_channels: int) -> dict
 
 @pytest.fixture(scope="module")
 def tiny_scores(tiny_llama_ckpt):
-    model, chunks = _load(tiny_llama_ckpt)
+    model, chunks = load_in_process(tiny_llama_ckpt)
     samples = torch.randint(0, 128, (6, 33), generator=torch.Generator().manual_seed(1))
     cfg = ImportanceConfig(samples=6, seq_length=32, block_sizes=(1, 2), depth_samples=4,
                            micro_batch_size=4)
@@ -183,18 +171,14 @@ def _lowest(scores: torch.Tensor, frac: float, seed: int | None) -> torch.Tensor
         *scores.shape[:-1], n)
 
 
-def test_ranking_is_informative_on_smollm2(smol_ckpt, tmp_path):
+def test_ranking_is_informative_on_smollm2(smol_ckpt, smol_scores):
     from megatron_minitron.data.demo import held_out_plays
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
     from megatron_minitron.importance.depth import skipped
 
-    out = tmp_path / "smol.safetensors"
-    assert main(["importance", "--load", str(smol_ckpt), "--samples", "32", "--seq-length",
-                 "128", "--depth-samples", "4", "--micro-batch-size", "4", "--out",
-                 str(out)]) == 0
-    scores = load_scores(out)
-    model, chunks = _load(smol_ckpt)
+    scores = load_scores(smol_scores)
+    model, chunks = load_in_process(smol_ckpt)
     text = "\n\n".join(p.read_text() for p in held_out_plays())
     held_out = token_windows(load_tokenizer(smol_ckpt).encode(text), 128, 8)
     base = evaluate_windows(chunks, held_out, 4).loss

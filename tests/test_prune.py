@@ -1,0 +1,151 @@
+"""Prune: function preservation, the same checkpoint from any source layout, loadable anywhere,
+HF export, the real model, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_minitron.cli import main
+from megatron_minitron.importance.scores import FORMAT, WIDTH_AXES, Scores
+from tests.conftest import (
+    converted,
+    hf_logits,
+    in_process_logits,
+    load_in_process,
+    run_cli,
+    tiny_hf_dir,
+    torchrun_logits,
+)
+
+
+def _save_modified(src: Path, dst: Path, modify) -> Path:
+    """A copy of checkpoint `src` whose weights `modify(model)` changed in place (new identity)."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.config import CheckpointMeta
+
+    model, chunks = load_in_process(src)
+    with torch.no_grad():
+        modify(chunks[0])
+    meta = mcore.read_meta(src)
+    mcore.save_checkpoint(chunks, CheckpointMeta(model=model, tokenizer=meta.tokenizer,
+                                                 source="test"), dst, mcore.tokenizer_files(src))
+    return dst
+
+
+def _scores_dropping(ckpt: Path, out: Path, ffn=None, heads=None, hidden=None, layer=None
+                     ) -> Path:
+    """Hand-made scores: 0 for the given units, 1 for all others."""
+    from megatron_minitron.checkpoint import mcore
+
+    meta = mcore.read_meta(ckpt)
+    m = meta.model
+    widths = {"ln_attn": m.hidden_size, "ln_mlp": m.hidden_size,
+              "heads": m.num_attention_heads, "ffn": m.ffn_hidden_size}
+    t = {f"sums.{a}": torch.ones(m.num_layers, 3, 2, widths[a], dtype=torch.float64)
+         for a in WIDTH_AXES}
+    for i in range(m.num_layers):
+        if ffn is not None:
+            t["sums.ffn"][i, ..., ffn[i]] = 0
+        if heads is not None:
+            t["sums.heads"][i, ..., heads[i]] = 0
+        if hidden is not None:
+            t["sums.ln_attn"][i, ..., hidden] = 0
+            t["sums.ln_mlp"][i, ..., hidden] = 0
+    skip = torch.ones(m.num_layers, dtype=torch.float64)
+    if layer is not None:
+        skip[layer] = 0
+    t["depth.skip_loss.k1"] = skip
+    t["depth.block_influence"] = skip.clone()
+    Scores(t, {"format": FORMAT, "model": m.to_dict(), "fingerprint": meta.fingerprint,
+               "samples": 1, "seq_agg": "mean", "sample_agg": "l2"}).save(out)
+    return out
+
+
+def _prune(*args: str) -> None:
+    assert main(["prune", *args]) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron"])
+def test_pruning_units_that_contribute_nothing_keeps_the_logits(family, tmp_path, tiny_tokens):
+    src = converted(tiny_hf_dir(tmp_path / "hf", family, seed=5), tmp_path / "src")
+    g = torch.Generator().manual_seed(0)
+    ffn = [torch.randperm(96, generator=g)[:32] for _ in range(4)]
+    heads = [torch.tensor([int(torch.randint(0, 2, (1,), generator=g)),
+                           2 + int(torch.randint(0, 2, (1,), generator=g))]) for _ in range(4)]
+    hidden = torch.randperm(64, generator=g)[:16] if family == "llama" else None  # RMSNorm only
+    dead_layer, hn = 2, 16
+
+    def silence(model):
+        if hidden is not None:  # a residual channel nobody writes stays zero
+            model.embedding.word_embeddings.weight[:, hidden] = 0
+        for i, layer in enumerate(model.decoder.layers):
+            proj, fc2 = layer.self_attention.linear_proj.weight, layer.mlp.linear_fc2.weight
+            fc2[:, ffn[i]] = 0
+            for h in heads[i].tolist():
+                proj[:, h * hn:(h + 1) * hn] = 0
+            if hidden is not None:
+                proj[hidden] = 0
+                fc2[hidden] = 0
+            if i == dead_layer:
+                proj.zero_()
+                fc2.zero_()
+
+    zeroed = _save_modified(src, tmp_path / "zeroed", silence)
+    scores = _scores_dropping(zeroed, tmp_path / "s.safetensors", ffn, heads, hidden, dead_layer)
+    out = tmp_path / "pruned"
+    _prune("--load", str(zeroed), "--scores", str(scores), "--out", str(out), "--target-ffn",
+           "64", "--target-heads", "2", "--target-layers", "3",
+           *(["--target-hidden", "48"] if hidden is not None else []))
+    before, after = in_process_logits(zeroed, tiny_tokens), in_process_logits(out, tiny_tokens)
+    print(f"{family}: max |dlogit| after pruning silent units {(after - before).abs().max():.2e}")
+    assert (after - before).abs().max() <= 1e-6
+
+    # a whole query group (its K/V included) that contributes nothing
+    dead = _save_modified(src, tmp_path / "dead_group", lambda m: [
+        layer.self_attention.linear_proj.weight[:, 2 * hn:].zero_() for layer in m.decoder.layers])
+    scores = _scores_dropping(dead, tmp_path / "g.safetensors",
+                              heads=[torch.tensor([2, 3])] * 4)
+    _prune("--load", str(dead), "--scores", str(scores), "--out", str(tmp_path / "g1"),
+           "--target-groups", "1")
+    diff = (in_process_logits(tmp_path / "g1", tiny_tokens) - in_process_logits(dead, tiny_tokens))
+    assert diff.abs().max() <= 1e-6
+
+
+TARGET = ("--target-hidden", "48", "--target-ffn", "64", "--target-heads", "2",
+          "--target-layers", "2")
+
+
+def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(tiny_llama_ckpt, tiny_tokens,
+                                                                      tmp_path):
+    from megatron_minitron.data.demo import train_plays
+
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "4",
+                 "--block-sizes", "1", "2", "--out", str(scores)]) == 0
+    args = ("--load", str(tiny_llama_ckpt), "--scores", str(scores), *TARGET)
+    _prune(*args, "--out", str(tmp_path / "tp1"), "--hf-out", str(tmp_path / "hf"))
+    run_cli("prune", *args, "--out", str(tmp_path / "tp2"), "--tp", "2", "--sequence-parallel",
+            nproc=2)
+    run_cli("prune", *args, "--out", str(tmp_path / "pp2"), "--pp", "2", nproc=2)
+
+    ref = {k: v.clone() for k, v in load_in_process(tmp_path / "tp1")[1][0].state_dict().items()
+           if "_extra_state" not in k}
+    for name in ("tp2", "pp2"):
+        got = load_in_process(tmp_path / name)[1][0].state_dict()
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), f"{name}: {k}"
+
+    logits = in_process_logits(tmp_path / "tp1", tiny_tokens)
+    for flags in (("--tp", "2", "--sequence-parallel"), ("--pp", "2")):
+        other = torchrun_logits(tmp_path / "tp1", tiny_tokens, tmp_path, 2, *flags)
+        assert (other - logits).abs().max() <= 1e-5, flags
+    assert (hf_logits(tmp_path / "hf", tiny_tokens) - logits).abs().max() <= 1e-5
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["num_hidden_layers"]) == (48, 64, 2, 2, 2)
