@@ -131,17 +131,19 @@ def cmd_prune(a) -> None:
     from megatron_minitron.config import CheckpointMeta
     from megatron_minitron.importance import load_scores
     from megatron_minitron.prune import check_scores, make_plan, prune_model
+    from megatron_minitron.prune.plan import pruned_config
 
     src, out = Path(a.load), Path(a.out)
     check_destination(out)
     if a.hf_out:
         check_destination(Path(a.hf_out))
     meta = mcore.read_meta(src)
+    target = _target(a)
+    pruned_config(meta.model, target).check_parallel(a.tp, 1)  # it is written at this TP
     scores = load_scores(Path(a.scores)) if a.scores else None
     if scores is not None:
         check_scores(scores, meta.model, meta.fingerprint)
-    plan = make_plan(meta.model, _target(a), scores)
-    plan.model.check_parallel(a.tp, 1)
+    plan = make_plan(meta.model, target, scores)
     rt, meta, chunks = _load(a)
     if a.hf_out and rt.world_size > 1:
         raise ConfigError("--hf-out exports in one process; prune without torchrun or run "

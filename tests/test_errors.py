@@ -170,3 +170,41 @@ def test_corrupt_scores_file(tmp_path):
     save_file({"x": torch.zeros(1)}, str(bad))
     with pytest.raises(ConfigError, match="not a megatron-minitron scores file"):
         load_scores(bad)
+
+
+# --- prune --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--target-ffn", "200"], "target ffn 200 must be between 1 and the original 96"),
+    (["--target-heads", "3"], "not a multiple of the query groups 2"),
+    (["--target-groups", "1", "--tp", "2"], "does not divide num_query_groups=1"),
+    (["--drop-layers", "0,1,2,3"], "cannot drop all 4 layers"),
+    (["--drop-layers", "1,7"], "indices must be distinct and in 0..3"),
+    (["--target-layers", "2", "--drop-layers", "1"], "not both"),
+])
+def test_prune_impossible_targets(capsys, tiny_llama_ckpt, tmp_path, flags, needle):
+    out = tmp_path / "out"
+    _fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), *flags], needle)
+    _nothing_at(out)
+
+
+def test_prune_needs_matching_scores(capsys, tiny_llama_ckpt, smol_scores, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), "--target-ffn", "64"]
+    _fails(capsys, args, "need a scores file")
+    _fails(capsys, [*args, "--scores", str(smol_scores)], "another shape")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_ckpt, other)
+    meta = json.loads((other / "minitron.json").read_text())
+    meta["fingerprint"] = "0" * 32
+    (other / "minitron.json").write_text(json.dumps(meta))
+    from megatron_minitron.importance.scores import FORMAT, WIDTH_AXES, Scores
+
+    widths = {"ln_attn": 64, "ln_mlp": 64, "heads": 4, "ffn": 96}
+    scores = tmp_path / "s.safetensors"
+    Scores({f"sums.{a}": torch.ones(4, 3, 2, widths[a], dtype=torch.float64) for a in WIDTH_AXES},
+           {"format": FORMAT, "model": meta["model"], "fingerprint": "0" * 32, "samples": 1,
+            "seq_agg": "mean", "sample_agg": "l2", "checkpoint": str(other)}).save(scores)
+    _fails(capsys, [*args, "--scores", str(scores)], "computed for checkpoint", "not this one")
+    _fails(capsys, [*args, "--scores", str(tmp_path / "missing")], "not found")
+    _nothing_at(out)

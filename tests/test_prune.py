@@ -4,7 +4,6 @@ HF export, the real model, and clear errors."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +148,29 @@ def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(tiny_llama
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["num_hidden_layers"]) == (48, 64, 2, 2, 2)
+
+
+def test_smollm2_pruned_to_a_smaller_shape(smol_ckpt, smol_scores, tmp_path):
+    from megatron_minitron.data.demo import held_out_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
+
+    out = tmp_path / "smol_pruned"
+    _prune("--load", str(smol_ckpt), "--scores", str(smol_scores), "--out", str(out),
+           "--target-ffn", "1024", "--target-hidden", "448", "--target-heads", "6",
+           "--target-layers", "24")
+    text = "\n\n".join(p.read_text() for p in held_out_plays())
+    windows = token_windows(load_tokenizer(smol_ckpt).encode(text), 256, 4)
+    losses = {}
+    for name, ckpt in (("teacher", smol_ckpt), ("pruned", out)):
+        cfg, chunks = load_in_process(ckpt)
+        real = sum(p.numel() for p in chunks[0].parameters())
+        assert real == cfg.num_parameters()
+        losses[name] = evaluate_windows(chunks, windows, 4).loss
+        print(f"{name}: layers {cfg.num_layers} hidden {cfg.hidden_size} ffn "
+              f"{cfg.ffn_hidden_size} heads {cfg.num_attention_heads}/{cfg.num_query_groups}: "
+              f"{real:,} parameters ({cfg.num_parameters(False):,} non-embedding), held-out "
+              f"loss {losses[name]:.4f}")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
+            cfg.num_query_groups) == (24, 448, 1024, 6, 3)
+    assert losses["teacher"] < losses["pruned"] < 20

@@ -73,7 +73,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=False,  # no full-size master weights (CPU: cpu_compat places them)
         # Weights always come from a checkpoint, so initialisation is a no-op; but it must "run":
         # Megatron marks TP-sharded parameters (tensor_model_parallel, partition_dim) only there,
         # and gradient clipping and pruning need those marks.
