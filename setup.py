@@ -20,6 +20,7 @@ setup(
         "gguf",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # run-report plots (PNG)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -168,6 +168,31 @@ def cmd_prune(a) -> None:
         dist.barrier()
 
 
+def cmd_preprocess(a) -> None:
+    from megatron_minitron.data.preprocess import preprocess, resolve_tokenizer
+
+    preprocess([Path(f) for f in a.input], resolve_tokenizer(Path(a.tokenizer)),
+               a.output_prefix, a.json_key)
+
+
+def cmd_distill(a) -> None:
+    from megatron_minitron.distill.train import DistillConfig, Distiller
+
+    cfg = DistillConfig(
+        train_iters=a.train_iters, global_batch_size=a.global_batch_size,
+        micro_batch_size=a.micro_batch_size, seq_length=a.seq_length, lr=a.lr, min_lr=a.min_lr,
+        warmup_iters=a.warmup_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
+        temperature=a.temperature, kd_weight=a.kd_weight, lm_weight=a.lm_weight,
+        eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
+        keep_last=a.keep_last, log_interval=a.log_interval, seed=a.seed, split=a.split,
+        distributed_optimizer=a.use_distributed_optimizer)
+    d = Distiller(Path(a.teacher), Path(a.student), a.data, Path(a.save), cfg, _parallel(a),
+                  a.valid_data)
+    out = d.run()
+    if d.rt.is_main:
+        print(f"distilled student: {out}")
+
+
 def cmd_generate(a) -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.generate import greedy
@@ -199,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the result as JSON here")
     _add_parallel(e)
     e.set_defaults(func=cmd_eval)
+
+    pp = sub.add_parser("preprocess", help="text / JSONL -> Megatron indexed dataset (.bin/.idx)")
+    pp.add_argument("--input", nargs="+", required=True)
+    pp.add_argument("--tokenizer", required=True,
+                    help="tokenizer file, a directory holding one, or a checkpoint")
+    pp.add_argument("--output-prefix", required=True)
+    pp.add_argument("--json-key", default="text")
+    pp.set_defaults(func=cmd_preprocess)
 
     i = sub.add_parser("importance", help="activation importance of every prunable axis")
     i.add_argument("--load", required=True)
@@ -238,6 +271,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hf-out", help="also export the pruned model as a Hugging Face directory")
     _add_parallel(r)
     r.set_defaults(func=cmd_prune)
+
+    d = sub.add_parser("distill", help="knowledge-distillation retraining of a student")
+    d.add_argument("--teacher", required=True)
+    d.add_argument("--student", required=True)
+    d.add_argument("--data", nargs="+", required=True,
+                   help="indexed-dataset prefixes, optionally weighted: W1 PREFIX1 W2 PREFIX2")
+    d.add_argument("--valid-data", nargs="+", help="validation prefixes (default: --split)")
+    d.add_argument("--save", required=True, help="run directory (resumes from its latest)")
+    d.add_argument("--train-iters", type=int, required=True)
+    d.add_argument("--global-batch-size", type=int, default=8)
+    d.add_argument("--seq-length", type=int, default=512)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--min-lr", type=float, default=1e-5)
+    d.add_argument("--warmup-iters", type=int, default=0)
+    d.add_argument("--weight-decay", type=float, default=0.01)
+    d.add_argument("--clip-grad", type=float, default=1.0)
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--kd-weight", type=float, default=1.0)
+    d.add_argument("--lm-weight", type=float, default=0.0,
+                   help="weight of the LM cross-entropy (--kd-weight 0 --lm-weight 1: plain CE)")
+    d.add_argument("--eval-interval", type=int, default=0)
+    d.add_argument("--eval-iters", type=int, default=2)
+    d.add_argument("--save-interval", type=int, default=0)
+    d.add_argument("--keep-last", type=int, default=2)
+    d.add_argument("--log-interval", type=int, default=1)
+    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--split", default="98,2,0")
+    d.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction,
+                   default=None, help="default: on with CUDA, off on CPU")
+    _add_parallel(d)
+    d.set_defaults(func=cmd_distill)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt")
     g.add_argument("--load", required=True)

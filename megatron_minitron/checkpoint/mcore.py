@@ -38,7 +38,7 @@ def read_meta(path: Path) -> CheckpointMeta:
     return meta
 
 
-def _sharded_state_dict(chunks) -> dict:
+def sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -54,16 +54,19 @@ def _rank() -> int:
 
 
 def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
-                    tokenizer_files: dict[str, bytes | Path]) -> None:
+                    tokenizer_files: dict[str, bytes | Path], extra=None) -> None:
     """Every rank calls this; the directory appears at `dst` only when all shards are written.
-    A meta without a fingerprint (new weights) gets a fresh one."""
+    A meta without a fingerprint (new weights) gets a fresh one. `extra(stage)` runs on every rank
+    inside the staging directory."""
     from megatron.core import dist_checkpointing
 
     with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
         if _rank() == 0:
             (stage / WEIGHTS_DIR).mkdir()
         _barrier()
-        dist_checkpointing.save(_sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+        dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+        if extra is not None:  # more state in the same atomic directory (training: optimizer)
+            extra(stage)
         if _rank() == 0:
             tok = stage / TOKENIZER_DIR
             tok.mkdir()
@@ -86,7 +89,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     from megatron.core import dist_checkpointing
 
     meta = read_meta(ckpt)
-    sharded = _sharded_state_dict(chunks)
+    sharded = sharded_state_dict(chunks)
     _install_safe_metadata_reader()
     try:
         loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / WEIGHTS_DIR))

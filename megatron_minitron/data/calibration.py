@@ -41,7 +41,7 @@ def _jsonl_texts(path: Path, key: str) -> Iterator[str]:
             yield doc[key]
 
 
-def _documents(path: Path, tok: Tokenizer, key: str, vocab_size: int) -> Iterator[list[int]]:
+def documents(path: Path, tok: Tokenizer, key: str, vocab_size: int) -> Iterator[list[int]]:
     prefix = indexed_prefix(path)
     if prefix is not None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -70,10 +70,10 @@ def token_stream(paths: Sequence[Path], tok: Tokenizer, vocab_size: int,
                           f"{vocab_size} embeddings: it is not this checkpoint's tokenizer")
     ids: list[int] = []
     for p in paths:
-        for doc in _documents(Path(p), tok, json_key, vocab_size):
+        for doc in documents(Path(p), tok, json_key, vocab_size):
             if doc:
                 ids.extend(doc)
-                if tok.eos_id is not None:
+                if tok.eos_id is not None and doc[-1] != tok.eos_id:  # preprocessed: has EOS
                     ids.append(tok.eos_id)
     if not ids:
         raise ConfigError(f"data {', '.join(map(str, paths))} holds no text")

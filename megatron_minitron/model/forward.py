@@ -19,8 +19,10 @@ def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
-                         collect: Callable[[torch.Tensor, dict], object]) -> list:
-    """microbatches: dicts with `tokens` [b, s] and optional `labels` [b, s]."""
+                         collect: Callable[[torch.Tensor, dict], object],
+                         loss_in_model: bool = True) -> list:
+    """microbatches: dicts with `tokens` [b, s] and optional `labels` [b, s]. With labels and
+    `loss_in_model` the model returns per-token losses, else (vocabulary-parallel) logits."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
@@ -29,7 +31,8 @@ def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb.get("labels"))
+        labels = mb.get("labels") if loss_in_model else None
+        out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=labels)
         return out, lambda output, non_loss_data=True: collect(output, mb)
 
     # Virtual pipeline: every model chunk walks the microbatches with its own iterator.

@@ -7,7 +7,9 @@ move between releases), this module
  1. routes every tensor-factory request for a CUDA device to the CPU with one TorchFunctionMode;
  2. makes `torch.cuda.current_device/synchronize` and `Tensor.cuda` CPU no-ops;
  3. installs an RNG tracker with the same interface that forks the CPU generator;
- 4. lets gloo gather 0-d tensors (it rejects them; Megatron gathers scalars in a few places).
+ 4. lets gloo gather 0-d tensors (it rejects them; Megatron gathers scalars in a few places);
+ 5. reports CPU float tensors' `Tensor.type()` as `torch.cuda.*` (gradient clipping and the mixed
+    precision optimizers assert on that string).
 `apply()` is called once by the runtime and only when `torch.cuda.is_available()` is False; on a GPU
 none of this is touched.
 """
@@ -77,6 +79,16 @@ def _gloo_safe_all_gather_into_tensor(original):
     return all_gather_into_tensor
 
 
+def _cuda_type_names(original):
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return name if "cuda" in name else name.replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
 def apply() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
@@ -86,6 +98,7 @@ def apply() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     dist.all_gather_into_tensor = _gloo_safe_all_gather_into_tensor(dist.all_gather_into_tensor)
+    torch.Tensor.type = _cuda_type_names(torch.Tensor.type)
     mcore_random, tracker_cls = _cpu_rng_tracker_class()
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -1,0 +1,73 @@
+"""Training metrics: JSONL (always), TensorBoard (when installed), a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Written by the main rank only. On resume, rows past the resumed iteration (from the run
+    that was killed) are dropped so the log matches the training that actually continues."""
+
+    def __init__(self, directory: Path, is_main: bool, after: int = 0):
+        self.path = Path(directory) / METRICS_FILE
+        self.is_main = is_main
+        self.tb = None
+        if not is_main:
+            return
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            keep = [r for r in rows if r["iteration"] <= after]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "iteration" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["iteration"])
+
+    def close(self, plot: bool = True) -> None:
+        if not self.is_main:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        if plot:
+            plot_losses(self.path, self.path.with_name("loss.png"))
+
+
+def plot_losses(metrics: Path, png: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("kd", "--"), ("lm", ":"), ("val_loss", "o-"),
+                       ("val_lm", "s-")):
+        pts = [(r["iteration"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -1,0 +1,383 @@
+"""Knowledge-distillation retraining on Megatron-Core's own machinery.
+
+Student: Megatron DDP, `get_megatron_optimizer` (Adam; the distributed optimizer on GPU),
+`OptimizerParamScheduler` (warmup + cosine), gradient clipping, per-token loss normalisation over
+the global batch, pipeline schedules from `get_forward_backward_func()`. Teacher: frozen (no
+gradients, no optimizer state), run forward-only through the same schedules for every microbatch
+of a step first; its logits wait on the last pipeline stage, where the student's loss needs them.
+That keeps both models on ordinary Megatron schedules at any TP/PP (at the cost of holding one
+step's teacher logits on the last stage).
+
+Checkpoints: SAVE/iter_NNNNNNN is an ordinary minitron checkpoint (loadable by every command) plus
+`optimizer/` and `train_state.json`; SAVE/latest names the newest. A run resumes from it exactly:
+same data order, optimizer and scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig
+from megatron_minitron.distill.losses import kd_loss
+from megatron_minitron.runtime.progress import Progress
+
+log = logging.getLogger("minitron")
+LATEST = "latest"
+TRAIN_STATE = "train_state.json"
+
+
+class TrainingError(ConfigError):
+    """The run cannot continue (NaN/Inf); the last good checkpoint is kept."""
+
+
+@dataclass
+class DistillConfig:
+    train_iters: int
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 512
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_iters: int = 0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    temperature: float = 1.0
+    kd_weight: float = 1.0  # 0 with lm_weight 1: plain cross-entropy training (the baseline)
+    lm_weight: float = 0.0
+    eval_interval: int = 0  # 0: evaluate at the end only
+    eval_iters: int = 2  # validation global batches
+    save_interval: int = 0  # 0: save at the end only
+    keep_last: int = 2
+    log_interval: int = 1
+    seed: int = 1234
+    split: str = "98,2,0"
+    distributed_optimizer: bool | None = None  # None: on GPU only (its checkpoints need CUDA)
+
+    def validate(self, dp: int) -> None:
+        if self.train_iters < 1:
+            raise ConfigError("train iterations must be >= 1")
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(f"global batch {self.global_batch_size} is not a multiple of "
+                              f"micro batch {self.micro_batch_size} x data-parallel size {dp}")
+        if self.warmup_iters >= self.train_iters:
+            raise ConfigError("warmup iterations must be fewer than train iterations")
+        if self.kd_weight <= 0 and self.lm_weight <= 0:
+            raise ConfigError("both the KD and the LM loss weights are zero")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0")
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """Per-token KD and LM losses [b, s] from vocabulary-parallel logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    out = {}
+    if "teacher" in mb:
+        out["kd"] = kd_loss(logits, mb["teacher"], cfg.temperature, _tp_group())
+    out["lm"] = vocab_parallel_cross_entropy(logits.float(), mb["labels"])
+    return out
+
+
+def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor):
+    parts = _token_losses(logits, mb, cfg)
+    mask = mb["loss_mask"].float()
+    total = cfg.kd_weight * parts["kd"] + cfg.lm_weight * parts["lm"]
+    n = mask.sum()
+    report = {k: torch.stack([(v * mask).sum().detach(), n]) for k, v in parts.items()}
+    loss = (total * mask).sum()
+    report["loss"] = torch.stack([loss.detach(), n])
+    return loss, n.int(), report
+
+
+def _reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Token-weighted means over microbatches and data-parallel ranks, on every rank."""
+    from megatron.core import parallel_state
+
+    from megatron_minitron.model.forward import broadcast_from_last_stage
+
+    keys = ("loss", "kd", "lm")
+    sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for r in reports:
+        for i, k in enumerate(keys):
+            if k in r:
+                sums[i] += r[k].double().cpu()
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    sums = broadcast_from_last_stage(sums if reports else None, (len(keys), 2))
+    return {k: (sums[i, 0] / sums[i, 1]).item() for i, k in enumerate(keys) if sums[i, 1] > 0}
+
+
+class Distiller:
+    """Holds teacher, student, optimizer, scheduler and data; `run()` trains."""
+
+    def __init__(self, teacher: Path, student: Path, data: list[str], save: Path,
+                 cfg: DistillConfig, parallel: ParallelConfig,
+                 valid_data: list[str] | None = None):
+        from megatron.core import parallel_state
+
+        from megatron_minitron.checkpoint import mcore
+        from megatron_minitron.data.tokenizer import load_tokenizer
+        from megatron_minitron.distill.data import build_datasets, parse_blend
+        from megatron_minitron.runtime import init_runtime
+
+        self.cfg, self.save, self.teacher_path = cfg, Path(save), Path(teacher)
+        t_meta, self.s_meta = mcore.read_meta(teacher), mcore.read_meta(student)
+        if t_meta.model.vocab_size != self.s_meta.model.vocab_size:
+            raise ConfigError(f"teacher vocabulary {t_meta.model.vocab_size} != student "
+                              f"{self.s_meta.model.vocab_size}")
+        t_tok, s_tok = mcore.tokenizer_files(teacher), mcore.tokenizer_files(student)
+        if {k: v.read_bytes() for k, v in t_tok.items()} != \
+                {k: v.read_bytes() for k, v in s_tok.items()}:
+            raise ConfigError("teacher and student checkpoints carry different tokenizers")
+        prefixes, weights = parse_blend(data)
+        valid = parse_blend(valid_data)[0] if valid_data else None
+        t_meta.model.check_parallel(parallel.tp, parallel.pp)
+        self.s_meta.model.check_parallel(parallel.tp, parallel.pp)
+        self.tokenizer_files = s_tok
+        self.rt = init_runtime(parallel, cfg.seed)
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        cfg.validate(self.dp)
+        self.save.mkdir(parents=True, exist_ok=True)
+        gbs = cfg.global_batch_size
+        self.train_data, self.valid_data = build_datasets(
+            prefixes, weights, load_tokenizer(student), cfg.seq_length, cfg.seed, cfg.split,
+            cfg.train_iters * gbs, cfg.eval_iters * gbs, self.save / "data_cache", valid)
+        self.teacher = self._frozen_teacher(t_meta, teacher)
+        self._build_student(student)
+
+    def _frozen_teacher(self, meta: CheckpointMeta, path: Path):
+        from megatron_minitron.checkpoint import mcore
+        from megatron_minitron.model import build_model
+
+        chunks = build_model(meta.model, self.rt.parallel)
+        mcore.load_checkpoint(chunks, path)
+        for c in chunks:
+            c.eval()
+            c.requires_grad_(False)
+        return chunks
+
+    def _build_student(self, path: Path) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_minitron.checkpoint import mcore
+        from megatron_minitron.model import build_model
+
+        cfg = self.cfg
+        dist_opt = torch.cuda.is_available() if cfg.distributed_optimizer is None \
+            else cfg.distributed_optimizer
+        chunks = build_model(self.s_meta.model, self.rt.parallel)
+        mcore.load_checkpoint(chunks, path)
+        config = chunks[0].config
+        config.calculate_per_token_loss = True  # normalise by the global batch's token count
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=dist_opt, average_in_collective=False)
+        self.student = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+                        for i, c in enumerate(chunks)]
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.student] if len(self.student) > 1 \
+            else self.student[0].no_sync
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=0.9, adam_beta2=0.95, clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=dist_opt, bf16=config.bf16,
+            params_dtype=config.params_dtype), self.student)
+        gbs, iters = cfg.global_batch_size, cfg.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if cfg.warmup_iters else cfg.lr, max_lr=cfg.lr,
+            min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_iters * gbs,
+            lr_decay_steps=iters * gbs, lr_decay_style="cosine", start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay, wd_incr_steps=iters * gbs, wd_incr_style="constant")
+        self.iteration = 0
+        self.metrics: list[dict] = []
+
+    @property
+    def modules(self) -> list:
+        return [m.module for m in self.student]
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _microbatches(self, dataset, step: int) -> list[dict]:
+        from megatron_minitron.distill.data import microbatches
+
+        per_dp = self.cfg.global_batch_size // self.dp
+        start = step * self.cfg.global_batch_size + self.dp_rank * per_dp
+        return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size)
+
+    def _attach_teacher_logits(self, mbs: list[dict]) -> None:
+        from megatron_minitron.model.forward import forward_microbatches
+
+        if self.cfg.kd_weight <= 0:
+            return
+        out = forward_microbatches(self.teacher, mbs, lambda logits, _mb: logits.detach(),
+                                   loss_in_model=False)
+        for mb, logits in zip(mbs, out, strict=False):  # last stage only; others get []
+            mb["teacher"] = logits
+
+    def train_step(self) -> dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        mbs = self._microbatches(self.train_data, self.iteration)
+        self._attach_teacher_logits(mbs)
+        for m in self.student:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def step(data_iterator, model):
+            mb = next(data_iterator)
+            logits = model(mb["tokens"], mb["position_ids"], None)
+            return logits, partial(_loss_func, mb, cfg)
+
+        iters = [iter(mbs) for _ in self.student] if len(self.student) > 1 else iter(mbs)
+        reports = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters,
+            model=self.student if len(self.student) > 1 else self.student[0],
+            num_microbatches=len(mbs), seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        out = _reduce_reports(reports)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if not ok or not all(math.isfinite(v) for v in out.values()):
+            raise TrainingError(
+                f"loss or gradient became NaN/Inf at iteration {self.iteration + 1} "
+                f"({out}); stopping, the last good checkpoint in {self.save} is kept")
+        self.scheduler.step(increment=cfg.global_batch_size)
+        self.iteration += 1
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        from megatron_minitron.model.forward import forward_microbatches
+
+        reports = []
+        for b in range(self.cfg.eval_iters):
+            mbs = self._microbatches(self.valid_data, b)
+            self._attach_teacher_logits(mbs)
+            reports += forward_microbatches(
+                self.modules, mbs, lambda logits, mb: _loss_func(mb, self.cfg, logits)[2],
+                loss_in_model=False)
+        out = _reduce_reports(reports)
+        out["ppl"] = math.exp(min(out["lm"], 50.0))
+        return {f"val_{k}": v for k, v in out.items()}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, iteration: int) -> Path:
+        return self.save / f"iter_{iteration:07d}"
+
+    def save_checkpoint(self) -> Path:
+        from megatron.core import dist_checkpointing
+
+        from megatron_minitron.checkpoint import mcore
+
+        dst = self._checkpoint_dir(self.iteration)
+        meta = CheckpointMeta(model=self.s_meta.model, tokenizer=self.s_meta.tokenizer,
+                              source=f"distilled from {self.teacher_path.resolve()}",
+                              history=[*self.s_meta.history,
+                                       f"distilled for {self.iteration} iterations"])
+        state = {"iteration": self.iteration, "scheduler": self.scheduler.state_dict(),
+                 "config": asdict(self.cfg)}
+
+        def optimizer_state(stage: Path) -> None:
+            if self.rt.is_main:
+                (stage / "optimizer").mkdir()
+            dist.barrier()
+            sharded = mcore.sharded_state_dict(self.modules)
+            dist_checkpointing.save({"optimizer": self.optimizer.sharded_state_dict(sharded)},
+                                    str(stage / "optimizer"))
+            if self.rt.is_main:
+                (stage / TRAIN_STATE).write_text(json.dumps(state, indent=2))
+
+        if self.rt.is_main and dst.exists():  # a re-run of the same iteration replaces it
+            shutil.rmtree(dst)
+        mcore.save_checkpoint(self.modules, meta, dst, self.tokenizer_files, extra=optimizer_state)
+        if self.rt.is_main:
+            tmp = self.save / f".{LATEST}.partial"
+            tmp.write_text(dst.name)
+            tmp.replace(self.save / LATEST)
+            kept = sorted(self.save.glob("iter_*"))
+            for old in kept[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return dst
+
+    def resume(self) -> bool:
+        """Continue from SAVE/latest if there is one."""
+        from megatron.core import dist_checkpointing
+
+        from megatron_minitron.checkpoint import mcore
+
+        latest = self.save / LATEST
+        if not latest.is_file():
+            return False
+        ckpt = self.save / latest.read_text().strip()
+        state = json.loads((ckpt / TRAIN_STATE).read_text())
+        mcore.load_checkpoint(self.modules, ckpt)
+        sharded = mcore.sharded_state_dict(self.modules)
+        loaded = dist_checkpointing.load(
+            {"optimizer": self.optimizer.sharded_state_dict(sharded, is_loading=True)},
+            str(ckpt / "optimizer"))
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.iteration = state["iteration"]
+        log.info("resumed from %s at iteration %d", ckpt, self.iteration)
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        from megatron_minitron.distill.report import MetricsLog
+
+        cfg = self.cfg
+        self.resume()
+        metrics = MetricsLog(self.save, self.rt.is_main, after=self.iteration)
+        tokens = cfg.global_batch_size * cfg.seq_length
+        progress = Progress("distill", cfg.train_iters - self.iteration, unit="iterations",
+                            every_s=0)
+        pending = 0
+        if self.iteration == 0:
+            metrics.write({"iteration": 0, **self.evaluate()})
+        while self.iteration < cfg.train_iters:
+            t = time.time()
+            row = self.train_step()
+            row.update(iteration=self.iteration, tokens_per_s=tokens / (time.time() - t))
+            last = self.iteration == cfg.train_iters
+            if last or (cfg.eval_interval and self.iteration % cfg.eval_interval == 0):
+                row.update(self.evaluate())
+            metrics.write(row)
+            pending += 1
+            if self.iteration % cfg.log_interval == 0 or last:
+                progress.what = (f"distill: loss {row['loss']:.4f} (kd {row.get('kd', 0):.4f}, "
+                                 f"lm {row['lm']:.4f}) lr {row['lr']:.2e} "
+                                 f"{row['tokens_per_s']:.0f} tok/s")
+                progress.update(pending)
+                pending = 0
+            if last or (cfg.save_interval and self.iteration % cfg.save_interval == 0):
+                self.save_checkpoint()
+        metrics.close(plot=True)
+        return self._checkpoint_dir(self.iteration)
