@@ -29,17 +29,19 @@ def _log_softmax_parts(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, group):
-        log_ps, ps = _log_softmax_parts(student.float() / temperature, group)
-        log_pt, pt = _log_softmax_parts(teacher.float() / temperature, group)
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 maths
+        log_ps, ps = _log_softmax_parts(student.to(dtype) / temperature, group)
+        log_pt, pt = _log_softmax_parts(teacher.to(dtype) / temperature, group)
         kl = _all_reduce((pt * (log_pt - log_ps)).sum(-1), dist.ReduceOp.SUM, group)
         ctx.save_for_backward(ps, pt)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.input_dtype = temperature, student.dtype
         return kl * temperature ** 2
 
     @staticmethod
     def backward(ctx, grad):
         ps, pt = ctx.saved_tensors
-        return (ps - pt) * (grad.unsqueeze(-1) * ctx.temperature), None, None, None
+        grad_student = (ps - pt) * (grad.unsqueeze(-1) * ctx.temperature)
+        return grad_student.to(ctx.input_dtype), None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

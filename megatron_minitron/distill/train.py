@@ -97,7 +97,9 @@ def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig) -> dict[st
 def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor):
     parts = _token_losses(logits, mb, cfg)
     mask = mb["loss_mask"].float()
-    total = cfg.kd_weight * parts["kd"] + cfg.lm_weight * parts["lm"]
+    total = cfg.lm_weight * parts["lm"]
+    if "kd" in parts:
+        total = total + cfg.kd_weight * parts["kd"]
     n = mask.sum()
     report = {k: torch.stack([(v * mask).sum().detach(), n]) for k, v in parts.items()}
     loss = (total * mask).sum()
@@ -227,10 +229,11 @@ class Distiller:
         start = step * self.cfg.global_batch_size + self.dp_rank * per_dp
         return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size)
 
-    def _attach_teacher_logits(self, mbs: list[dict]) -> None:
+    def _attach_teacher_logits(self, mbs: list[dict], always: bool = False) -> None:
+        """Teacher logits per microbatch (skipped in training when KD is off: plain CE)."""
         from megatron_minitron.model.forward import forward_microbatches
 
-        if self.cfg.kd_weight <= 0:
+        if self.cfg.kd_weight <= 0 and not always:
             return
         out = forward_microbatches(self.teacher, mbs, lambda logits, _mb: logits.detach(),
                                    loss_in_model=False)
@@ -277,7 +280,7 @@ class Distiller:
         reports = []
         for b in range(self.cfg.eval_iters):
             mbs = self._microbatches(self.valid_data, b)
-            self._attach_teacher_logits(mbs)
+            self._attach_teacher_logits(mbs, always=True)  # val KD is reported either way
             reports += forward_microbatches(
                 self.modules, mbs, lambda logits, mb: _loss_func(mb, self.cfg, logits)[2],
                 loss_in_model=False)

