@@ -24,6 +24,33 @@ def teacher_checkpoint(load: str | None) -> Path:
     return convert(smollm2_gguf(), Path(tempfile.mkdtemp()) / "smollm2")
 
 
+def load_teacher(load: str | None):
+    """(checkpoint path, meta, runtime, chunks) at TP=1 in this process, third-party noise off."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.cli import _quiet_third_party
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.model import build_model
+    from megatron_minitron.runtime import init_runtime
+
+    _quiet_third_party()
+    ckpt = teacher_checkpoint(load)
+    meta = mcore.read_meta(ckpt)
+    rt = init_runtime(ParallelConfig())
+    chunks = build_model(meta.model, rt.parallel)
+    mcore.load_checkpoint(chunks, ckpt)
+    return ckpt, meta, rt, chunks
+
+
+def calibration_samples(ckpt: Path, vocab_size: int, n: int, seq_length: int) -> torch.Tensor:
+    """n windows from the first training plays (seed 0)."""
+    from megatron_minitron.data.calibration import sample_windows, token_stream
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+
+    ids = token_stream(train_plays()[:4], load_tokenizer(ckpt), vocab_size)
+    return sample_windows(ids, n, seq_length, seed=0)
+
+
 def _exact_cpu_heap() -> None:
     """Make glibc serve every allocation over 64 KiB by mmap and unmap it on free, so process
     RSS follows live tensor memory (otherwise freed heap stays resident and peaks drift).

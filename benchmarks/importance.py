@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, teacher_checkpoint  # noqa: E402
+from benchmarks.common import alternate, calibration_samples, load_teacher  # noqa: E402
 
 
 def main() -> None:
@@ -29,25 +29,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
-    from megatron_minitron.checkpoint import mcore
-    from megatron_minitron.cli import _quiet_third_party
-    from megatron_minitron.config import ParallelConfig
-    from megatron_minitron.data.calibration import sample_windows, token_stream
-    from megatron_minitron.data.demo import train_plays
-    from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.importance.run import _ignore, activation_pass
-    from megatron_minitron.model import build_model
     from megatron_minitron.model.forward import forward_microbatches
-    from megatron_minitron.runtime import init_runtime
 
-    _quiet_third_party()
-    ckpt = teacher_checkpoint(a.load)
-    meta = mcore.read_meta(ckpt)
-    rt = init_runtime(ParallelConfig())
-    chunks = build_model(meta.model, rt.parallel)
-    mcore.load_checkpoint(chunks, ckpt)
-    ids = token_stream(train_plays()[:4], load_tokenizer(ckpt), meta.model.vocab_size)
-    samples = sample_windows(ids, a.samples, a.seq_length, seed=0)
+    ckpt, meta, rt, chunks = load_teacher(a.load)
+    samples = calibration_samples(ckpt, meta.model.vocab_size, a.samples, a.seq_length)
     mbs = [{"tokens": t[:, :-1].contiguous()} for t in torch.split(samples, a.micro_batch_size)]
 
     res = alternate({

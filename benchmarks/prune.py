@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, teacher_checkpoint  # noqa: E402
+from benchmarks.common import alternate, calibration_samples, load_teacher  # noqa: E402
 
 TARGET = dict(ffn=1024, hidden=448, heads=6, layers=24)
 
@@ -31,27 +31,16 @@ def main() -> None:
     a = p.parse_args()
 
     from megatron_minitron.checkpoint import mcore
-    from megatron_minitron.cli import _quiet_third_party
-    from megatron_minitron.config import CheckpointMeta, ParallelConfig
-    from megatron_minitron.data.calibration import sample_windows, token_stream
-    from megatron_minitron.data.demo import train_plays
-    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.config import CheckpointMeta
     from megatron_minitron.importance import ImportanceConfig, compute_importance, load_scores
-    from megatron_minitron.model import build_model
     from megatron_minitron.prune import PruneTarget, make_plan, prune_model
-    from megatron_minitron.runtime import init_runtime
 
-    _quiet_third_party()
-    ckpt = teacher_checkpoint(a.load)
-    meta = mcore.read_meta(ckpt)
-    rt = init_runtime(ParallelConfig())
-    chunks = build_model(meta.model, rt.parallel)
-    mcore.load_checkpoint(chunks, ckpt)
+    ckpt, meta, rt, chunks = load_teacher(a.load)
     if a.scores:
         scores = load_scores(Path(a.scores))
     else:
-        ids = token_stream(train_plays()[:2], load_tokenizer(ckpt), meta.model.vocab_size)
-        scores = compute_importance(chunks, meta.model, sample_windows(ids, 8, 128, 0),
+        samples = calibration_samples(ckpt, meta.model.vocab_size, 8, 128)
+        scores = compute_importance(chunks, meta.model, samples,
                                     ImportanceConfig(samples=8, seq_length=128, block_sizes=(6,),
                                                      depth_samples=2))
     target = TARGET if meta.model.num_layers == 30 else {}

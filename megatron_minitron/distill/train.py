@@ -83,23 +83,25 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig, need_lm: bool
+                  ) -> dict[str, torch.Tensor]:
     """Per-token KD and LM losses [b, s] from vocabulary-parallel logits."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     out = {}
     if "teacher" in mb:
         out["kd"] = kd_loss(logits, mb["teacher"], cfg.temperature, _tp_group())
-    out["lm"] = vocab_parallel_cross_entropy(logits.float(), mb["labels"])
+    if need_lm:
+        out["lm"] = vocab_parallel_cross_entropy(logits.float(), mb["labels"])
     return out
 
 
-def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor):
-    parts = _token_losses(logits, mb, cfg)
+def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor, evaluating: bool = False):
+    # Training skips the cross-entropy when its weight is 0 (one vocabulary pass fewer).
+    parts = _token_losses(logits, mb, cfg, need_lm=evaluating or cfg.lm_weight > 0)
     mask = mb["loss_mask"].float()
-    total = cfg.lm_weight * parts["lm"]
-    if "kd" in parts:
-        total = total + cfg.kd_weight * parts["kd"]
+    total = sum(w * parts[k] for k, w in (("kd", cfg.kd_weight), ("lm", cfg.lm_weight))
+                if k in parts and w > 0)
     n = mask.sum()
     report = {k: torch.stack([(v * mask).sum().detach(), n]) for k, v in parts.items()}
     loss = (total * mask).sum()
@@ -282,7 +284,8 @@ class Distiller:
             mbs = self._microbatches(self.valid_data, b)
             self._attach_teacher_logits(mbs, always=True)  # val KD is reported either way
             reports += forward_microbatches(
-                self.modules, mbs, lambda logits, mb: _loss_func(mb, self.cfg, logits)[2],
+                self.modules, mbs,
+                lambda logits, mb: _loss_func(mb, self.cfg, logits, evaluating=True)[2],
                 loss_in_model=False)
         out = _reduce_reports(reports)
         out["ppl"] = math.exp(min(out["lm"], 50.0))
@@ -375,8 +378,8 @@ class Distiller:
             metrics.write(row)
             pending += 1
             if self.iteration % cfg.log_interval == 0 or last:
-                progress.what = (f"distill: loss {row['loss']:.4f} (kd {row.get('kd', 0):.4f}, "
-                                 f"lm {row['lm']:.4f}) lr {row['lr']:.2e} "
+                parts = ", ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm") if k in row)
+                progress.what = (f"distill: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.2e} "
                                  f"{row['tokens_per_s']:.0f} tok/s")
                 progress.update(pending)
                 pending = 0

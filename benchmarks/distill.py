@@ -1,0 +1,76 @@
+"""One KD step vs its parts (teacher forward; student forward + backward + optimizer step), all
+timed in the same process on the same kind of batch.
+
+    python benchmarks/distill.py [--teacher CKPT] [--global-batch-size 4] [--seq-length 128]
+
+Student: the teacher with its layers 12..17 dropped (SmolLM2 30 -> 24). Prints the ratio
+KD step / (teacher forward + student step), goal <= 1.10, and peak memory of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import alternate, teacher_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher")
+    p.add_argument("--global-batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+
+    from megatron_minitron.cli import _quiet_third_party
+    from megatron_minitron.cli import main as cli
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+    from megatron_minitron.distill.train import DistillConfig, Distiller
+
+    _quiet_third_party()
+    teacher = teacher_checkpoint(a.teacher)
+    work = Path(tempfile.mkdtemp())
+    drop = ",".join(str(i) for i in range(12, 18))
+    assert cli(["prune", "--load", str(teacher), "--drop-layers", drop,
+                "--out", str(work / "student")]) == 0
+    for name, files in (("train", train_plays()[:4]), ("valid", held_out_plays()[:1])):
+        assert cli(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                    "--output-prefix", str(work / name)]) == 0
+    cfg = DistillConfig(train_iters=1000, global_batch_size=a.global_batch_size,
+                        micro_batch_size=a.micro_batch_size, seq_length=a.seq_length)
+    d = Distiller(teacher, work / "student", [str(work / "train")], work / "run", cfg,
+                  ParallelConfig(), [str(work / "valid")])
+    mbs = d._microbatches(d.train_data, 0)
+
+    def kd_step():
+        cfg.kd_weight, cfg.lm_weight = 1.0, 0.0
+        d.train_step()
+
+    def student_step():  # the same step without a teacher: CE on the student alone
+        cfg.kd_weight, cfg.lm_weight = 0.0, 1.0
+        d.train_step()
+
+    def teacher_forward():
+        d._attach_teacher_logits(mbs, always=True)
+
+    kd_step()  # warm-up
+    res = alternate({"kd": kd_step, "student": student_step, "teacher": teacher_forward},
+                    a.repeats)
+    (tk, mk), (ts, ms), (tt, mt) = res["kd"], res["student"], res["teacher"]
+    print(f"{a.global_batch_size} x {a.seq_length} tokens per step, micro-batch "
+          f"{a.micro_batch_size}, median of {a.repeats}")
+    print(f"teacher forward                          {tt:7.2f} s  peak {mt / 2**20:6.0f} MiB")
+    print(f"student forward+backward+optimizer step  {ts:7.2f} s  peak {ms / 2**20:6.0f} MiB")
+    print(f"KD step                                  {tk:7.2f} s  peak {mk / 2**20:6.0f} MiB")
+    print(f"ratio KD step / (teacher + student)  {tk / (tt + ts):.3f}  (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
