@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
-    from megatron_minitron.importance.run import _ignore, activation_pass
+    from megatron_minitron.importance.run import activation_pass, discard_output
     from megatron_minitron.model.forward import forward_microbatches
 
     ckpt, meta, rt, chunks = load_teacher(a.load)
@@ -37,7 +37,7 @@ def main() -> None:
     mbs = [{"tokens": t[:, :-1].contiguous()} for t in torch.split(samples, a.micro_batch_size)]
 
     res = alternate({
-        "forward": lambda: forward_microbatches(chunks, mbs, _ignore),
+        "forward": lambda: forward_microbatches(chunks, mbs, discard_output),
         "importance": lambda: activation_pass(chunks, samples, a.micro_batch_size, meta.model),
     }, a.repeats)
     (tf, mf), (ti, mi) = res["forward"], res["importance"]

@@ -66,7 +66,7 @@ def main() -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
     from megatron_minitron.importance import ImportanceConfig, compute_importance
-    from megatron_minitron.importance.run import _ignore
+    from megatron_minitron.importance.run import discard_output
     from megatron_minitron.model import build_model
     from megatron_minitron.model.forward import forward_microbatches
     from megatron_minitron.prune import PruneTarget, make_plan, prune_model
@@ -116,7 +116,7 @@ def main() -> None:
         mtp.prune(model, mode=[("mcore_minitron", get_mcore_minitron_config(
             hidden_size_divisor=64, ffn_hidden_size_divisor=64, num_layers_divisor=1))],
             constraints={"export_config": dict(exp)}, dummy_input=None,
-            config={"forward_loop": lambda m: forward_microbatches([m], mbs, _ignore),
+            config={"forward_loop": lambda m: forward_microbatches([m], mbs, discard_output),
                     "scores_path": str(scores_path)})
         theirs[row] = evaluate_windows([model], held_out, 4).loss
         print(f"modelopt: {row} pruned in {time.time() - t:.0f} s")

@@ -43,7 +43,8 @@ class ImportanceConfig:
             raise ConfigError("depth samples must be >= 0 and micro batch size >= 1")
 
 
-def _ignore(_output, _mb) -> None:
+def discard_output(_output, _mb) -> None:
+    """A `collect` for forward passes run only for their hooks."""
     return None
 
 
@@ -64,7 +65,7 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
     with ImportanceHooks(chunks) as hooks:
         for i in range(0, len(mbs), per_call):
             group = mbs[i:i + per_call]
-            forward_microbatches(chunks, group, _ignore)
+            forward_microbatches(chunks, group, discard_output)
             progress.update(sum(m["tokens"].numel() for m in group) * dp)
         return hooks.reduce(model.num_layers, widths)
 
