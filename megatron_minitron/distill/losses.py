@@ -20,6 +20,9 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 def _log_softmax_parts(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, p) over the full vocabulary, from this rank's shard x [..., V/tp]."""
+    if group is None or dist.get_world_size(group) == 1:  # whole vocabulary here: fused kernel
+        log_p = torch.log_softmax(x, -1)
+        return log_p, log_p.exp()
     m = _all_reduce(x.max(-1, keepdim=True).values, dist.ReduceOp.MAX, group)
     e = (x - m).exp()
     z = _all_reduce(e.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
@@ -30,8 +33,9 @@ class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, group):
         dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 maths
-        log_ps, ps = _log_softmax_parts(student.to(dtype) / temperature, group)
-        log_pt, pt = _log_softmax_parts(teacher.to(dtype) / temperature, group)
+        scale = 1.0 / temperature
+        log_ps, ps = _log_softmax_parts(student.to(dtype) * scale, group)
+        log_pt, pt = _log_softmax_parts(teacher.to(dtype) * scale, group)
         kl = _all_reduce((pt * (log_pt - log_ps)).sum(-1), dist.ReduceOp.SUM, group)
         ctx.save_for_backward(ps, pt)
         ctx.temperature, ctx.input_dtype = temperature, student.dtype
