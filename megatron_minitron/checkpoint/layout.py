@@ -59,13 +59,13 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig
     return (q.reshape(-1, qkv.shape[1]), k.reshape(-1, qkv.shape[1]), v.reshape(-1, qkv.shape[1]))
 
 
-def qkv_rows(cfg: ModelConfig, heads: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Rows of `linear_qkv` that keep query `heads` (global indices, all inside `groups`) and the
-    K/V rows of `groups`, in the fused per-group order."""
+def qkv_rows(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
+    """Rows of `linear_qkv` that keep query `heads` (global, sorted indices) and the K/V rows of
+    the groups they belong to (a group without kept heads is dropped), in fused per-group order."""
     d, per = cfg.kv_channels, cfg.num_attention_heads // cfg.num_query_groups
     span = torch.arange(d)
     rows = []
-    for g in groups.tolist():
+    for g in sorted({h // per for h in heads.tolist()}):
         base = g * (per + 2) * d
         rows += [base + (h - g * per) * d + span for h in heads.tolist() if h // per == g]
         rows += [base + per * d + span, base + (per + 1) * d + span]

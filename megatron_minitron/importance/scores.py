@@ -32,10 +32,6 @@ class Scores:
     tensors: dict[str, torch.Tensor]
     meta: dict
 
-    @property
-    def num_layers(self) -> int:
-        return self.tensors["sums.ffn"].shape[0]
-
     def _aggs(self, seq: str | None, samples: str | None) -> tuple[str, str]:
         return seq or self.meta["seq_agg"], samples or self.meta["sample_agg"]
 
@@ -47,15 +43,13 @@ class Scores:
         return stats.finalize(self.tensors[f"sums.{name}"], self.meta["samples"],
                               *self._aggs(seq, samples))
 
-    def hidden(self, seq: str | None = None, samples: str | None = None,
-               layers: list[int] | None = None) -> torch.Tensor:
-        """Embedding-channel scores [hidden], combined over both norms of the given layers
-        (default all): L2 of the per-site scores for L2 aggregation (the same as one L2 over all
-        samples and sites), their sum otherwise."""
+    def hidden(self, seq: str | None = None, samples: str | None = None) -> torch.Tensor:
+        """Embedding-channel scores [hidden], combined over both norms of every layer: L2 of the
+        per-site scores for L2 aggregation (the same as one L2 over all samples and sites), their
+        sum otherwise."""
         seq, samples = self._aggs(seq, samples)
-        idx = list(range(self.num_layers)) if layers is None else list(layers)
-        per_site = torch.cat([self.axis("ln_attn", seq, samples)[idx],
-                              self.axis("ln_mlp", seq, samples)[idx]])
+        per_site = torch.cat([self.axis("ln_attn", seq, samples),
+                              self.axis("ln_mlp", seq, samples)])
         return per_site.pow(2).sum(0).sqrt() if samples == "l2" else per_site.sum(0)
 
     def groups(self, num_query_groups: int, seq: str | None = None, samples: str | None = None

@@ -38,8 +38,8 @@ class PrunePlan:
     model: ModelConfig  # the pruned shape
     layers: list[int]  # kept source layers, in order; new layer i is source layer layers[i]
     hidden: torch.Tensor  # kept embedding channels
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # per kept source layer
-    groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # per kept source layer; the
+    # kept query groups are those these heads belong to
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
 
@@ -156,12 +156,10 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         else:
             plan.ffn[i] = full(cfg.ffn_hidden_size)
         if new.num_attention_heads == cfg.num_attention_heads:
-            plan.groups[i], plan.heads[i] = full(cfg.num_query_groups), full(
-                cfg.num_attention_heads)
+            plan.heads[i] = full(cfg.num_attention_heads)
             continue
         head_scores = scores.axis("heads")[i].view(cfg.num_query_groups, per_group)
         groups = _top(head_scores.sum(-1), new.num_query_groups)
-        plan.groups[i] = groups
         plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
                                    for g in groups.tolist()])
     return plan

@@ -48,9 +48,9 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
     """One tensor of source layer `layer`; `name` is relative to the layer module."""
     if name.endswith(NORM_PARAMS):
         return _norm(name, t, src, plan)
-    heads, groups, ffn, hidden = plan.heads[layer], plan.groups[layer], plan.ffn[layer], plan.hidden
+    heads, ffn, hidden = plan.heads[layer], plan.ffn[layer], plan.hidden
     if name.endswith("linear_qkv.weight"):
-        return t[qkv_rows(src, heads, groups)][:, hidden]
+        return t[qkv_rows(src, heads)][:, hidden]
     if name.endswith("linear_proj.weight"):
         return t[hidden][:, head_columns(src, heads)]
     if name.endswith("linear_fc1.weight"):
