@@ -216,7 +216,6 @@ class Distiller:
             lr_decay_steps=iters * gbs, lr_decay_style="cosine", start_wd=cfg.weight_decay,
             end_wd=cfg.weight_decay, wd_incr_steps=iters * gbs, wd_incr_style="constant")
         self.iteration = 0
-        self.metrics: list[dict] = []
 
     @property
     def modules(self) -> list:
