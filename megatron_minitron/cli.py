@@ -151,7 +151,8 @@ def cmd_prune(a) -> None:
     new = prune_model(chunks, meta.model, plan, rt.parallel)
     history = [*meta.history, f"pruned to {plan.summary()}", *plan.notes]
     mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
-                                              source=f"mcore:{src.resolve()}", history=history),
+                                              source=f"mcore:{src.resolve()}", history=history,
+                                              hidden_map=plan.hidden.tolist()),
                           out, mcore.tokenizer_files(src))
     if a.hf_out:
         from megatron_minitron.checkpoint.convert import export_hf
@@ -183,6 +184,7 @@ def cmd_distill(a) -> None:
         micro_batch_size=a.micro_batch_size, seq_length=a.seq_length, lr=a.lr, min_lr=a.min_lr,
         warmup_iters=a.warmup_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
         temperature=a.temperature, kd_weight=a.kd_weight, lm_weight=a.lm_weight,
+        hidden_weight=a.hidden_weight, top_k=a.top_k,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
         keep_last=a.keep_last, log_interval=a.log_interval, seed=a.seed, split=a.split,
         distributed_optimizer=a.use_distributed_optimizer)
@@ -291,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kd-weight", type=float, default=1.0)
     d.add_argument("--lm-weight", type=float, default=0.0,
                    help="weight of the LM cross-entropy (--kd-weight 0 --lm-weight 1: plain CE)")
+    d.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of the cosine loss between final hidden states, the teacher's "
+                        "mapped onto the channels pruning kept")
+    d.add_argument("--top-k", type=int, default=0,
+                   help="KD over the teacher's k largest logits only (0: whole vocabulary)")
     d.add_argument("--eval-interval", type=int, default=0)
     d.add_argument("--eval-iters", type=int, default=2)
     d.add_argument("--save-interval", type=int, default=0)

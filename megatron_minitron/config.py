@@ -138,6 +138,9 @@ class CheckpointMeta:
     # Identity of the weights: set when a checkpoint with new weights is written, kept when the
     # same weights are resharded. Scores files record it so prune can refuse foreign scores.
     fingerprint: str = ""
+    # Written by prune: the source checkpoint's embedding channel behind each of this model's
+    # channels. Maps hidden states for the distillation hidden-state loss.
+    hidden_map: list[int] | None = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

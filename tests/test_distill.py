@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.cli import main
-from megatron_minitron.distill.losses import kd_loss
+from megatron_minitron.distill.losses import kd_loss, top_k_logits
 from tests.conftest import ROOT, _free_port, _run, run_cli
 
 
@@ -31,6 +31,24 @@ def test_kd_loss_and_gradient_equal_full_vocabulary_reference(temperature):
     (ref * torch.arange(7.0, dtype=torch.float64)).sum().backward()
     assert (ours - ref).abs().max() <= 1e-10
     assert (grad - s2.grad).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_kd_loss_renormalises_the_teacher_over_its_top_k(temperature):
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(2, 5, 40, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    t = torch.randn(2, 5, 40, generator=g, dtype=torch.float64) * 4
+    top = top_k_logits(t, 6)
+    assert torch.equal(top.ids, t.topk(6, -1).indices)
+    ours = kd_loss(s, top, temperature)
+    (grad,) = torch.autograd.grad(ours.sum(), s)
+    s2 = s.detach().clone().requires_grad_(True)
+    masked = torch.full_like(t, float("-inf")).scatter(-1, top.ids, top.values)
+    ref = F.kl_div(F.log_softmax(s2 / temperature, -1), F.softmax(masked / temperature, -1),
+                   reduction="none").sum(-1) * temperature ** 2
+    ref.sum().backward()
+    assert (ours - ref).abs().max() <= 1e-10 and (grad - s2.grad).abs().max() <= 1e-10
+    assert (ours - kd_loss(s, t, temperature)).abs().max() > 1e-3  # top-k is a different loss
 
 
 def test_kd_loss_vocab_parallel_tp2():
@@ -120,3 +138,50 @@ def test_killed_run_resumes_exactly(tiny_setup, tmp_path):
     assert [r[0] for r in resumed] == list(range(1, 7))
     for (i, a, _), (_, b, _) in zip(straight, resumed, strict=True):
         assert abs(a - b) <= 1e-6, (i, a, b)
+
+
+def test_teacher_as_its_own_student_has_zero_kd_and_hidden_loss(tiny_setup, tmp_path):
+    """The hooks pair each microbatch's teacher and student hidden states."""
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.distill.train import DistillConfig, Distiller
+
+    teacher, d = tiny_setup
+    dist = Distiller(teacher, teacher, [str(d / "train")], tmp_path / "run",
+                     DistillConfig(train_iters=1, global_batch_size=2, seq_length=32,
+                                   hidden_weight=1.0, eval_iters=2),
+                     ParallelConfig(), [str(d / "valid")])
+    val = dist.evaluate()
+    assert abs(val["val_hidden"]) <= 1e-6 and abs(val["val_kd"]) <= 1e-6, val
+    assert val["val_lm"] > 1.0
+
+
+def test_hidden_and_top_k_losses_are_the_same_under_tp_sp_and_pp(tiny_setup, tmp_path):
+    """A hidden-pruned student (the loss maps the teacher's kept channels) trained on top-k KD
+    plus the hidden-state loss follows one trajectory at TP1, TP2 with SP and PP2."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.demo import train_plays
+
+    teacher, d = tiny_setup
+    assert main(["importance", "--load", str(teacher), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "2",
+                 "--out", str(tmp_path / "scores.safetensors")]) == 0
+    student = tmp_path / "narrow"
+    assert main(["prune", "--load", str(teacher), "--scores", str(tmp_path / "scores.safetensors"),
+                 "--target-hidden", "48", "--out", str(student)]) == 0
+    channels = mcore.read_meta(student).hidden_map
+    assert len(channels) == 48 and len(set(channels)) == 48 and max(channels) < 64
+
+    def args(save: Path) -> list[str]:
+        a = _distill_args((teacher, d), save)
+        a[a.index("--student") + 1] = str(student)
+        a[a.index("--lr") + 1] = "1e-4"
+        return [*a, "--hidden-weight", "2", "--top-k", "16", "--eval-interval", "3"]
+
+    assert main(args(tmp_path / "single")) == 0
+    rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["val_hidden"] > 0.01 and rows[-1]["val_hidden"] < rows[0]["val_hidden"]
+    ref = _losses(tmp_path / "single")
+    for name, flags in (("tp2", ("--tp", "2", "--sequence-parallel")), ("pp2", ("--pp", "2"))):
+        run_cli(*args(tmp_path / name), *flags, nproc=2)
+        for (i, a, ga), (_, b, gb) in zip(ref, _losses(tmp_path / name), strict=True):
+            assert abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)

@@ -4,12 +4,31 @@ KL(teacher || student) per token, at temperature T (scaled by T^2 so gradients k
 across temperatures, as in Hinton et al.), computed from each TP rank's vocabulary shard with
 all-reduced maxima, normalisers and sums. The backward is the closed form (p_s - p_t) * T, so no
 autograd through collectives is needed.
+
+Top-k: the teacher's distribution is renormalised over its k largest logits (found across the
+vocabulary shards), the student's stays over the whole vocabulary; a step then holds k values and
+ids per token instead of V/tp logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+# Stands in for the logits outside the teacher's top k: exp() of it is exactly 0, and unlike -inf
+# it keeps 0 * log p finite, so the KL needs no mask.
+_FLOOR = -1e30
+
+
+@dataclass
+class TopK:
+    """The teacher's k largest logits of each token over the whole vocabulary and their token ids
+    (the same on every tensor-parallel rank)."""
+
+    values: torch.Tensor  # [..., k]
+    ids: torch.Tensor  # [..., k]
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -27,6 +46,36 @@ def _log_softmax_parts(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
     e = (x - m).exp()
     z = _all_reduce(e.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
     return x - m - z.log(), e / z
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+
+
+def top_k_logits(logits: torch.Tensor, k: int, group=None) -> TopK:
+    """TopK of vocabulary-parallel logits [..., V/tp]: each rank's top k, gathered, re-ranked."""
+    width = logits.shape[-1]
+    values, ids = logits.topk(min(k, width), -1)
+    ids = ids + _rank(group) * width
+    if group is not None and dist.get_world_size(group) > 1:
+        parts = [[torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+                 for t in (values, ids)]
+        dist.all_gather(parts[0], values.contiguous(), group=group)
+        dist.all_gather(parts[1], ids.contiguous(), group=group)
+        values, ids = torch.cat(parts[0], -1), torch.cat(parts[1], -1)
+        values, order = values.topk(min(k, values.shape[-1]), -1)
+        ids = ids.gather(-1, order)
+    return TopK(values, ids)
+
+
+def _dense_shard(top: TopK, width: int, group, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's [..., width] logit shard with the top-k values in place and _FLOOR elsewhere."""
+    start = _rank(group) * width
+    here = (top.ids >= start) & (top.ids < start + width)
+    out = torch.full((*top.ids.shape[:-1], width), _FLOOR, dtype=dtype, device=top.ids.device)
+    # ids of other ranks' entries are clamped onto this shard with value _FLOOR: amax ignores them.
+    return out.scatter_reduce(-1, (top.ids - start).clamp(0, width - 1),
+                              torch.where(here, top.values.to(dtype), _FLOOR), "amax")
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -48,8 +97,12 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad_student.to(ctx.input_dtype), None, None, None
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            group=None) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK,
+            temperature: float = 1.0, group=None) -> torch.Tensor:
     """Per-token T^2 * KL(softmax(t/T) || softmax(s/T)) [...], from vocabulary shards [..., V/tp]
-    of the tensor-parallel `group` (None: full vocabularies)."""
+    of the tensor-parallel `group` (None: full vocabularies); a TopK teacher counts its k logits
+    only."""
+    if isinstance(teacher_logits, TopK):
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        teacher_logits = _dense_shard(teacher_logits, student_logits.shape[-1], group, dtype)
     return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), temperature, group)

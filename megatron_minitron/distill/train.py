@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig
-from megatron_minitron.distill.losses import kd_loss
+from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidden_map
+from megatron_minitron.distill.losses import kd_loss, top_k_logits
 from megatron_minitron.runtime.progress import Progress
 
 log = logging.getLogger("minitron")
@@ -54,6 +55,8 @@ class DistillConfig:
     temperature: float = 1.0
     kd_weight: float = 1.0  # 0 with lm_weight 1: plain cross-entropy training (the baseline)
     lm_weight: float = 0.0
+    hidden_weight: float = 0.0  # cosine loss on the final hidden states (distill/hidden.py)
+    top_k: int = 0  # > 0: KD over the teacher's top-k logits only (a step holds k per token)
     eval_interval: int = 0  # 0: evaluate at the end only
     eval_iters: int = 2  # validation global batches
     save_interval: int = 0  # 0: save at the end only
@@ -71,8 +74,12 @@ class DistillConfig:
                               f"micro batch {self.micro_batch_size} x data-parallel size {dp}")
         if self.warmup_iters >= self.train_iters:
             raise ConfigError("warmup iterations must be fewer than train iterations")
-        if self.kd_weight <= 0 and self.lm_weight <= 0:
-            raise ConfigError("both the KD and the LM loss weights are zero")
+        if min(self.kd_weight, self.lm_weight, self.hidden_weight) < 0:
+            raise ConfigError("loss weights must be >= 0")
+        if self.kd_weight == self.lm_weight == self.hidden_weight == 0:
+            raise ConfigError("the KD, LM and hidden-state loss weights are all zero")
+        if self.top_k < 0:
+            raise ConfigError("top-k must be >= 0 (0: the whole vocabulary)")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")
 
@@ -83,29 +90,34 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig, need_lm: bool
+def _token_losses(logits: torch.Tensor, mb: dict, cfg: DistillConfig, evaluating: bool
                   ) -> dict[str, torch.Tensor]:
-    """Per-token KD and LM losses [b, s] from vocabulary-parallel logits."""
+    """Per-token KD and LM losses [b, s] from vocabulary-parallel logits. Training skips a loss
+    whose weight is 0 (a vocabulary pass fewer); evaluation reports both."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     out = {}
-    if "teacher" in mb:
+    if "teacher" in mb and (evaluating or cfg.kd_weight > 0):
         out["kd"] = kd_loss(logits, mb["teacher"], cfg.temperature, _tp_group())
-    if need_lm:
+    if evaluating or cfg.lm_weight > 0:
         out["lm"] = vocab_parallel_cross_entropy(logits.float(), mb["labels"])
     return out
 
 
-def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor, evaluating: bool = False):
-    # Training skips the cross-entropy when its weight is 0 (one vocabulary pass fewer).
-    parts = _token_losses(logits, mb, cfg, need_lm=evaluating or cfg.lm_weight > 0)
+def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor, evaluating: bool = False,
+               hidden: torch.Tensor | None = None, sequence_parallel: bool = False):
+    """Megatron's (loss sum, token count, report); `hidden`: the student's final hidden states."""
+    parts = _token_losses(logits, mb, cfg, evaluating)
     mask = mb["loss_mask"].float()
-    total = sum(w * parts[k] for k, w in (("kd", cfg.kd_weight), ("lm", cfg.lm_weight))
-                if k in parts and w > 0)
     n = mask.sum()
     report = {k: torch.stack([(v * mask).sum().detach(), n]) for k, v in parts.items()}
-    loss = (total * mask).sum()
-    report["loss"] = torch.stack([loss.detach(), n])
+    loss = sum(w * (parts[k] * mask).sum()
+               for k, w in (("kd", cfg.kd_weight), ("lm", cfg.lm_weight)) if k in parts and w > 0)
+    if hidden is not None and "teacher_hidden" in mb:
+        h = cosine_loss_sum(hidden, mb["teacher_hidden"], mask, sequence_parallel)
+        report["hidden"] = torch.stack([h.detach(), n])
+        loss = loss + cfg.hidden_weight * h
+    report["loss"] = torch.stack([torch.as_tensor(loss).detach(), n])
     return loss, n.int(), report
 
 
@@ -115,7 +127,7 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
 
     from megatron_minitron.model.forward import broadcast_from_last_stage
 
-    keys = ("loss", "kd", "lm")
+    keys = ("loss", "kd", "lm", "hidden")
     sums = torch.zeros(len(keys), 2, dtype=torch.float64)
     for r in reports:
         for i, k in enumerate(keys):
@@ -165,6 +177,10 @@ class Distiller:
             cfg.train_iters * gbs, cfg.eval_iters * gbs, self.save / "data_cache", valid)
         self.teacher = self._frozen_teacher(t_meta, teacher)
         self._build_student(student)
+        self.hidden = None  # (teacher hook, student hook, teacher channels) with a hidden loss
+        if cfg.hidden_weight > 0:
+            self.hidden = (FinalHidden(self.teacher[-1]), FinalHidden(self.modules[-1]),
+                           hidden_map(t_meta, self.s_meta))
 
     def _frozen_teacher(self, meta: CheckpointMeta, path: Path):
         from megatron_minitron.checkpoint import mcore
@@ -230,23 +246,36 @@ class Distiller:
         start = step * self.cfg.global_batch_size + self.dp_rank * per_dp
         return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size)
 
-    def _attach_teacher_logits(self, mbs: list[dict], always: bool = False) -> None:
-        """Teacher logits per microbatch (skipped in training when KD is off: plain CE)."""
+    def _attach_teacher(self, mbs: list[dict], always: bool = False) -> None:
+        """Teacher logits (or their top k) and mapped hidden states per microbatch; skipped in
+        training when only the LM loss counts (plain CE)."""
         from megatron_minitron.model.forward import forward_microbatches
 
-        if self.cfg.kd_weight <= 0 and not always:
+        cfg = self.cfg
+        if cfg.kd_weight <= 0 and cfg.hidden_weight <= 0 and not always:
             return
-        out = forward_microbatches(self.teacher, mbs, lambda logits, _mb: logits.detach(),
-                                   loss_in_model=False)
-        for mb, logits in zip(mbs, out, strict=False):  # last stage only; others get []
-            mb["teacher"] = logits
+
+        def collect(logits: torch.Tensor, _mb) -> dict:
+            out = {"teacher": top_k_logits(logits, cfg.top_k, _tp_group()) if cfg.top_k
+                   else logits.detach()}
+            if self.hidden is not None:
+                teacher_hook, _, channels = self.hidden
+                out["teacher_hidden"] = teacher_hook.pop()[..., channels]
+            return out
+
+        out = forward_microbatches(self.teacher, mbs, collect, loss_in_model=False)
+        for mb, teacher in zip(mbs, out, strict=False):  # last stage only; others get []
+            mb.update(teacher)
+
+    def _student_hidden(self) -> torch.Tensor | None:
+        return self.hidden[1].pop() if self.hidden is not None else None
 
     def train_step(self) -> dict[str, float]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cfg = self.cfg
+        cfg, sp = self.cfg, self.rt.parallel.sequence_parallel
         mbs = self._microbatches(self.train_data, self.iteration)
-        self._attach_teacher_logits(mbs)
+        self._attach_teacher(mbs)
         for m in self.student:
             m.train()
             m.zero_grad_buffer()
@@ -255,7 +284,8 @@ class Distiller:
         def step(data_iterator, model):
             mb = next(data_iterator)
             logits = model(mb["tokens"], mb["position_ids"], None)
-            return logits, partial(_loss_func, mb, cfg)
+            return logits, partial(_loss_func, mb, cfg, hidden=self._student_hidden(),
+                                   sequence_parallel=sp)
 
         iters = [iter(mbs) for _ in self.student] if len(self.student) > 1 else iter(mbs)
         reports = get_forward_backward_func()(
@@ -281,10 +311,11 @@ class Distiller:
         reports = []
         for b in range(self.cfg.eval_iters):
             mbs = self._microbatches(self.valid_data, b)
-            self._attach_teacher_logits(mbs, always=True)  # val KD is reported either way
+            self._attach_teacher(mbs, always=True)  # val KD is reported either way
             reports += forward_microbatches(
                 self.modules, mbs,
-                lambda logits, mb: _loss_func(mb, self.cfg, logits, evaluating=True)[2],
+                lambda logits, mb: _loss_func(mb, self.cfg, logits, True, self._student_hidden(),
+                                              self.rt.parallel.sequence_parallel)[2],
                 loss_in_model=False)
         out = _reduce_reports(reports)
         out["ppl"] = math.exp(min(out["lm"], 50.0))
@@ -304,7 +335,8 @@ class Distiller:
         meta = CheckpointMeta(model=self.s_meta.model, tokenizer=self.s_meta.tokenizer,
                               source=f"distilled from {self.teacher_path.resolve()}",
                               history=[*self.s_meta.history,
-                                       f"distilled for {self.iteration} iterations"])
+                                       f"distilled for {self.iteration} iterations"],
+                              hidden_map=self.s_meta.hidden_map)
         state = {"iteration": self.iteration, "scheduler": self.scheduler.state_dict(),
                  "config": asdict(self.cfg)}
 
@@ -377,7 +409,8 @@ class Distiller:
             metrics.write(row)
             pending += 1
             if self.iteration % cfg.log_interval == 0 or last:
-                parts = ", ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm") if k in row)
+                parts = ", ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm", "hidden")
+                                  if k in row)
                 progress.what = (f"distill: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.2e} "
                                  f"{row['tokens_per_s']:.0f} tok/s")
                 progress.update(pending)
