@@ -195,6 +195,13 @@ def cmd_distill(a) -> None:
         print(f"distilled student: {out}")
 
 
+def cmd_run(a) -> None:
+    from megatron_minitron.pipeline.config import load_config
+    from megatron_minitron.pipeline.run import run_pipeline
+
+    run_pipeline(load_config(Path(a.config)), a.dry_run)
+
+
 def cmd_generate(a) -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate.generate import greedy
@@ -310,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(d)
     d.set_defaults(func=cmd_distill)
 
+    rn = sub.add_parser("run", help="the whole pipeline from a YAML config, stages cached")
+    rn.add_argument("config", help="YAML file (see configs/)")
+    rn.add_argument("--dry-run", action="store_true",
+                    help="validate, print the shapes, parameter counts and commands; run nothing")
+    rn.set_defaults(func=cmd_run)
+
     g = sub.add_parser("generate", help="greedy continuation of a prompt")
     g.add_argument("--load", required=True)
     g.add_argument("--prompt", required=True)
@@ -328,7 +341,8 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_verb(argv: list[str]) -> int:
+    """One verb, leaving the process group up (for `minitron run`, which chains verbs)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[minitron] %(message)s")
@@ -338,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"minitron {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        from megatron_minitron.runtime.distributed import shutdown
-
-        shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_minitron.runtime.distributed import shutdown
+
+    try:
+        return run_verb(sys.argv[1:] if argv is None else argv)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

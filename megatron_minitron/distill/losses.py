@@ -82,10 +82,12 @@ class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, group):
         dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 maths
-        scale = 1.0 / temperature
-        log_ps, ps = _log_softmax_parts(student.to(dtype) * scale, group)
-        log_pt, pt = _log_softmax_parts(teacher.to(dtype) * scale, group)
-        kl = _all_reduce((pt * (log_pt - log_ps)).sum(-1), dist.ReduceOp.SUM, group)
+        # Every pass over [..., V] counts here: skip the scaling at T = 1, reuse buffers.
+        scaled = (lambda x: x.to(dtype)) if temperature == 1.0 else \
+            (lambda x: x.to(dtype) * (1.0 / temperature))
+        log_ps, ps = _log_softmax_parts(scaled(student), group)
+        log_pt, pt = _log_softmax_parts(scaled(teacher), group)
+        kl = _all_reduce(torch.linalg.vecdot(pt, log_pt.sub_(log_ps)), dist.ReduceOp.SUM, group)
         ctx.save_for_backward(ps, pt)
         ctx.temperature, ctx.input_dtype = temperature, student.dtype
         return kl * temperature ** 2
@@ -93,7 +95,7 @@ class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ps, pt = ctx.saved_tensors
-        grad_student = (ps - pt) * (grad.unsqueeze(-1) * ctx.temperature)
+        grad_student = ps.sub_(pt).mul_(grad.unsqueeze(-1) * ctx.temperature)  # ps: last use
         return grad_student.to(ctx.input_dtype), None, None, None
 
 

@@ -1,0 +1,127 @@
+"""The run report: report.json and report.md in the run directory, with PNG plots (importance
+distributions per axis, parameters vs held-out loss; the distillation loss curve is distill's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_minitron.pipeline.config import RunConfig
+
+MODELS = ("teacher", "pruned", "distilled")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return None
+    return plt
+
+
+def plot_importance(scores_file: Path, png: Path) -> Path | None:
+    """Histogram of each width axis's scores (log scale) and the per-layer depth scores."""
+    from megatron_minitron.importance import load_scores
+
+    plt = _pyplot()
+    if plt is None or not scores_file.is_file():
+        return None
+    s = load_scores(scores_file)
+    axes = {"hidden (embedding channels)": s.hidden(), "attention heads": s.axis("heads"),
+            "MLP neurons": s.axis("ffn")}
+    fig, ax = plt.subplots(1, len(axes) + 1, figsize=(4 * (len(axes) + 1), 3.2))
+    for a, (name, v) in zip(ax, axes.items(), strict=False):
+        a.hist(v.flatten().clamp_min(1e-12).log10().numpy(), bins=50)
+        a.set_title(name, fontsize=9)
+        a.set_xlabel("log10 importance")
+    metric = "skip_loss" if any("skip_loss" in k for k in s.tensors) else "block_influence"
+    depth = s.layers(metric)
+    ax[-1].bar(range(len(depth)), depth.numpy())
+    ax[-1].set_title(f"layers ({metric})", fontsize=9)
+    ax[-1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def plot_params_vs_loss(rows: dict[str, dict], png: Path) -> Path | None:
+    plt = _pyplot()
+    pts = {k: r for k, r in rows.items() if "loss" in r}
+    if plt is None or not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in pts.items():
+        ax.scatter(r["parameters"] / 1e6, r["loss"], s=40)
+        ax.annotate(name, (r["parameters"] / 1e6, r["loss"]), textcoords="offset points",
+                    xytext=(5, 5))
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("held-out loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str, float]
+                 ) -> dict:
+    from megatron_minitron.checkpoint import mcore
+
+    d = cfg.directory
+    rows: dict[str, dict] = {}
+    for name in MODELS:
+        if name not in checkpoints:
+            continue
+        m = mcore.read_meta(checkpoints[name]).model
+        row = {"checkpoint": str(checkpoints[name]), "parameters": m.num_parameters(),
+               "non_embedding_parameters": m.num_parameters(False),
+               "shape": {k: getattr(m, k) for k in ("num_layers", "hidden_size",
+                                                    "ffn_hidden_size", "num_attention_heads",
+                                                    "num_query_groups")}}
+        ev = d / "eval" / f"{name}.json"
+        if ev.is_file():
+            e = json.loads(ev.read_text())
+            row.update(loss=e["loss"], perplexity=e["perplexity"], eval_tokens=e["tokens"])
+        rows[name] = row
+    plots = {"params_vs_loss": plot_params_vs_loss(rows, d / "params_vs_loss.png"),
+             "importance": plot_importance(d / "importance" / "scores.safetensors",
+                                           d / "importance.png")}
+    loss_png = d / "distill" / "loss.png"
+    plots["distill_loss"] = loss_png if loss_png.is_file() else None
+    report = {"name": cfg.name, "models": rows, "stage_seconds": seconds,
+              "total_seconds": sum(seconds.values()),
+              "plots": {k: str(v.relative_to(d)) for k, v in plots.items() if v is not None}}
+    (d / "report.json").write_text(json.dumps(report, indent=2))
+    (d / "report.md").write_text(_markdown(report))
+    print(summary(report))
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = [f"{'model':<10} {'parameters':>14} {'held-out loss':>14} {'perplexity':>11}"]
+    for name, r in report["models"].items():
+        loss = f"{r['loss']:.4f}" if "loss" in r else "-"
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        lines.append(f"{name:<10} {r['parameters']:>14,} {loss:>14} {ppl:>11}")
+    lines.append(f"total {report['total_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    out = [f"# Run report: {report['name']}", "",
+           "| model | layers | hidden | ffn | heads / groups | parameters | held-out loss | "
+           "perplexity |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["models"].items():
+        s = r["shape"]
+        out.append(f"| {name} | {s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} "
+                   f"| {s['num_attention_heads']} / {s['num_query_groups']} | "
+                   f"{r['parameters']:,} | {r.get('loss', float('nan')):.4f} | "
+                   f"{r.get('perplexity', float('nan')):.3f} |")
+    out += ["", "| stage | seconds |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
+    out += ["", *(f"![{k}]({v})" for k, v in report["plots"].items())]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,363 @@
+"""`minitron run CONFIG.yaml`: every stage of the method, one after another, each cached.
+
+A stage is one `minitron` command (the arrows of the data flow), run in this process on every
+rank, so what the pipeline does is exactly what a user typing the commands would get; `--dry-run`
+prints them. A stage is skipped when its marker (.stages/NAME.json) holds the same key: a hash of
+its command, of the keys of the stages it reads and of the size and time of the files it reads.
+A stage that did not finish is started again from scratch, except distillation, which resumes from
+its last checkpoint when its key is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.pipeline.config import BUILTIN, RunConfig
+
+log = logging.getLogger("minitron")
+MARKERS = ".stages"
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]  # the minitron command
+    output: Path
+    reads: list[str] = field(default_factory=list)  # stages whose outputs it reads
+    files: list[Path] = field(default_factory=list)  # outside files it reads
+    resumable: bool = False
+    key: str = ""
+
+
+def _builtin(entry: str) -> list[Path]:
+    from megatron_minitron.data import demo
+
+    assets = {"shakespeare-train": demo.train_plays, "shakespeare-valid": demo.held_out_plays,
+              "smollm2": lambda: [demo.smollm2_gguf()]}
+    name = entry[len(BUILTIN):]
+    if name not in assets:
+        raise ConfigError(f"unknown built-in {entry!r} (known: "
+                          f"{', '.join(BUILTIN + k for k in assets)})")
+    return assets[name]()
+
+
+def _split_data(entries: list[str], where: str) -> tuple[list[Path], list[str]]:
+    """(text/JSONL files, indexed-dataset prefixes); every entry must exist."""
+    from megatron_minitron.data.calibration import indexed_prefix
+
+    if not entries:
+        raise ConfigError(f"{where}: no data given")
+    files, prefixes = [], []
+    for e in entries:
+        if e.startswith(BUILTIN):
+            files += _builtin(e)
+        elif (prefix := indexed_prefix(Path(e))) is not None:
+            prefixes.append(prefix)
+        elif Path(e).is_file():
+            files.append(Path(e))
+        else:
+            raise ConfigError(f"{where}: {e} is neither a file nor an indexed-dataset prefix")
+    return files, prefixes
+
+
+def teacher_source(cfg: RunConfig) -> Path:
+    src = cfg.teacher.source
+    return _builtin(src)[0] if src.startswith(BUILTIN) else Path(src)
+
+
+def teacher_model(cfg: RunConfig, dry_run: bool) -> ModelConfig:
+    """The teacher's shape: from its checkpoint/HF config/GGUF, or teacher.shape."""
+    from megatron_minitron.checkpoint import convert, mcore
+    from megatron_minitron.checkpoint.layout import model_config_from_hf
+
+    shape = cfg.teacher_shape()
+    src = teacher_source(cfg)
+    if not src.exists():
+        if dry_run and shape is not None:
+            return shape
+        raise ConfigError(f"teacher.source: {src} not found")
+    fmt = convert.detect_format(src)
+    if fmt == "mcore":
+        return mcore.read_meta(src).model
+    if fmt == "hf":
+        return model_config_from_hf(json.loads((src / "config.json").read_text()), str(src))
+    return convert.read_source(src, fmt)[0]
+
+
+def _parallel_args(cfg: RunConfig) -> list[str]:
+    p = cfg.parallel
+    args = ["--tp", str(p.tp), "--pp", str(p.pp), "--micro-batch-size", str(p.micro_batch_size)]
+    if p.vpp:
+        args += ["--vpp", str(p.vpp)]
+    return args + (["--sequence-parallel"] if p.sequence_parallel else [])
+
+
+def _options(obj, names: dict[str, str]) -> list[str]:
+    """CLI options from dataclass fields: {field: --flag}; None fields left out."""
+    out = []
+    for name, flag in names.items():
+        v = getattr(obj, name)
+        if v is None or v is False:
+            continue
+        if v is True:
+            out.append(flag)
+        elif isinstance(v, list | tuple):
+            out += [flag, *(str(x) for x in v)] if flag != "--drop-layers" else \
+                [flag, ",".join(str(x) for x in v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+_TRAIN_FLAGS = {n: "--" + n.replace("_", "-") for n in (
+    "train_iters", "global_batch_size", "seq_length", "lr", "min_lr", "warmup_iters",
+    "weight_decay", "clip_grad", "temperature", "kd_weight", "lm_weight", "hidden_weight",
+    "top_k", "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval", "seed",
+    "split")}
+
+
+def _train_args(c) -> list[str]:
+    args = _options(c, _TRAIN_FLAGS)
+    if c.distributed_optimizer is not None:
+        args.append("--use-distributed-optimizer" if c.distributed_optimizer
+                    else "--no-use-distributed-optimizer")
+    return args
+
+
+def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
+    """The commands of this run, in order (pure: nothing is read but the data's file names)."""
+    d = cfg.directory
+    par = _parallel_args(cfg)
+    stages: list[Stage] = []
+    src = teacher_source(cfg)
+    if src.is_dir() and (src / "minitron.json").is_file():
+        teacher = src  # already a checkpoint: nothing to convert
+    else:
+        if world_size > 1:
+            raise ConfigError("teacher.source: importing HF/GGUF weights runs in one process; "
+                              f"run `minitron convert {src} DST` first and set teacher.source "
+                              "to DST")
+        teacher = d / "teacher"
+        stages.append(Stage("convert", ["convert", str(src), str(teacher)], teacher,
+                            files=[src]))
+    teacher_reads = [s.name for s in stages]
+
+    train_files, train_prefixes = _split_data(cfg.data.train, "data.train")
+    valid_files, valid_prefixes = _split_data(cfg.data.valid, "data.valid")
+    for name, files, prefixes in (("train", train_files, train_prefixes),
+                                  ("valid", valid_files, valid_prefixes)):
+        if files:
+            out = d / "data" / name
+            stages.append(Stage(f"data-{name}", [
+                "preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                "--output-prefix", str(out), "--json-key", cfg.data.json_key],
+                out.with_suffix(".bin"), teacher_reads, files))
+            prefixes.insert(0, str(out))
+    data_reads = [s.name for s in stages if s.name.startswith("data-")]
+    text_valid = [f for f in valid_files if f.suffix != ".jsonl"]
+    if not text_valid:
+        raise ConfigError("data.valid: held-out perplexity needs at least one text file")
+
+    if cfg.correction.train_iters > 0:
+        out = d / "correction"
+        stages.append(Stage("correction", [
+            "distill", "--teacher", str(teacher), "--student", str(teacher), "--data",
+            *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(out),
+            *_train_args(cfg.correction), *par], out, teacher_reads + data_reads,
+            resumable=True))
+        teacher = out / f"iter_{cfg.correction.train_iters:07d}"
+        teacher_reads = ["correction"]
+
+    prune_reads = list(teacher_reads)
+    prune_args = ["prune", "--load", str(teacher), "--out", str(d / "pruned"),
+                  *_options(cfg.prune, {"hidden": "--target-hidden", "ffn": "--target-ffn",
+                                        "heads": "--target-heads", "groups": "--target-groups",
+                                        "layers": "--target-layers",
+                                        "drop_layers": "--drop-layers",
+                                        "depth_metric": "--depth-metric"})]
+    if not cfg.prune.norm_rescale:
+        prune_args.append("--no-norm-rescale")
+    if cfg.prune.needs_scores():
+        scores = d / "importance" / "scores.safetensors"
+        imp = cfg.importance
+        calib = [*map(str, train_files), *train_prefixes[1 if train_files else 0:]]
+        stages.append(Stage("importance", [
+            "importance", "--load", str(teacher), "--data", *calib, "--json-key",
+            cfg.data.json_key, "--out", str(scores),
+            *_options(imp, {"samples": "--samples", "seq_length": "--seq-length",
+                            "seq_agg": "--seq-agg", "sample_agg": "--sample-agg",
+                            "block_sizes": "--block-sizes", "depth_samples": "--depth-samples",
+                            "seed": "--seed"}), *par], scores.parent, teacher_reads,
+            train_files))
+        prune_args += ["--scores", str(scores)]
+        prune_reads.append("importance")
+    stages.append(Stage("prune", [*prune_args, *par], d / "pruned", prune_reads))
+
+    distill = d / "distill"
+    stages.append(Stage("distill", [
+        "distill", "--teacher", str(teacher), "--student", str(d / "pruned"), "--data",
+        *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(distill),
+        *_train_args(cfg.distill), *par], distill, [*teacher_reads, "prune", *data_reads],
+        resumable=True))
+    student = distill / f"iter_{cfg.distill.train_iters:07d}"
+
+    for name, ckpt, reads in (("teacher", teacher, teacher_reads), ("pruned", d / "pruned",
+                              ["prune"]), ("distilled", student, ["distill"])):
+        out = d / "eval" / f"{name}.json"
+        stages.append(Stage(f"eval-{name}", [
+            "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
+            "--seq-length", str(cfg.eval.seq_length),
+            *_options(cfg.eval, {"max_windows": "--max-windows"}), *par], out, reads,
+            text_valid))
+    if cfg.export.hf and world_size == 1:
+        stages.append(Stage("export", ["convert", str(student), str(d / "hf"), "--to", "hf"],
+                            d / "hf", ["distill"]))
+    return stages
+
+
+def _stamp(p: Path) -> list:
+    paths = sorted(p.rglob("*")) if p.is_dir() else [p]
+    return [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in paths if q.is_file()]
+
+
+def assign_keys(stages: list[Stage]) -> None:
+    keys: dict[str, str] = {}
+    for s in stages:
+        payload = json.dumps([s.argv, [keys[r] for r in s.reads], [_stamp(f) for f in s.files]])
+        s.key = keys[s.name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfig, ModelConfig]:
+    """Every check that needs no model weights, before any work: (teacher, student) shapes."""
+    from megatron_minitron.prune.plan import pruned_config
+
+    p = cfg.parallel
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp = "
+                          f"{p.tp}*{p.pp}")
+    dp = world_size // (p.tp * p.pp)
+    if not cfg.prune.needs_scores() and not cfg.prune.drop_layers:
+        raise ConfigError("prune: no target given (hidden, ffn, heads, groups, layers or "
+                          "drop_layers)")
+    teacher = teacher_model(cfg, dry_run)
+    teacher.check_parallel(p.tp, p.pp)
+    for section in ("importance", "prune", "distill", "correction", "eval"):
+        try:
+            if section == "importance" and cfg.prune.needs_scores():
+                cfg.importance.validate(teacher)
+            elif section == "prune":
+                student = pruned_config(teacher, cfg.prune)
+                student.check_parallel(p.tp, p.pp)
+            elif section == "distill" or (section == "correction" and
+                                          cfg.correction.train_iters > 0):
+                getattr(cfg, section).validate(dp)
+                if getattr(cfg, section).seq_length > teacher.max_position_embeddings:
+                    raise ConfigError("seq_length exceeds the model's "
+                                      f"{teacher.max_position_embeddings} positions")
+            elif section == "eval" and cfg.eval.seq_length > teacher.max_position_embeddings:
+                raise ConfigError(f"seq_length {cfg.eval.seq_length} exceeds the model's "
+                                  f"{teacher.max_position_embeddings} positions")
+        except ConfigError as e:
+            raise ConfigError(f"{section}: {e}") from None
+    return teacher, student
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _run_stage(stage: Stage, markers: Path) -> float:
+    from megatron_minitron.cli import run_verb
+
+    done, pending = markers / f"{stage.name}.json", markers / f"{stage.name}.pending"
+    resume = stage.resumable and pending.is_file() and pending.read_text() == stage.key
+    _barrier()
+    if _is_main():
+        done.unlink(missing_ok=True)
+        if stage.output.exists() and not resume:  # stale or half-written: start over
+            if stage.output.is_dir():
+                shutil.rmtree(stage.output)
+            else:
+                stage.output.unlink()
+        pending.write_text(stage.key)
+    _barrier()
+    log.info("stage %s%s: minitron %s", stage.name, " (resuming)" if resume else "",
+             " ".join(stage.argv))
+    t = time.time()
+    rc = run_verb(stage.argv)
+    if rc:
+        raise ConfigError(f"stage {stage.name} failed (exit {rc}); finished stages are kept, "
+                          "re-run to continue")
+    seconds = time.time() - t
+    _barrier()
+    if _is_main():
+        done.write_text(json.dumps({"key": stage.key, "seconds": seconds,
+                                    "argv": stage.argv}, indent=2))
+        pending.unlink(missing_ok=True)
+    return seconds
+
+
+def run_pipeline(cfg: RunConfig, dry_run: bool = False) -> dict:
+    """Run (or with dry_run only validate and print) every stage; returns the report."""
+    from megatron_minitron.pipeline.report import write_report
+    from megatron_minitron.runtime.distributed import launch_env
+
+    world = launch_env()[1]
+    stages = build_stages(cfg, world)
+    teacher, student = validate(cfg, world, dry_run)
+    if dry_run:
+        return _print_plan(cfg, stages, teacher, student)
+    assign_keys(stages)
+    markers = cfg.directory / MARKERS
+    if _is_main():
+        markers.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for stage in stages:
+        marker = markers / f"{stage.name}.json"
+        if marker.is_file() and stage.output.exists() and \
+                json.loads(marker.read_text())["key"] == stage.key:
+            seconds[stage.name] = json.loads(marker.read_text())["seconds"]
+            log.info("stage %s: finished earlier, skipped", stage.name)
+            continue
+        seconds[stage.name] = _run_stage(stage, markers)
+    _barrier()
+    checkpoints = {s.name[len("eval-"):]: Path(s.argv[2]) for s in stages
+                   if s.name.startswith("eval-")}
+    return write_report(cfg, checkpoints, seconds) if _is_main() else {}
+
+
+def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
+                student: ModelConfig) -> dict:
+    t, s = teacher.num_parameters(), student.num_parameters()
+    lines = [f"config {cfg.name}: valid",
+             f"  teacher  {_shape(teacher)}: {t / 1e9:.3f} B parameters",
+             f"  student  {_shape(student)}: {s / 1e9:.3f} B parameters ({s / t:.1%})"]
+    if cfg.expected_params:
+        lines.append(f"  published size {cfg.expected_params / 1e9:.3f} B: "
+                     f"{s / cfg.expected_params - 1:+.2%}")
+    lines.append("  stages:")
+    lines += [f"    {st.name:<15} minitron {' '.join(st.argv)}" for st in stages]
+    if _is_main():
+        print("\n".join(lines))
+    return {"teacher_params": t, "student_params": s, "stages": [st.name for st in stages]}
+
+
+def _shape(m: ModelConfig) -> str:
+    return (f"layers {m.num_layers}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
+            f"{m.num_attention_heads}/{m.num_query_groups} groups")
