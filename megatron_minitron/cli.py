@@ -199,7 +199,7 @@ def cmd_run(a) -> None:
     from megatron_minitron.pipeline.config import load_config
     from megatron_minitron.pipeline.run import run_pipeline
 
-    run_pipeline(load_config(Path(a.config)), a.dry_run)
+    run_pipeline(load_config(Path(a.config)), a.dry_run, a.world_size)
 
 
 def cmd_generate(a) -> None:
@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("config", help="YAML file (see configs/)")
     rn.add_argument("--dry-run", action="store_true",
                     help="validate, print the shapes, parameter counts and commands; run nothing")
+    rn.add_argument("--world-size", type=int,
+                    help="with --dry-run: the number of processes to plan for (default: tp*pp)")
     rn.set_defaults(func=cmd_run)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt")

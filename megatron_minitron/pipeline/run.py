@@ -33,6 +33,7 @@ class Stage:
     reads: list[str] = field(default_factory=list)  # stages whose outputs it reads
     files: list[Path] = field(default_factory=list)  # outside files it reads
     resumable: bool = False
+    make_dir: bool = False  # create `output` before the command (which writes into it)
     key: str = ""
 
 
@@ -48,8 +49,10 @@ def _builtin(entry: str) -> list[Path]:
     return assets[name]()
 
 
-def _split_data(entries: list[str], where: str) -> tuple[list[Path], list[str]]:
-    """(text/JSONL files, indexed-dataset prefixes); every entry must exist."""
+def _split_data(entries: list[str], where: str, missing: list[str] | None
+                ) -> tuple[list[Path], list[str]]:
+    """(text/JSONL files, indexed-dataset prefixes). Every entry must exist, unless `missing`
+    collects the absent ones (planning a run for another machine: they count as prefixes)."""
     from megatron_minitron.data.calibration import indexed_prefix
 
     if not entries:
@@ -62,6 +65,9 @@ def _split_data(entries: list[str], where: str) -> tuple[list[Path], list[str]]:
             prefixes.append(prefix)
         elif Path(e).is_file():
             files.append(Path(e))
+        elif missing is not None:
+            missing.append(f"{where}: {e}")
+            prefixes.append(e)
         else:
             raise ConfigError(f"{where}: {e} is neither a file nor an indexed-dataset prefix")
     return files, prefixes
@@ -131,13 +137,18 @@ def _train_args(c) -> list[str]:
     return args
 
 
-def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
-    """The commands of this run, in order (pure: nothing is read but the data's file names)."""
+def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None = None
+                 ) -> list[Stage]:
+    """The commands of this run, in order (nothing is read but the inputs' names). With
+    `missing` (a dry run), absent inputs are listed there instead of failing; an absent teacher
+    counts as a minitron checkpoint."""
     d = cfg.directory
     par = _parallel_args(cfg)
     stages: list[Stage] = []
     src = teacher_source(cfg)
-    if src.is_dir() and (src / "minitron.json").is_file():
+    if missing is not None and not src.exists():
+        missing.append(f"teacher.source: {src}")
+    if (src / "minitron.json").is_file() or (missing is not None and not src.exists()):
         teacher = src  # already a checkpoint: nothing to convert
     else:
         if world_size > 1:
@@ -149,20 +160,20 @@ def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
                             files=[src]))
     teacher_reads = [s.name for s in stages]
 
-    train_files, train_prefixes = _split_data(cfg.data.train, "data.train")
-    valid_files, valid_prefixes = _split_data(cfg.data.valid, "data.valid")
+    train_files, train_prefixes = _split_data(cfg.data.train, "data.train", missing)
+    valid_files, valid_prefixes = _split_data(cfg.data.valid, "data.valid", missing)
     for name, files, prefixes in (("train", train_files, train_prefixes),
                                   ("valid", valid_files, valid_prefixes)):
         if files:
             out = d / "data" / name
             stages.append(Stage(f"data-{name}", [
                 "preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
-                "--output-prefix", str(out), "--json-key", cfg.data.json_key],
-                out.with_suffix(".bin"), teacher_reads, files))
-            prefixes.insert(0, str(out))
+                "--output-prefix", str(out / name), "--json-key", cfg.data.json_key],
+                out, teacher_reads, files, make_dir=True))
+            prefixes.insert(0, str(out / name))
     data_reads = [s.name for s in stages if s.name.startswith("data-")]
     text_valid = [f for f in valid_files if f.suffix != ".jsonl"]
-    if not text_valid:
+    if not text_valid and missing is None:
         raise ConfigError("data.valid: held-out perplexity needs at least one text file")
 
     if cfg.correction.train_iters > 0:
@@ -172,6 +183,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
             *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(out),
             *_train_args(cfg.correction), *par], out, teacher_reads + data_reads,
             resumable=True))
+        original, original_reads = teacher, teacher_reads
         teacher = out / f"iter_{cfg.correction.train_iters:07d}"
         teacher_reads = ["correction"]
 
@@ -194,7 +206,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
             *_options(imp, {"samples": "--samples", "seq_length": "--seq-length",
                             "seq_agg": "--seq-agg", "sample_agg": "--sample-agg",
                             "block_sizes": "--block-sizes", "depth_samples": "--depth-samples",
-                            "seed": "--seed"}), *par], scores.parent, teacher_reads,
+                            "seed": "--seed"}), *par], scores, teacher_reads,
             train_files))
         prune_args += ["--scores", str(scores)]
         prune_reads.append("importance")
@@ -208,8 +220,11 @@ def build_stages(cfg: RunConfig, world_size: int = 1) -> list[Stage]:
         resumable=True))
     student = distill / f"iter_{cfg.distill.train_iters:07d}"
 
-    for name, ckpt, reads in (("teacher", teacher, teacher_reads), ("pruned", d / "pruned",
-                              ["prune"]), ("distilled", student, ["distill"])):
+    evals = [("teacher", teacher, teacher_reads), ("pruned", d / "pruned", ["prune"]),
+             ("distilled", student, ["distill"])]
+    if cfg.correction.train_iters > 0:
+        evals.insert(0, ("original", original, original_reads))
+    for name, ckpt, reads in evals:
         out = d / "eval" / f"{name}.json"
         stages.append(Stage(f"eval-{name}", [
             "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
@@ -296,9 +311,12 @@ def _run_stage(stage: Stage, markers: Path) -> float:
             else:
                 stage.output.unlink()
         pending.write_text(stage.key)
+        stage.output.parent.mkdir(parents=True, exist_ok=True)
+        if stage.make_dir:
+            stage.output.mkdir(exist_ok=True)
     _barrier()
     log.info("stage %s%s: minitron %s", stage.name, " (resuming)" if resume else "",
-             " ".join(stage.argv))
+             _short(stage.argv))
     t = time.time()
     rc = run_verb(stage.argv)
     if rc:
@@ -313,16 +331,18 @@ def _run_stage(stage: Stage, markers: Path) -> float:
     return seconds
 
 
-def run_pipeline(cfg: RunConfig, dry_run: bool = False) -> dict:
-    """Run (or with dry_run only validate and print) every stage; returns the report."""
+def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None = None) -> dict:
+    """Run (or with dry_run only validate and print) every stage; returns the report. A dry
+    run plans for `world_size` processes (default: tp * pp)."""
     from megatron_minitron.pipeline.report import write_report
     from megatron_minitron.runtime.distributed import launch_env
 
-    world = launch_env()[1]
-    stages = build_stages(cfg, world)
+    world = (world_size or cfg.parallel.tp * cfg.parallel.pp) if dry_run else launch_env()[1]
+    missing: list[str] | None = [] if dry_run else None
+    stages = build_stages(cfg, world, missing)
     teacher, student = validate(cfg, world, dry_run)
     if dry_run:
-        return _print_plan(cfg, stages, teacher, student)
+        return _print_plan(cfg, stages, teacher, student, missing)
     assign_keys(stages)
     markers = cfg.directory / MARKERS
     if _is_main():
@@ -343,7 +363,7 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False) -> dict:
 
 
 def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
-                student: ModelConfig) -> dict:
+                student: ModelConfig, missing: list[str]) -> dict:
     t, s = teacher.num_parameters(), student.num_parameters()
     lines = [f"config {cfg.name}: valid",
              f"  teacher  {_shape(teacher)}: {t / 1e9:.3f} B parameters",
@@ -352,10 +372,24 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
         lines.append(f"  published size {cfg.expected_params / 1e9:.3f} B: "
                      f"{s / cfg.expected_params - 1:+.2%}")
     lines.append("  stages:")
-    lines += [f"    {st.name:<15} minitron {' '.join(st.argv)}" for st in stages]
+    lines += [f"    {st.name:<15} minitron {_short(st.argv)}" for st in stages]
+    lines += [f"  not found here (needed where it runs): {m}" for m in missing]
     if _is_main():
         print("\n".join(lines))
     return {"teacher_params": t, "student_params": s, "stages": [st.name for st in stages]}
+
+
+def _short(argv: list[str], keep: int = 2) -> str:
+    """The command with long runs of file arguments elided (the markers keep it whole)."""
+    out, run = [], []
+    for a in [*argv, "--"]:
+        if a.startswith("--"):
+            out += run if len(run) <= keep + 1 else [*run[:keep], f"...(+{len(run) - keep})"]
+            run = []
+            out.append(a)
+        else:
+            run.append(a)
+    return " ".join(out[:-1])
 
 
 def _shape(m: ModelConfig) -> str:
