@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -65,17 +66,52 @@ def _eval_text(a) -> str:
 
 def cmd_eval(a) -> None:
     from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate import suite
     from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
 
-    text = _eval_text(a)
+    cfg = suite.EvalConfig(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
+                           num_fewshot=a.num_fewshot, limit=a.limit, seed=a.seed)
+    specs = [suite.parse_task(t) for t in a.tasks]  # every file read before the model loads
+    rows = {f"{k}={f}" if f else k: (k, suite.task_rows(k, f, cfg)) for k, f in specs
+            if k != "perplexity"}
+    manager = None
+    if a.lm_eval:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--lm-eval needs the optional package lm-eval (pip install lm-eval)")
+        from megatron_minitron.evaluate.harness import task_manager
+
+        manager = task_manager(a.lm_eval, Path(a.lm_eval_include) if a.lm_eval_include else None)
+    tok = load_tokenizer(Path(a.load))
+    windows = None
+    if any(k == "perplexity" for k, _ in specs):
+        windows = token_windows(tok.encode(_eval_text(a)), a.seq_length, a.max_windows,
+                                a.stride)
     rt, meta, chunks = _load(a)
-    windows = token_windows(load_tokenizer(Path(a.load)).encode(text), a.seq_length,
-                            a.max_windows)
-    res = evaluate_windows(chunks, windows, a.micro_batch_size)
+    out: dict = {"tasks": {}}
+    if windows is not None:
+        res = evaluate_windows(chunks, windows, a.micro_batch_size, a.stride)
+        out.update(res.__dict__)
+        out["tasks"]["perplexity"] = {"loss": res.loss, "perplexity": res.perplexity,
+                                      "tokens": res.tokens}
+        if rt.is_main:
+            print(f"{a.load}: {res.line()}")
+    for name, (kind, task) in rows.items():
+        out["tasks"][name] = suite.run_task(chunks, tok, kind, task, cfg)
+    if a.lm_eval:
+        from megatron_minitron.evaluate.harness import MinitronLM, run_lm_eval
+
+        model = MinitronLM(chunks, tok, a.seq_length, a.micro_batch_size)
+        res = run_lm_eval(model, a.lm_eval, manager, a.num_fewshot, a.limit)
+        out["lm_eval"] = res["results"]
     if rt.is_main:
-        print(f"{a.load}: {res.line()}")
+        if rows:
+            print(suite.table(out["tasks"]))
+        if a.lm_eval:
+            from lm_eval.utils import make_table
+
+            print(make_table(res))
         if a.out:
-            Path(a.out).write_text(json.dumps(res.__dict__, indent=2))
+            Path(a.out).write_text(json.dumps(out, indent=2))
 
 
 def _calibration_files(a) -> list[Path]:
@@ -225,11 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(c)
     c.set_defaults(func=cmd_convert)
 
-    e = sub.add_parser("eval", help="held-out loss and perplexity")
+    e = sub.add_parser("eval", help="perplexity, cloze and multiple-choice tasks")
     e.add_argument("--load", required=True)
-    e.add_argument("--data", nargs="*", help="text files (default: held-out Shakespeare plays)")
+    e.add_argument("--tasks", nargs="+", default=["perplexity"],
+                   help="perplexity, cloze=FILE.jsonl, choice=FILE.jsonl, shakespeare-cloze, "
+                        "shakespeare-next")
+    e.add_argument("--data", nargs="*", help="perplexity text files (default: held-out plays)")
     e.add_argument("--seq-length", type=int, default=512)
+    e.add_argument("--stride", type=int, default=None,
+                   help="perplexity: rolling windows every STRIDE tokens (default: disjoint)")
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--num-fewshot", type=int, default=0)
+    e.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--lm-eval", nargs="+", metavar="TASK",
+                   help="lm-eval-harness tasks run through the adapter (needs lm-eval)")
+    e.add_argument("--lm-eval-include", metavar="DIR", help="directory of local lm-eval YAMLs")
     e.add_argument("--out", help="write the result as JSON here")
     _add_parallel(e)
     e.set_defaults(func=cmd_eval)

@@ -89,7 +89,8 @@ def test_sbatch_starts_every_rank_with_the_slurm_environment(tiny_llama_ckpt, tm
     r = subprocess.run(["bash", str(ROOT / "slurm" / "minitron.sbatch"),
                         *_eval_args(tiny_llama_ckpt), "--tp", "2"],
                        env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr + (tmp_path / "task0.log").read_text()
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task*.log")))
+    assert r.returncode == 0, r.stdout + r.stderr + logs
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[:3] == ["--kill-on-bad-exit=1", "--output", f"{tmp_path}/logs/%x-%j-%t.log"]
     assert args[3:8] == ["python", "-m", "megatron_minitron", "eval", "--load"]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.calibration import window_count, windows
+from megatron_minitron.data.calibration import window_count
 from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
 
 
@@ -27,33 +27,50 @@ class EvalResult:
                 f"({self.tokens} tokens in {self.windows} windows of the held-out text)")
 
 
-def token_windows(ids: list[int], seq_length: int, max_windows: int | None = None
-                  ) -> torch.Tensor:
-    """The first `max_windows` consecutive windows [n, seq_length + 1] of the text."""
-    n = window_count(len(ids), seq_length)
+def token_windows(ids: list[int], seq_length: int, max_windows: int | None = None,
+                  stride: int | None = None) -> torch.Tensor:
+    """The first `max_windows` windows [n, seq_length + 1] of the text, starting every `stride`
+    tokens (default: seq_length, disjoint windows)."""
+    stride = stride or seq_length
+    if not 1 <= stride <= seq_length:
+        raise ConfigError(f"stride {stride} must be between 1 and the sequence length "
+                          f"{seq_length}")
+    n = window_count(len(ids) - seq_length + stride, stride)
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise ConfigError(f"evaluation text has {len(ids)} tokens, fewer than one window of "
                           f"{seq_length + 1}")
-    return windows(torch.tensor(ids, dtype=torch.long), seq_length, range(n))
+    t = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([t[i * stride: i * stride + seq_length + 1] for i in range(n)])
 
 
-def _token_losses(output: torch.Tensor, _mb) -> torch.Tensor:
-    return output.detach().double()  # GPTModel with labels returns per-token loss [b, s]
+def _token_losses(output: torch.Tensor, mb) -> torch.Tensor:
+    # GPTModel with labels returns per-token losses [b, s]; rolling windows score their tail.
+    return output.detach().double() * mb["mask"]
 
 
-def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1) -> EvalResult:
+def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
+                     stride: int | None = None) -> EvalResult:
+    """Loss over the windows; with `stride` (rolling windows, as `token_windows` made them) each
+    window after the first scores only its last `stride` tokens, so every token counts once and
+    has at least seq_length - stride tokens of context."""
     from megatron.core import parallel_state
 
     start = time.time()
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
                    parallel_state.get_data_parallel_rank())
-    mine = windows[dp_rank::dp]
-    mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-           for w in torch.split(mine, micro_batch_size)]
+    seq = windows.shape[1] - 1
+    mask = torch.ones(len(windows), seq, dtype=torch.float64)
+    if stride and stride < seq:
+        mask[1:, :seq - stride] = 0
+    mine, mine_mask = windows[dp_rank::dp], mask[dp_rank::dp]
+    mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(), "mask": m}
+           for w, m in zip(torch.split(mine, micro_batch_size),
+                           torch.split(mine_mask, micro_batch_size), strict=True)]
     outs = forward_microbatches(chunks, mbs, _token_losses)
-    total = torch.tensor([sum(o.sum().item() for o in outs), sum(o.numel() for o in outs)],
+    total = torch.tensor([sum(o.sum().item() for o in outs),
+                          sum(mb["mask"].sum().item() for mb in mbs)],
                          dtype=torch.float64) if outs else None
     total = broadcast_from_last_stage(total, (2,))
     if dp > 1:

@@ -1,0 +1,112 @@
+"""Log-likelihood of continuations given contexts: the one primitive behind cloze and
+multiple-choice scoring and the lm-eval adapter, on a sharded model.
+
+Requests are sorted by length, split over data-parallel ranks, right-padded into microbatches
+(a causal model ignores what comes after) and run through Megatron's schedules. On the last
+pipeline stage every quantity is computed on the vocabulary shards, never gathering the
+vocabulary: log p(target) by Megatron's vocab-parallel cross-entropy, and greediness (the target
+is the argmax) by comparing the target's logit with the TP-all-reduced maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.config import ConfigError
+from megatron_minitron.data.tokenizer import Tokenizer
+from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+
+
+@dataclass
+class Request:
+    context: list[int]
+    continuation: list[int]
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Request:
+    """Tokenize as lm-eval's HF models do: the whole string at once, the context's tokens a
+    prefix; trailing spaces of the context move to the continuation. Our tasks and the lm-eval
+    adapter both use it, so both score the same tokens."""
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    return Request(whole[:len(ctx)], whole[len(ctx):])
+
+
+def _window(r: Request, seq_length: int) -> list[int]:
+    if not r.continuation:
+        raise ConfigError("a request has an empty continuation")
+    if len(r.continuation) > seq_length:
+        raise ConfigError(f"a continuation of {len(r.continuation)} tokens does not fit the "
+                          f"sequence length {seq_length}")
+    # The context is cut from the left to fit (lm-eval does the same).
+    return (r.context + r.continuation)[-(seq_length + 1):]
+
+
+def _target_logit_and_max(logits: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit of each target, max logit) over the whole vocabulary from TP shards [b, s, V/tp]."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    width = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    here = (targets >= start) & (targets < start + width)
+    local = logits.gather(-1, (targets - start).clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    target = torch.where(here, local, torch.full_like(local, float("-inf")))
+    best = logits.max(-1).values
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(target, dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(best, dist.ReduceOp.MAX, group=group)
+    return target, best
+
+
+def _score_microbatch(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    """[b, 2]: (sum of continuation log-probs, all continuation tokens greedy) per row."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = logits.float()
+    logp = -vocab_parallel_cross_entropy(logits.clone(), mb["labels"])
+    target, best = _target_logit_and_max(logits, mb["labels"])
+    mask = mb["loss_mask"]
+    greedy = ((target >= best) | ~mask).all(-1)
+    return torch.stack([(logp * mask).sum(-1).double(), greedy.double()], -1)
+
+
+def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: int = 1
+          ) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), greedy) per request, the same on every rank."""
+    from megatron.core import parallel_state
+
+    windows = [_window(r, seq_length) for r in requests]
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
+                   parallel_state.get_data_parallel_rank())
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    mine = order[dp_rank::dp]
+    mbs = []
+    for k in range(0, len(mine), micro_batch_size):
+        idx = mine[k:k + micro_batch_size]
+        length = max(len(windows[i]) for i in idx) - 1
+        length += (-length) % tp  # sequence parallelism splits the sequence over TP
+        tokens = torch.zeros(len(idx), length + 1, dtype=torch.long)
+        mask = torch.zeros(len(idx), length, dtype=torch.bool)
+        for row, i in enumerate(idx):
+            w = windows[i]
+            tokens[row, :len(w)] = torch.tensor(w)
+            n = len(requests[i].continuation)
+            mask[row, len(w) - 1 - n:len(w) - 1] = True
+        mbs.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                    "loss_mask": mask, "index": idx})
+    outs = forward_microbatches(chunks, mbs, _score_microbatch, loss_in_model=False)
+    local = torch.zeros(len(requests), 2, dtype=torch.float64)
+    for mb, out in zip(mbs, outs, strict=False):  # last stage only
+        local[mb["index"]] = out
+    local = broadcast_from_last_stage(local, local.shape)
+    if dp > 1:  # each request was scored on exactly one data-parallel rank
+        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+    return [(v[0].item(), bool(v[1].item())) for v in local]
