@@ -102,7 +102,13 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
             mask[row, len(w) - 1 - n:len(w) - 1] = True
         mbs.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
                     "loss_mask": mask, "index": idx})
-    outs = forward_microbatches(chunks, mbs, _score_microbatch, loss_in_model=False)
+    # Microbatches differ in length: pipeline stages exchange shapes before activations.
+    config = chunks[0].config
+    config.variable_seq_lengths, saved = True, config.variable_seq_lengths
+    try:
+        outs = forward_microbatches(chunks, mbs, _score_microbatch, loss_in_model=False)
+    finally:
+        config.variable_seq_lengths = saved
     local = torch.zeros(len(requests), 2, dtype=torch.float64)
     for mb, out in zip(mbs, outs, strict=False):  # last stage only
         local[mb["index"]] = out
