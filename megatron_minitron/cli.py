@@ -13,6 +13,7 @@ from pathlib import Path
 from megatron_minitron.config import ConfigError, ParallelConfig
 from megatron_minitron.importance.stats import AGGREGATIONS
 from megatron_minitron.prune.plan import DEPTH_METRICS
+from megatron_minitron.search.space import AXES as SEARCH_AXES
 
 log = logging.getLogger("minitron")
 
@@ -65,10 +66,12 @@ def _eval_text(a) -> str:
 
 
 def cmd_eval(a) -> None:
+    from megatron_minitron.checkpoint import mcore
     from megatron_minitron.data.tokenizer import load_tokenizer
     from megatron_minitron.evaluate import suite
     from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
 
+    mcore.read_meta(Path(a.load))  # a missing checkpoint is the first thing to name
     cfg = suite.EvalConfig(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
                            num_fewshot=a.num_fewshot, limit=a.limit, seed=a.seed)
     specs = [suite.parse_task(t) for t in a.tasks]  # every file read before the model loads
@@ -231,6 +234,18 @@ def cmd_distill(a) -> None:
         print(f"distilled student: {out}")
 
 
+def cmd_search(a) -> None:
+    from megatron_minitron.search.run import SearchConfig, search
+
+    cfg = SearchConfig(target_params=a.target_params, tolerance=a.tolerance, axes=tuple(a.axes),
+                       candidates=a.candidates, step=a.step, kd_tokens=a.kd_tokens,
+                       global_batch_size=a.global_batch_size, seq_length=a.seq_length, lr=a.lr,
+                       min_lr=a.min_lr, eval_iters=a.eval_iters, seed=a.seed)
+    parallel = ["--tp", str(a.tp), "--pp", str(a.pp), "--micro-batch-size",
+                str(a.micro_batch_size), *(["--sequence-parallel"] if a.sequence_parallel else [])]
+    search(Path(a.load), Path(a.scores), cfg, a.data, a.valid_data, Path(a.out), a.tp, parallel)
+
+
 def cmd_run(a) -> None:
     from megatron_minitron.pipeline.config import load_config
     from megatron_minitron.pipeline.run import run_pipeline
@@ -363,6 +378,28 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="default: on with CUDA, off on CPU")
     _add_parallel(d)
     d.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("search", help="candidate shapes at a parameter budget, each pruned and "
+                                      "briefly distilled, ranked")
+    s.add_argument("--load", required=True, help="the teacher checkpoint")
+    s.add_argument("--scores", required=True, help="its importance scores")
+    s.add_argument("--target-params", type=float, required=True)
+    s.add_argument("--tolerance", type=float, default=0.05)
+    s.add_argument("--axes", nargs="+", default=list(SEARCH_AXES), choices=SEARCH_AXES)
+    s.add_argument("--candidates", type=int, default=4)
+    s.add_argument("--step", type=int, default=64, help="width granularity (hidden, ffn)")
+    s.add_argument("--kd-tokens", type=int, default=65536, help="distillation tokens each")
+    s.add_argument("--data", nargs="+", required=True, help="training indexed-dataset prefixes")
+    s.add_argument("--valid-data", nargs="+", required=True, help="validation prefixes")
+    s.add_argument("--global-batch-size", type=int, default=8)
+    s.add_argument("--seq-length", type=int, default=256)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--min-lr", type=float, default=1e-5)
+    s.add_argument("--eval-iters", type=int, default=4)
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--out", required=True, help="search directory (resumes)")
+    _add_parallel(s)
+    s.set_defaults(func=cmd_search)
 
     rn = sub.add_parser("run", help="the whole pipeline from a YAML config, stages cached")
     rn.add_argument("config", help="YAML file (see configs/)")

@@ -43,7 +43,8 @@ def _tiny_config(tmp: Path, source: Path, **override) -> dict:
            "prune": {"ffn": 64, "hidden": 48},
            "distill": {"train_iters": 6, "global_batch_size": 4, "seq_length": 32, "lr": 1e-3,
                        "eval_iters": 1, "save_interval": 2},
-           "eval": {"seq_length": 64, "max_windows": 4}}
+           "eval": {"seq_length": 64, "max_windows": 4, "limit": 4,
+                    "tasks": ["perplexity", "shakespeare-next"]}}
     for section, values in override.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     return cfg
@@ -111,6 +112,7 @@ def test_tiny_pipeline_killed_in_distill_continues_then_skips_finished_stages(
     assert models["teacher"]["parameters"] > models["pruned"]["parameters"] == \
         models["distilled"]["parameters"]
     assert models["pruned"]["shape"]["ffn_hidden_size"] == 64
+    assert 0 <= models["distilled"]["tasks"]["shakespeare-next"]["acc"] <= 1
     for f in ("report.md", "params_vs_loss.png", "importance.png", "distill/loss.png",
               "hf/config.json"):
         assert (run / f).is_file(), f
@@ -150,3 +152,25 @@ def test_smollm2_pipeline_distilled_beats_pruned(smol_gguf, tmp_path, capsys):
     assert m["teacher"]["loss"] < m["distilled"]["loss"] < m["pruned"]["loss"], m
     assert m["pruned"]["parameters"] < m["teacher"]["parameters"]
     assert "distilled" in out and "perplexity" in out
+
+
+def test_tiny_pipeline_with_candidate_search(tiny_llama_hf, tmp_path, capsys):
+    """`search` instead of `prune`: the winner of the short KD is the student distilled on."""
+    cfg = _tiny_config(tmp_path, tiny_llama_hf, distill={"train_iters": 2},
+                       search={"target_params": 100000, "tolerance": 0.1, "candidates": 2,
+                               "step": 16, "kd_tokens": 128, "global_batch_size": 4,
+                               "seq_length": 32, "eval_iters": 1})
+    del cfg["prune"]
+    path = _write(tmp_path / "search.yaml", cfg)
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "search candidates" in capsys.readouterr().out
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "run"
+    best = json.loads((run / "search" / "results.json").read_text())["best"]
+    models = json.loads((run / "report.json").read_text())["models"]
+    assert models["distilled"]["parameters"] == models["pruned"]["parameters"] == best["params"]
+    assert "ranking" in (run / "search" / "ranking.md").read_text() or \
+        best["name"] in (run / "search" / "ranking.md").read_text()
+    bad = _write(tmp_path / "both.yaml", {**cfg, "prune": {"ffn": 64}})
+    assert main(["run", str(bad)]) == 2
+    assert "give a prune target or a search, not both" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.importance.run import ImportanceConfig
 from megatron_minitron.prune.plan import PruneTarget
+from megatron_minitron.search.run import SearchConfig
 
 BUILTIN = "builtin:"  # builtin:smollm2, builtin:shakespeare-train, builtin:shakespeare-valid
 
@@ -54,9 +55,21 @@ class CorrectionSection(DistillConfig):
 
 
 @dataclass
+class SearchSection(SearchConfig):
+    """Candidate search instead of a fixed prune target: the winner (after its short KD) is
+    the student distillation continues from."""
+
+    target_params: float | None = None  # None: no search, the prune section decides
+
+
+@dataclass
 class EvalSection:
     seq_length: int = 512
     max_windows: int | None = None
+    # `minitron eval --tasks`: perplexity (on data.valid), cloze=FILE, choice=FILE, built-ins
+    tasks: list[str] = field(default_factory=lambda: ["perplexity"])
+    limit: int | None = None  # first N items of each task
+    num_fewshot: int = 0
 
 
 @dataclass
@@ -74,6 +87,7 @@ class RunConfig:
     correction: CorrectionSection = field(default_factory=CorrectionSection)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneTarget = field(default_factory=PruneTarget)
+    search: SearchSection = field(default_factory=SearchSection)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(train_iters=100))
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)

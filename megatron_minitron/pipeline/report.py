@@ -85,7 +85,9 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
         ev = d / "eval" / f"{name}.json"
         if ev.is_file():
             e = json.loads(ev.read_text())
-            row.update(loss=e["loss"], perplexity=e["perplexity"], eval_tokens=e["tokens"])
+            if "loss" in e:
+                row.update(loss=e["loss"], perplexity=e["perplexity"], eval_tokens=e["tokens"])
+            row["tasks"] = {k: v for k, v in e.get("tasks", {}).items() if k != "perplexity"}
         rows[name] = row
     plots = {"params_vs_loss": plot_params_vs_loss(rows, d / "params_vs_loss.png"),
              "importance": plot_importance(d / "importance" / "scores.safetensors",
@@ -102,11 +104,15 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
 
 
 def summary(report: dict) -> str:
-    lines = [f"{'model':<10} {'parameters':>14} {'held-out loss':>14} {'perplexity':>11}"]
+    tasks = sorted({t for r in report["models"].values() for t in r.get("tasks", {})})
+    lines = [f"{'model':<10} {'parameters':>14} {'held-out loss':>14} {'perplexity':>11}"
+             + "".join(f" {t + ' acc':>{len(t) + 4}}" for t in tasks)]
     for name, r in report["models"].items():
         loss = f"{r['loss']:.4f}" if "loss" in r else "-"
         ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-        lines.append(f"{name:<10} {r['parameters']:>14,} {loss:>14} {ppl:>11}")
+        accs = [r.get("tasks", {}).get(t, {}).get("acc", float("nan")) for t in tasks]
+        lines.append(f"{name:<10} {r['parameters']:>14,} {loss:>14} {ppl:>11}"
+                     + "".join(f" {a:>{len(t) + 4}.3f}" for a, t in zip(accs, tasks, strict=True)))
     lines.append(f"total {report['total_seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -121,6 +127,13 @@ def _markdown(report: dict) -> str:
                    f"| {s['num_attention_heads']} / {s['num_query_groups']} | "
                    f"{r['parameters']:,} | {r.get('loss', float('nan')):.4f} | "
                    f"{r.get('perplexity', float('nan')):.3f} |")
+    tasks = sorted({t for r in report["models"].values() for t in r.get("tasks", {})})
+    if tasks:
+        out += ["", "| model | " + " | ".join(f"{t} acc" for t in tasks) + " |",
+                "|---|" + "---|" * len(tasks)]
+        out += [f"| {name} | " + " | ".join(
+            f"{r['tasks'][t]['acc']:.3f}" if t in r.get("tasks", {}) else "-" for t in tasks)
+            + " |" for name, r in report["models"].items()]
     out += ["", "| stage | seconds |", "|---|---|"]
     out += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
     out += ["", *(f"![{k}]({v})" for k, v in report["plots"].items())]

@@ -173,7 +173,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
             prefixes.insert(0, str(out / name))
     data_reads = [s.name for s in stages if s.name.startswith("data-")]
     text_valid = [f for f in valid_files if f.suffix != ".jsonl"]
-    if not text_valid and missing is None:
+    if not text_valid and missing is None and "perplexity" in cfg.eval.tasks:
         raise ConfigError("data.valid: held-out perplexity needs at least one text file")
 
     if cfg.correction.train_iters > 0:
@@ -196,7 +196,8 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
                                         "depth_metric": "--depth-metric"})]
     if not cfg.prune.norm_rescale:
         prune_args.append("--no-norm-rescale")
-    if cfg.prune.needs_scores():
+    searching = cfg.search.target_params is not None
+    if cfg.prune.needs_scores() or searching:
         scores = d / "importance" / "scores.safetensors"
         imp = cfg.importance
         calib = [*map(str, train_files), *train_prefixes[1 if train_files else 0:]]
@@ -210,17 +211,31 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
             train_files))
         prune_args += ["--scores", str(scores)]
         prune_reads.append("importance")
-    stages.append(Stage("prune", [*prune_args, *par], d / "pruned", prune_reads))
+    if searching:
+        s = cfg.search
+        stages.append(Stage("search", [
+            "search", "--load", str(teacher), "--scores", str(scores), "--data", *train_prefixes,
+            "--valid-data", *valid_prefixes, "--out", str(d / "search"),
+            *_options(s, {n: "--" + n.replace("_", "-") for n in (
+                "target_params", "tolerance", "axes", "candidates", "step", "kd_tokens",
+                "global_batch_size", "seq_length", "lr", "min_lr", "eval_iters", "seed")}),
+            *par], d / "search", [*prune_reads, *data_reads], resumable=True))
+        pruned, student_from, prune_stage = d / "search" / "best_pruned", \
+            d / "search" / "best", "search"
+    else:
+        stages.append(Stage("prune", [*prune_args, *par], d / "pruned", prune_reads))
+        pruned = student_from = d / "pruned"
+        prune_stage = "prune"
 
     distill = d / "distill"
     stages.append(Stage("distill", [
-        "distill", "--teacher", str(teacher), "--student", str(d / "pruned"), "--data",
+        "distill", "--teacher", str(teacher), "--student", str(student_from), "--data",
         *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(distill),
-        *_train_args(cfg.distill), *par], distill, [*teacher_reads, "prune", *data_reads],
+        *_train_args(cfg.distill), *par], distill, [*teacher_reads, prune_stage, *data_reads],
         resumable=True))
     student = distill / f"iter_{cfg.distill.train_iters:07d}"
 
-    evals = [("teacher", teacher, teacher_reads), ("pruned", d / "pruned", ["prune"]),
+    evals = [("teacher", teacher, teacher_reads), ("pruned", pruned, [prune_stage]),
              ("distilled", student, ["distill"])]
     if cfg.correction.train_iters > 0:
         evals.insert(0, ("original", original, original_reads))
@@ -228,8 +243,9 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
         out = d / "eval" / f"{name}.json"
         stages.append(Stage(f"eval-{name}", [
             "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
-            "--seq-length", str(cfg.eval.seq_length),
-            *_options(cfg.eval, {"max_windows": "--max-windows"}), *par], out, reads,
+            *_options(cfg.eval, {"tasks": "--tasks", "seq_length": "--seq-length",
+                                 "max_windows": "--max-windows", "limit": "--limit",
+                                 "num_fewshot": "--num-fewshot"}), *par], out, reads,
             text_valid))
     if cfg.export.hf and world_size == 1:
         stages.append(Stage("export", ["convert", str(student), str(d / "hf"), "--to", "hf"],
@@ -258,27 +274,39 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp = "
                           f"{p.tp}*{p.pp}")
     dp = world_size // (p.tp * p.pp)
-    if not cfg.prune.needs_scores() and not cfg.prune.drop_layers:
+    searching = cfg.search.target_params is not None
+    if searching and (cfg.prune.needs_scores() or cfg.prune.drop_layers):
+        raise ConfigError("prune and search: give a prune target or a search, not both")
+    if not searching and not cfg.prune.needs_scores() and not cfg.prune.drop_layers:
         raise ConfigError("prune: no target given (hidden, ffn, heads, groups, layers or "
-                          "drop_layers)")
+                          "drop_layers), and no search.target_params")
     teacher = teacher_model(cfg, dry_run)
     teacher.check_parallel(p.tp, p.pp)
-    for section in ("importance", "prune", "distill", "correction", "eval"):
+    for section in ("importance", "prune", "search", "distill", "correction", "eval"):
         try:
-            if section == "importance" and cfg.prune.needs_scores():
+            if section == "importance" and (cfg.prune.needs_scores() or searching):
                 cfg.importance.validate(teacher)
-            elif section == "prune":
+            elif section == "prune" and not searching:
                 student = pruned_config(teacher, cfg.prune)
                 student.check_parallel(p.tp, p.pp)
+            elif section == "search" and searching:
+                from megatron_minitron.search.run import plan
+
+                student = plan(teacher, cfg.search, p.tp)[0].model(teacher)
             elif section == "distill" or (section == "correction" and
                                           cfg.correction.train_iters > 0):
                 getattr(cfg, section).validate(dp)
                 if getattr(cfg, section).seq_length > teacher.max_position_embeddings:
                     raise ConfigError("seq_length exceeds the model's "
                                       f"{teacher.max_position_embeddings} positions")
-            elif section == "eval" and cfg.eval.seq_length > teacher.max_position_embeddings:
-                raise ConfigError(f"seq_length {cfg.eval.seq_length} exceeds the model's "
-                                  f"{teacher.max_position_embeddings} positions")
+            elif section == "eval":
+                from megatron_minitron.evaluate.suite import parse_task
+
+                if cfg.eval.seq_length > teacher.max_position_embeddings:
+                    raise ConfigError(f"seq_length {cfg.eval.seq_length} exceeds the model's "
+                                      f"{teacher.max_position_embeddings} positions")
+                for t in cfg.eval.tasks:
+                    parse_task(t)
         except ConfigError as e:
             raise ConfigError(f"{section}: {e}") from None
     return teacher, student
@@ -371,6 +399,12 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
     if cfg.expected_params:
         lines.append(f"  published size {cfg.expected_params / 1e9:.3f} B: "
                      f"{s / cfg.expected_params - 1:+.2%}")
+    if cfg.search.target_params is not None:
+        from megatron_minitron.search.run import plan
+
+        lines.append("  search candidates (the student above is the first):")
+        lines += [f"    {c.name:<24} {c.params / 1e9:.3f} B"
+                  for c in plan(teacher, cfg.search, cfg.parallel.tp)]
     lines.append("  stages:")
     lines += [f"    {st.name:<15} minitron {_short(st.argv)}" for st in stages]
     lines += [f"  not found here (needed where it runs): {m}" for m in missing]

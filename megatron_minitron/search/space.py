@@ -1,0 +1,112 @@
+"""Candidate shapes at a parameter budget (pure functions).
+
+Homogeneous shapes (every layer the same) over the chosen axes: hidden and MLP width in multiples
+of `step` (and of the TP size), query heads in whole heads per group (all groups kept, K/V kept,
+as Minitron prunes heads), layer counts down to half. A shape is a candidate when its exact
+parameter count (ModelConfig.num_parameters, the built model's own count) is within `tolerance`
+of the target. From all candidates K are kept, spread from the deepest to the shallowest: the
+paper's finding is that width-heavy and depth-heavy shapes rank differently after retraining
+than right after pruning, so the search must try both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.prune.plan import PruneTarget
+
+AXES = ("hidden", "ffn", "heads", "layers")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+    params: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layers}-h{self.hidden}-f{self.ffn}-a{self.heads}"
+
+    def target(self, teacher: ModelConfig) -> PruneTarget:
+        """The prune target; axes left at the teacher's size are not pruned."""
+        def keep(v, full):
+            return None if v == full else v
+        return PruneTarget(hidden=keep(self.hidden, teacher.hidden_size),
+                           ffn=keep(self.ffn, teacher.ffn_hidden_size),
+                           heads=keep(self.heads, teacher.num_attention_heads),
+                           layers=keep(self.layers, teacher.num_layers))
+
+    def model(self, teacher: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(teacher, hidden_size=self.hidden, ffn_hidden_size=self.ffn,
+                                   num_attention_heads=self.heads, num_layers=self.layers)
+
+
+def _widths(full: int, step: int) -> list[int]:
+    return sorted({full, *range(step, full, step)})
+
+
+def enumerate_shapes(teacher: ModelConfig, target_params: float, tolerance: float = 0.05,
+                     axes: tuple[str, ...] = AXES, step: int = 64, tp: int = 1,
+                     min_depth: float = 0.5) -> list[Candidate]:
+    """Every shape over `axes` within tolerance of the target, by parameter count."""
+    unknown = set(axes) - set(AXES)
+    if unknown:
+        raise ConfigError(f"unknown search axes {sorted(unknown)} (known: {', '.join(AXES)})")
+    if not 0 < tolerance < 1 or step < 1:
+        raise ConfigError("tolerance must be in (0, 1) and the width step >= 1")
+    full = teacher.num_parameters()
+    if not 0 < target_params < full:
+        raise ConfigError(f"target {target_params:,.0f} parameters must be below the teacher's "
+                          f"{full:,}")
+    g, per_group = teacher.num_query_groups, teacher.num_attention_heads // \
+        teacher.num_query_groups
+    hidden = _widths(teacher.hidden_size, step) if "hidden" in axes else [teacher.hidden_size]
+    ffn = [f for f in (_widths(teacher.ffn_hidden_size, step) if "ffn" in axes
+                       else [teacher.ffn_hidden_size]) if f % tp == 0]
+    heads = [g * k for k in range(1, per_group + 1)] if "heads" in axes \
+        else [teacher.num_attention_heads]
+    layers = range(max(1, int(teacher.num_layers * min_depth)), teacher.num_layers + 1) \
+        if "layers" in axes else [teacher.num_layers]
+    out = []
+    for n_layers in layers:
+        for a in heads:
+            for h in hidden:
+                for f in ffn:
+                    c = Candidate(h, f, a, n_layers, 0)
+                    p = c.model(teacher).num_parameters()
+                    if abs(p / target_params - 1) <= tolerance:
+                        out.append(dataclasses.replace(c, params=p))
+    if not out:
+        raise ConfigError(f"no shape over {', '.join(axes)} is within {tolerance:.0%} of "
+                          f"{target_params:,.0f} parameters; widen --tolerance or --axes")
+    return out
+
+
+def _balance(c: Candidate, teacher: ModelConfig) -> float:
+    """How unevenly the width axes are cut (0: all kept in the same proportion)."""
+    ratios = [c.hidden / teacher.hidden_size, c.ffn / teacher.ffn_hidden_size,
+              c.heads / teacher.num_attention_heads]
+    return max(ratios) - min(ratios)
+
+
+def spread(candidates: list[Candidate], k: int, teacher: ModelConfig) -> list[Candidate]:
+    """k candidates from the deepest to the shallowest layer count present; at each depth the
+    one with the most even width cut, then the closest to the target size."""
+    if k < 1:
+        raise ConfigError("the number of candidates must be >= 1")
+    depths = sorted({c.layers for c in candidates}, reverse=True)
+    n = min(k, len(depths))
+    picks = [depths[round(i * (len(depths) - 1) / max(n - 1, 1))] for i in range(n)]
+    chosen: list[Candidate] = []
+    for depth in picks:
+        pool = sorted((c for c in candidates if c.layers == depth and c not in chosen),
+                      key=lambda c: (_balance(c, teacher), -c.params, c.name))
+        chosen += pool[:1]
+    rest = sorted((c for c in candidates if c not in chosen),
+                  key=lambda c: (_balance(c, teacher), -c.params, c.name))
+    return chosen + rest[:k - len(chosen)]

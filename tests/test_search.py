@@ -1,0 +1,113 @@
+"""Candidate search: the parameter formula equals the built model's count for every candidate,
+a search on SmolLM2 ranks >= 4 candidates before and after a short KD and picks one no worse
+than the median, and the ranking is the same for the same seed."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from megatron_minitron.cli import main
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.search.space import enumerate_shapes, spread
+from tests.conftest import load_in_process
+
+
+def _built_params(cfg: ModelConfig) -> int:
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.model import build_model
+    from megatron_minitron.runtime import init_runtime
+
+    chunks = build_model(cfg, init_runtime(ParallelConfig()).parallel)
+    return sum(p.numel() for c in chunks for p in c.parameters())  # tied weights once
+
+
+@pytest.mark.parametrize("family, tie", [("llama", True), ("llama", False), ("nemotron", False)])
+def test_parameter_formula_equals_the_built_model_for_every_candidate(family, tie):
+    teacher = ModelConfig(family=family, num_layers=6, hidden_size=128, ffn_hidden_size=256,
+                          num_attention_heads=8, num_query_groups=2, kv_channels=16,
+                          vocab_size=96, tie_embeddings=tie)
+    shapes = enumerate_shapes(teacher, 0.6 * teacher.num_parameters(), 0.1, step=32)
+    assert len(shapes) >= 10 and len({s.layers for s in shapes}) >= 2
+    for c in shapes:
+        assert c.params == _built_params(c.model(teacher)), c.name
+
+
+def test_spread_reaches_from_deep_to_shallow():
+    teacher = ModelConfig(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+                          num_attention_heads=9, num_query_groups=3, kv_channels=64,
+                          vocab_size=49152, tie_embeddings=True)
+    shapes = enumerate_shapes(teacher, 95e6, 0.03)
+    picked = spread(shapes, 4, teacher)
+    assert len(picked) == 4 == len({c.name for c in picked})
+    assert max(c.layers for c in picked) == max(s.layers for s in shapes)
+    assert min(c.layers for c in picked) == min(s.layers for s in shapes)
+    assert all(abs(c.params / 95e6 - 1) <= 0.03 for c in picked)
+
+
+@pytest.fixture(scope="module")
+def smol_data(smol_ckpt, tmp_path_factory):
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    d = tmp_path_factory.mktemp("search_data")
+    for name, files in (("train", train_plays()[:4]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(smol_ckpt),
+                     "--output-prefix", str(d / name)]) == 0
+    return d
+
+
+def _search(ckpt: Path, scores: Path, data: Path, out: Path, *flags: str) -> dict:
+    assert main(["search", "--load", str(ckpt), "--scores", str(scores), "--data",
+                 str(data / "train"), "--valid-data", str(data / "valid"), "--out", str(out),
+                 *flags]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_smollm2_search_ranks_candidates_after_short_kd(smol_ckpt, smol_scores, smol_data,
+                                                        tmp_path, capsys):
+    out = tmp_path / "search"
+    res = _search(smol_ckpt, smol_scores, smol_data, out, "--target-params", "95e6",
+                  "--tolerance", "0.04", "--candidates", "4", "--kd-tokens", "1536",
+                  "--global-batch-size", "4", "--seq-length", "128", "--lr", "3e-4",
+                  "--eval-iters", "2")
+    printed = capsys.readouterr().out
+    print(printed)
+    ranking = res["ranking"]
+    assert len(ranking) == 4 and "loss after pruning (rank)" in printed
+    assert res["best"]["loss_kd"] <= statistics.median(r["loss_kd"] for r in ranking)
+    assert all(r["loss_kd"] < r["loss_pruned"] for r in ranking)
+    for r in ranking:  # the formula is the built checkpoint's exact count
+        cfg, chunks = load_in_process(Path(r["checkpoint"]))
+        assert sum(p.numel() for p in chunks[0].parameters()) == r["params"] == \
+            cfg.num_parameters()
+    assert (out / "best").resolve() == Path(res["best"]["checkpoint"]).resolve()
+    assert (out / "search.png").is_file() and (out / "ranking.md").is_file()
+
+
+def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer",
+                     str(tiny_llama_ckpt), "--output-prefix", str(tmp_path / name)]) == 0
+    scores = tmp_path / "scores.safetensors"
+    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "2",
+                 "--out", str(scores)]) == 0
+    flags = ("--target-params", "100000", "--tolerance", "0.1", "--candidates", "3", "--step",
+             "16", "--kd-tokens", "256", "--global-batch-size", "4", "--seq-length", "32",
+             "--lr", "1e-3", "--eval-iters", "1")
+    a = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "a", *flags)
+    b = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "b", *flags)
+    assert [(r["name"], r["loss_kd"]) for r in a["ranking"]] == \
+        [(r["name"], r["loss_kd"]) for r in b["ranking"]]
+    # An interrupted search resumes: a finished candidate is not redone.
+    first = tmp_path / "a" / a["ranking"][0]["name"]
+    (first / "result.json").unlink()
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*/result.json")}
+    c = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "a", *flags)
+    assert c["ranking"] == a["ranking"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
