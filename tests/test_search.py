@@ -70,8 +70,8 @@ def test_smollm2_search_ranks_candidates_after_short_kd(smol_ckpt, smol_scores, 
                                                         tmp_path, capsys):
     out = tmp_path / "search"
     res = _search(smol_ckpt, smol_scores, smol_data, out, "--target-params", "95e6",
-                  "--tolerance", "0.04", "--candidates", "4", "--kd-tokens", "1536",
-                  "--global-batch-size", "4", "--seq-length", "128", "--lr", "3e-4",
+                  "--tolerance", "0.04", "--candidates", "4", "--kd-tokens", "384",
+                  "--global-batch-size", "2", "--seq-length", "64", "--lr", "3e-4",
                   "--eval-iters", "2")
     printed = capsys.readouterr().out
     print(printed)
@@ -97,7 +97,7 @@ def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
     assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
                  "--samples", "8", "--seq-length", "32", "--depth-samples", "2",
                  "--out", str(scores)]) == 0
-    flags = ("--target-params", "100000", "--tolerance", "0.1", "--candidates", "3", "--step",
+    flags = ("--target-params", "100000", "--tolerance", "0.1", "--candidates", "2", "--step",
              "16", "--kd-tokens", "256", "--global-batch-size", "4", "--seq-length", "32",
              "--lr", "1e-3", "--eval-iters", "1")
     a = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "a", *flags)
