@@ -127,7 +127,7 @@ def test_importance_bad_data(capsys, tiny_llama_ckpt, tmp_path):
     _fails(capsys, _importance(tiny_llama_ckpt, [short], out), "fewer than 4 samples x 16")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
-    _fails(capsys, _importance(tiny_llama_ckpt, [bad], out), f"{bad}:2", "not valid JSON")
+    _fails(capsys, _importance(tiny_llama_ckpt, [bad], out), f"{bad}:2", "malformed JSON")
     foreign = _indexed(tmp_path / "foreign", [[1, 2, 3, 500] * 40])
     _fails(capsys, _importance(tiny_llama_ckpt, [foreign], out), "token id 500",
            "another tokenizer")

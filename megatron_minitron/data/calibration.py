@@ -8,13 +8,13 @@ of them are drawn without replacement.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.jsonl import jsonl_objects
 from megatron_minitron.data.tokenizer import Tokenizer
 
 
@@ -28,17 +28,10 @@ def indexed_prefix(path: Path) -> str | None:
 
 
 def _jsonl_texts(path: Path, key: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
-                raise ConfigError(f"{path}:{n}: no string field {key!r}")
-            yield doc[key]
+    for where, doc in jsonl_objects(path):
+        if not isinstance(doc.get(key), str):
+            raise ConfigError(f"{where}: no string field {key!r}")
+        yield doc[key]
 
 
 def documents(path: Path, tok: Tokenizer, key: str, vocab_size: int) -> Iterator[list[int]]:

@@ -49,12 +49,10 @@ class MetricsLog:
 
 
 def plot_losses(metrics: Path, png: Path) -> Path | None:
-    try:
-        import matplotlib
+    from megatron_minitron.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -67,7 +65,4 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save(fig, png)

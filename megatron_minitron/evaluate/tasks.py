@@ -12,7 +12,6 @@ held-out Shakespeare plays (no evaluation set ships offline).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.jsonl import jsonl_objects
 from megatron_minitron.data.tokenizer import Tokenizer
 from megatron_minitron.evaluate.loglik import Request, encode_pair
 
@@ -34,17 +34,7 @@ class ChoiceItem:
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"task file {path} not found")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{n}: expected a JSON object")
-        rows.append(row | {"_where": f"{path}:{n}"})
+    rows = [row | {"_where": where} for where, row in jsonl_objects(path)]
     if not rows:
         raise ConfigError(f"task file {path} holds no items")
     return rows

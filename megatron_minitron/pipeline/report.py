@@ -7,26 +7,16 @@ import json
 from pathlib import Path
 
 from megatron_minitron.pipeline.config import RunConfig
+from megatron_minitron.plots import pyplot, save
 
 MODELS = ("original", "teacher", "pruned", "distilled")  # original: before teacher correction
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional
-        return None
-    return plt
 
 
 def plot_importance(scores_file: Path, png: Path) -> Path | None:
     """Histogram of each width axis's scores (log scale) and the per-layer depth scores."""
     from megatron_minitron.importance import load_scores
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not scores_file.is_file():
         return None
     s = load_scores(scores_file)
@@ -42,14 +32,11 @@ def plot_importance(scores_file: Path, png: Path) -> Path | None:
     ax[-1].bar(range(len(depth)), depth.numpy())
     ax[-1].set_title(f"layers ({metric})", fontsize=9)
     ax[-1].set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save(fig, png)
 
 
 def plot_params_vs_loss(rows: dict[str, dict], png: Path) -> Path | None:
-    plt = _pyplot()
+    plt = pyplot()
     pts = {k: r for k, r in rows.items() if "loss" in r}
     if plt is None or not pts:
         return None
@@ -61,10 +48,7 @@ def plot_params_vs_loss(rows: dict[str, dict], png: Path) -> Path | None:
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("held-out loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save(fig, png)
 
 
 def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str, float]

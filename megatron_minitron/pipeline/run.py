@@ -20,6 +20,7 @@ from pathlib import Path
 
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
+from megatron_minitron.runtime.distributed import barrier, is_main_rank
 
 log = logging.getLogger("minitron")
 MARKERS = ".stages"
@@ -312,26 +313,13 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
     return teacher, student
 
 
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _run_stage(stage: Stage, markers: Path) -> float:
     from megatron_minitron.cli import run_verb
 
     done, pending = markers / f"{stage.name}.json", markers / f"{stage.name}.pending"
     resume = stage.resumable and pending.is_file() and pending.read_text() == stage.key
-    _barrier()
-    if _is_main():
+    barrier()
+    if is_main_rank():
         done.unlink(missing_ok=True)
         if stage.output.exists() and not resume:  # stale or half-written: start over
             if stage.output.is_dir():
@@ -342,7 +330,7 @@ def _run_stage(stage: Stage, markers: Path) -> float:
         stage.output.parent.mkdir(parents=True, exist_ok=True)
         if stage.make_dir:
             stage.output.mkdir(exist_ok=True)
-    _barrier()
+    barrier()
     log.info("stage %s%s: minitron %s", stage.name, " (resuming)" if resume else "",
              _short(stage.argv))
     t = time.time()
@@ -351,8 +339,8 @@ def _run_stage(stage: Stage, markers: Path) -> float:
         raise ConfigError(f"stage {stage.name} failed (exit {rc}); finished stages are kept, "
                           "re-run to continue")
     seconds = time.time() - t
-    _barrier()
-    if _is_main():
+    barrier()
+    if is_main_rank():
         done.write_text(json.dumps({"key": stage.key, "seconds": seconds,
                                     "argv": stage.argv}, indent=2))
         pending.unlink(missing_ok=True)
@@ -373,7 +361,7 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
         return _print_plan(cfg, stages, teacher, student, missing)
     assign_keys(stages)
     markers = cfg.directory / MARKERS
-    if _is_main():
+    if is_main_rank():
         markers.mkdir(parents=True, exist_ok=True)
     seconds = {}
     for stage in stages:
@@ -384,10 +372,10 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
             log.info("stage %s: finished earlier, skipped", stage.name)
             continue
         seconds[stage.name] = _run_stage(stage, markers)
-    _barrier()
+    barrier()
     checkpoints = {s.name[len("eval-"):]: Path(s.argv[2]) for s in stages
                    if s.name.startswith("eval-")}
-    return write_report(cfg, checkpoints, seconds) if _is_main() else {}
+    return write_report(cfg, checkpoints, seconds) if is_main_rank() else {}
 
 
 def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
@@ -408,7 +396,7 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
     lines.append("  stages:")
     lines += [f"    {st.name:<15} minitron {_short(st.argv)}" for st in stages]
     lines += [f"  not found here (needed where it runs): {m}" for m in missing]
-    if _is_main():
+    if is_main_rank():
         print("\n".join(lines))
     return {"teacher_params": t, "student_params": s, "stages": [st.name for st in stages]}
 

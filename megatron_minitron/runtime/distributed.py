@@ -95,6 +95,16 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     return Runtime(rank, world, local_rank, parallel, device)
 
 
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """A world barrier; nothing in a single process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Tear down what `init_runtime` set up; a no-op (and no Megatron import) if it never ran."""
     if not dist.is_initialized():

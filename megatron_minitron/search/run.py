@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
 log = logging.getLogger("minitron")
@@ -47,19 +48,6 @@ def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
     return spread(shapes, cfg.candidates, teacher)
 
 
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _verb(argv: list[str]) -> None:
     from megatron_minitron.cli import run_verb
 
@@ -81,11 +69,11 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
         log.info("search: %s finished earlier, skipped", c.name)
         return json.loads(done.read_text())
     pruned = d / "pruned"
-    if _is_main():
+    if is_main_rank():
         d.mkdir(parents=True, exist_ok=True)
         if pruned.exists() and not (pruned / "minitron.json").is_file():
             shutil.rmtree(pruned)
-    _barrier()
+    barrier()
     target = c.target(t)
     if not (pruned / "minitron.json").is_file():
         flags = [f"--target-{k}" for k in ("hidden", "ffn", "heads", "layers")]
@@ -101,11 +89,11 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
     before, after = _val_lm(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
               "checkpoint": str(d / "distill" / f"iter_{cfg.train_iters:07d}")}
-    if _is_main():
+    if is_main_rank():
         tmp = d / ".result.json.partial"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, done)
-    _barrier()
+    barrier()
     return result
 
 
@@ -115,7 +103,7 @@ def search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], vali
 
     t = mcore.read_meta(teacher).model
     candidates = plan(t, cfg, tp)
-    if _is_main():
+    if is_main_rank():
         out.mkdir(parents=True, exist_ok=True)
         (out / "plan.json").write_text(json.dumps([asdict(c) | {"name": c.name}
                                                    for c in candidates], indent=2))
@@ -126,7 +114,7 @@ def search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], vali
     results.sort(key=lambda r: (r["loss_kd"], r["name"]))
     report = {"config": asdict(cfg), "teacher": str(teacher), "ranking": results,
               "best": results[0]}
-    if _is_main():
+    if is_main_rank():
         write_outputs(out, report)
     return report
 
@@ -156,9 +144,9 @@ def write_outputs(out: Path, report: dict) -> None:
 
 
 def _plot(results: list[dict], png: Path) -> None:
-    from megatron_minitron.pipeline.report import _pyplot
+    from megatron_minitron.plots import pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -172,6 +160,4 @@ def _plot(results: list[dict], png: Path) -> None:
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("held-out loss (x: pruned, o: after short KD)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save(fig, png)
