@@ -70,6 +70,7 @@ class EvalSection:
     tasks: list[str] = field(default_factory=lambda: ["perplexity"])
     limit: int | None = None  # first N items of each task
     num_fewshot: int = 0
+    micro_batch_size: int | None = None  # default: parallel.micro_batch_size
 
 
 @dataclass

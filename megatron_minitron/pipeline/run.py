@@ -246,7 +246,8 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
             "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
             *_options(cfg.eval, {"tasks": "--tasks", "seq_length": "--seq-length",
                                  "max_windows": "--max-windows", "limit": "--limit",
-                                 "num_fewshot": "--num-fewshot"}), *par], out, reads,
+                                 "num_fewshot": "--num-fewshot"}), *par,
+            *_options(cfg.eval, {"micro_batch_size": "--micro-batch-size"})], out, reads,
             text_valid))
     if cfg.export.hf and world_size == 1:
         stages.append(Stage("export", ["convert", str(student), str(d / "hf"), "--to", "hf"],
