@@ -65,14 +65,13 @@ def main() -> None:
     t0, t1 = _val_losses(work / "correction")
     pruned, ce_loss = _val_losses(work / "ce")
     _, kd_loss = _val_losses(work / "kd")
+    rows = [("teacher", t0), (f"teacher, corrected {a.correction_steps} steps", t1),
+            ("pruned student (24 layers)", pruned), (f"+ {a.steps} steps CE", ce_loss),
+            (f"+ {a.steps} steps KD", kd_loss)]
     print(f"held-out loss (3 plays, {8 * 4 * 128} tokens)")
-    print(f"  teacher                       {t0:.4f}")
-    print(f"  teacher, corrected {a.correction_steps:>3} steps   {t1:.4f}")
-    print(f"  pruned student (24 layers)    {pruned:.4f}")
-    print(f"  + {a.steps} steps CE              {ce_loss:.4f}")
-    print(f"  + {a.steps} steps KD              {kd_loss:.4f}  "
-          f"({'KD' if kd_loss < ce_loss else 'CE'} better by {abs(ce_loss - kd_loss):.4f})")
-
+    for name, loss in rows:
+        print(f"  {name:<32} {loss:.4f}")
+    print(f"{'KD' if kd_loss < ce_loss else 'CE'} better by {abs(ce_loss - kd_loss):.4f}")
 
 if __name__ == "__main__":
     main()
