@@ -13,7 +13,7 @@ import pytest
 from megatron_minitron.cli import main
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.search.space import enumerate_shapes, spread
-from tests.conftest import load_in_process
+from tests.conftest import load_in_process, run_cli
 
 
 def _built_params(cfg: ModelConfig) -> int:
@@ -104,6 +104,15 @@ def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
     b = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "b", *flags)
     assert [(r["name"], r["loss_kd"]) for r in a["ranking"]] == \
         [(r["name"], r["loss_kd"]) for r in b["ranking"]]
+    # Distributed: TP=2 with sequence parallelism over 2 ranks gives the same search.
+    run_cli("search", "--load", str(tiny_llama_ckpt), "--scores", str(scores), "--data",
+            str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"), "--out",
+            str(tmp_path / "tp2"), *flags, "--tp", "2", "--sequence-parallel", nproc=2)
+    tp2 = json.loads((tmp_path / "tp2" / "results.json").read_text())
+    assert [r["name"] for r in tp2["ranking"]] == [r["name"] for r in a["ranking"]]
+    for x, y in zip(tp2["ranking"], a["ranking"], strict=True):
+        assert abs(x["loss_kd"] - y["loss_kd"]) <= 1e-5 and \
+            abs(x["loss_pruned"] - y["loss_pruned"]) <= 1e-5
     # An interrupted search resumes: a finished candidate is not redone.
     first = tmp_path / "a" / a["ranking"][0]["name"]
     (first / "result.json").unlink()
