@@ -14,7 +14,6 @@ cores).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,13 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import teacher_checkpoint  # noqa: E402
-
-
-def _val_losses(save: Path) -> tuple[float, float]:
-    """(held-out LM loss before training, after the last step)."""
-    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_lm"] for r in rows if "val_lm" in r]
-    return val[0], val[-1]
 
 
 def main() -> None:
@@ -41,6 +33,7 @@ def main() -> None:
 
     from megatron_minitron.cli import main as cli
     from megatron_minitron.data.demo import held_out_plays, train_plays
+    from megatron_minitron.distill.report import val_lm_first_last
 
     teacher = teacher_checkpoint(a.teacher)
     work = Path(tempfile.mkdtemp())
@@ -62,9 +55,9 @@ def main() -> None:
     corrected = distill(teacher, teacher, "correction", a.correction_steps, *ce)
     distill(corrected, work / "student", "ce", a.steps, *ce)
     distill(corrected, work / "student", "kd", a.steps)
-    t0, t1 = _val_losses(work / "correction")
-    pruned, ce_loss = _val_losses(work / "ce")
-    _, kd_loss = _val_losses(work / "kd")
+    t0, t1 = val_lm_first_last(work / "correction")
+    pruned, ce_loss = val_lm_first_last(work / "ce")
+    _, kd_loss = val_lm_first_last(work / "kd")
     rows = [("teacher", t0), (f"teacher, corrected {a.correction_steps} steps", t1),
             ("pruned student (24 layers)", pruned), (f"+ {a.steps} steps CE", ce_loss),
             (f"+ {a.steps} steps KD", kd_loss)]

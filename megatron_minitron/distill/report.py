@@ -48,13 +48,24 @@ class MetricsLog:
             plot_losses(self.path, self.path.with_name("loss.png"))
 
 
+def read_metrics(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(directory) / METRICS_FILE).read_text().splitlines()
+            if line]
+
+
+def val_lm_first_last(directory: Path) -> tuple[float, float]:
+    """Held-out LM loss of a distill run before its first step and after its last."""
+    val = [r["val_lm"] for r in read_metrics(directory) if "val_lm" in r]
+    return val[0], val[-1]
+
+
 def plot_losses(metrics: Path, png: Path) -> Path | None:
     from megatron_minitron.plots import pyplot, save
 
     plt = pyplot()
     if plt is None:
         return None
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+    rows = read_metrics(Path(metrics).parent)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("loss", "-"), ("kd", "--"), ("lm", ":"), ("val_loss", "o-"),
                        ("val_lm", "s-")):

@@ -70,8 +70,8 @@ def _score_microbatch(logits: torch.Tensor, mb: dict) -> torch.Tensor:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = logits.float()
-    logp = -vocab_parallel_cross_entropy(logits.clone(), mb["labels"])
     target, best = _target_logit_and_max(logits, mb["labels"])
+    logp = -vocab_parallel_cross_entropy(logits, mb["labels"])  # works in place: after the max
     mask = mb["loss_mask"]
     greedy = ((target >= best) | ~mask).all(-1)
     return torch.stack([(logp * mask).sum(-1).double(), greedy.double()], -1)

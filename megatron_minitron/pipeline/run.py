@@ -116,8 +116,7 @@ def _options(obj, names: dict[str, str]) -> list[str]:
         if v is True:
             out.append(flag)
         elif isinstance(v, list | tuple):
-            out += [flag, *(str(x) for x in v)] if flag != "--drop-layers" else \
-                [flag, ",".join(str(x) for x in v)]
+            out += [flag, *(str(x) for x in v)]
         else:
             out += [flag, str(v)]
     return out
@@ -193,8 +192,9 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
                   *_options(cfg.prune, {"hidden": "--target-hidden", "ffn": "--target-ffn",
                                         "heads": "--target-heads", "groups": "--target-groups",
                                         "layers": "--target-layers",
-                                        "drop_layers": "--drop-layers",
                                         "depth_metric": "--depth-metric"})]
+    if cfg.prune.drop_layers:
+        prune_args += ["--drop-layers", ",".join(map(str, cfg.prune.drop_layers))]
     if not cfg.prune.norm_rescale:
         prune_args.append("--no-norm-rescale")
     searching = cfg.search.target_params is not None
@@ -367,9 +367,9 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
     seconds = {}
     for stage in stages:
         marker = markers / f"{stage.name}.json"
-        if marker.is_file() and stage.output.exists() and \
-                json.loads(marker.read_text())["key"] == stage.key:
-            seconds[stage.name] = json.loads(marker.read_text())["seconds"]
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        if done.get("key") == stage.key and stage.output.exists():
+            seconds[stage.name] = done["seconds"]
             log.info("stage %s: finished earlier, skipped", stage.name)
             continue
         seconds[stage.name] = _run_stage(stage, markers)

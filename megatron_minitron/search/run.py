@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
@@ -55,12 +56,6 @@ def _verb(argv: list[str]) -> None:
         raise ConfigError(f"search: `minitron {argv[0]}` failed for a candidate; rerun to resume")
 
 
-def _val_lm(save: Path) -> tuple[float, float]:
-    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_lm"] for r in rows if "val_lm" in r]
-    return val[0], val[-1]
-
-
 def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg: SearchConfig,
                   data: list[str], valid: list[str], out: Path, parallel: list[str]) -> dict:
     d = out / c.name
@@ -86,7 +81,7 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
            str(cfg.train_iters), "--global-batch-size", str(cfg.global_batch_size),
            "--seq-length", str(cfg.seq_length), "--lr", str(cfg.lr), "--min-lr", str(cfg.min_lr),
            "--eval-iters", str(cfg.eval_iters), "--seed", str(cfg.seed), *parallel])
-    before, after = _val_lm(d / "distill")
+    before, after = val_lm_first_last(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
               "checkpoint": str(d / "distill" / f"iter_{cfg.train_iters:07d}")}
     if is_main_rank():
