@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_minitron.config import ConfigError, ParallelConfig
+from megatron_minitron.config import PRECISIONS, ConfigError, ParallelConfig
 from megatron_minitron.importance.stats import AGGREGATIONS
 from megatron_minitron.prune.plan import DEPTH_METRICS
 from megatron_minitron.search.space import AXES as SEARCH_AXES
@@ -26,10 +26,16 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--micro-batch-size", type=int, default=1)
+    prec = g.add_mutually_exclusive_group()
+    for name in PRECISIONS:
+        prec.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
+                          help=f"{name} weights and activations (default: bf16 on a GPU, fp32 on "
+                               "CPU; convert and prune keep the checkpoint's dtype)")
 
 
 def _parallel(a) -> ParallelConfig:
-    return ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel)
+    return ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel,
+                          precision=a.precision)
 
 
 def cmd_convert(a) -> None:
@@ -39,17 +45,10 @@ def cmd_convert(a) -> None:
     log.info("converted %s -> %s (%s)", a.src, out, a.to)
 
 
-def _load(a):
-    from megatron_minitron.checkpoint import mcore
-    from megatron_minitron.model import build_model
-    from megatron_minitron.runtime import init_runtime
+def _load(a, keep_dtype: bool = False):
+    from megatron_minitron.model import load_model
 
-    meta = mcore.read_meta(Path(a.load))
-    meta.model.check_parallel(a.tp, a.pp)
-    rt = init_runtime(_parallel(a))
-    chunks = build_model(meta.model, rt.parallel)
-    mcore.load_checkpoint(chunks, Path(a.load))
-    return rt, meta, chunks
+    return load_model(Path(a.load), _parallel(a), keep_dtype)
 
 
 def _eval_text(a) -> str:
@@ -183,7 +182,7 @@ def cmd_prune(a) -> None:
     if scores is not None:
         check_scores(scores, meta.model, meta.fingerprint)
     plan = make_plan(meta.model, target, scores)
-    rt, meta, chunks = _load(a)
+    rt, meta, chunks = _load(a, keep_dtype=True)
     if a.hf_out and rt.world_size > 1:
         raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
                           "`minitron convert OUT HF --to hf` afterwards")

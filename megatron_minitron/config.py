@@ -111,19 +111,41 @@ class ModelConfig:
         return cfg
 
 
+# Megatron's precision flags (--bf16, --fp16; fp32 when neither) -> torch dtype names.
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 @dataclass
 class ParallelConfig:
-    """Megatron's parallel sizes; data parallelism is whatever the world size leaves."""
+    """How a command runs its model: Megatron's parallel sizes (data parallelism is whatever the
+    world size leaves) and the precision of the weights and activations."""
 
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
     sequence_parallel: bool = False
+    # None: bf16 on a GPU (TE's fused attention needs it), fp32 on CPU; commands that only
+    # rewrite weights (convert, prune) keep the checkpoint's own dtype instead.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.sequence_parallel and self.tp == 1:
             # Megatron ignores SP at TP=1; keep the flag honest.
             self.sequence_parallel = False
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r} (choose from "
+                              f"{', '.join(PRECISIONS)})")
+
+    def dtype(self, stored: str | None = None):
+        """The torch dtype to build the model in; `stored`: the checkpoint's dtype, kept when no
+        precision was asked for (weight rewrites)."""
+        import torch
+
+        if self.precision is not None:
+            return getattr(torch, PRECISIONS[self.precision])
+        if stored is not None:
+            return getattr(torch, stored)
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 @dataclass
@@ -141,6 +163,8 @@ class CheckpointMeta:
     # Written by prune: the source checkpoint's embedding channel behind each of this model's
     # channels. Maps hidden states for the distillation hidden-state loss.
     hidden_map: list[int] | None = None
+    # The dtype of the stored weights (written from the model that saved them).
+    params_dtype: str = "float32"
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

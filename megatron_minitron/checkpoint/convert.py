@@ -66,7 +66,7 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path) -> None:
 
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
             ) -> Path:
-    from megatron_minitron.model import build_model, te_available
+    from megatron_minitron.model import build_model, load_model, te_available
     from megatron_minitron.runtime import init_runtime
 
     src, dst = Path(src), Path(dst)
@@ -77,11 +77,9 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
         raise ConfigError(f"unknown target format {to!r} (mcore or hf)")
 
     if fmt == "mcore":
-        meta = mcore.read_meta(src)
-        meta.model.check_parallel(parallel.tp, parallel.pp)
-        rt = init_runtime(parallel if to == "mcore" else ParallelConfig())
-        chunks = build_model(meta.model, rt.parallel)
-        mcore.load_checkpoint(chunks, src)
+        rt, meta, chunks = load_model(src, parallel if to == "mcore" else
+                                      ParallelConfig(precision=parallel.precision),
+                                      keep_dtype=True)
         if to == "mcore":  # reshard: save at this run's TP/PP
             meta.history.append(f"resharded at tp={parallel.tp} pp={parallel.pp}")
             mcore.save_checkpoint(chunks, meta, dst, mcore.tokenizer_files(src))
@@ -95,11 +93,11 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
         if fmt == "gguf":
             raise ConfigError("GGUF -> HF: convert to mcore first, then mcore -> hf")
         raise ConfigError(f"{src} is already a HF directory")
-    rt = init_runtime(ParallelConfig())
+    rt = init_runtime(ParallelConfig(precision=parallel.precision))
     if rt.world_size > 1:
         raise ConfigError("importing HF/GGUF weights runs in one process; reshard the result "
                           "with `torchrun ... minitron convert CKPT NEW --tp N --pp M`")
-    chunks = build_model(cfg, rt.parallel)
+    chunks = build_model(cfg, rt.parallel, parallel.dtype(stored="float32"))  # read as fp32
     # Check in the source's own names, so the message names the tensor the user can find.
     _check_state_dict(hf_sd, mcore_to_hf(mcore.model_state_dict(chunks), cfg, te_available()), src)
     chunks[0].load_state_dict(hf_to_mcore(hf_sd, cfg, te=te_available()), strict=False)

@@ -76,6 +76,7 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                 else:
                     (tok / name).write_bytes(content)
             meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
+            meta.params_dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
             (stage / META_FILE).write_text(meta.to_json())
 
 
@@ -87,15 +88,24 @@ def tokenizer_files(ckpt: Path) -> dict[str, Path]:
 def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     """Load weights into this rank's chunks, resharding from whatever TP/PP they were saved at."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     meta = read_meta(ckpt)
     sharded = sharded_state_dict(chunks)
     _install_safe_metadata_reader()
     try:
-        loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / WEIGHTS_DIR))
+        loaded, ckpt_only, model_only = dist_checkpointing.load(
+            sharded, str(Path(ckpt) / WEIGHTS_DIR), strict=StrictHandling.RETURN_ALL)
     except Exception as e:
         raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,
+    # and the reverse: either side may miss it (CPU-converted checkpoints train on TE GPUs).
+    # Any other mismatch is an error.
+    mismatched = sorted(k for k in (*ckpt_only, *model_only) if "_extra_state" not in k)
+    if mismatched:
+        raise ConfigError(f"checkpoint {ckpt}: weights do not match the model ({len(mismatched)} "
+                          f"keys, e.g. {', '.join(mismatched[:3])})")
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
     return meta
@@ -147,5 +157,5 @@ def model_state_dict(chunks) -> dict[str, torch.Tensor]:
         raise ConfigError("exporting full weights runs in one process (TP=1, PP=1); "
                           "the dist checkpoint reshards on load, so launch without torchrun")
     sd = chunks[0].state_dict()
-    return {k: v for k, v in sd.items() if "_extra_state" not in k and not (
+    return {k: v.cpu() for k, v in sd.items() if "_extra_state" not in k and not (
         k == "output_layer.weight" and chunks[0].share_embeddings_and_output_weights)}

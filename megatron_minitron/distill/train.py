@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig
 from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidden_map
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
+from megatron_minitron.runtime.distributed import device, to_device
 from megatron_minitron.runtime.progress import Progress
 
 log = logging.getLogger("minitron")
@@ -111,13 +112,14 @@ def _loss_func(mb: dict, cfg: DistillConfig, logits: torch.Tensor, evaluating: b
     mask = mb["loss_mask"].float()
     n = mask.sum()
     report = {k: torch.stack([(v * mask).sum().detach(), n]) for k, v in parts.items()}
-    loss = sum(w * (parts[k] * mask).sum()
-               for k, w in (("kd", cfg.kd_weight), ("lm", cfg.lm_weight)) if k in parts and w > 0)
+    loss = sum((w * (parts[k] * mask).sum() for k, w in (("kd", cfg.kd_weight),
+                                                         ("lm", cfg.lm_weight))
+                if k in parts and w > 0), torch.zeros((), device=n.device))
     if hidden is not None and "teacher_hidden" in mb:
         h = cosine_loss_sum(hidden, mb["teacher_hidden"], mask, sequence_parallel)
         report["hidden"] = torch.stack([h.detach(), n])
         loss = loss + cfg.hidden_weight * h
-    report["loss"] = torch.stack([torch.as_tensor(loss).detach(), n])
+    report["loss"] = torch.stack([loss.detach(), n])
     return loss, n.int(), report
 
 
@@ -128,15 +130,15 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     from megatron_minitron.model.forward import broadcast_from_last_stage
 
     keys = ("loss", "kd", "lm", "hidden")
-    sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+    sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=device())
     for r in reports:
         for i, k in enumerate(keys):
             if k in r:
-                sums[i] += r[k].double().cpu()
+                sums[i] += r[k].double()
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    sums = broadcast_from_last_stage(sums if reports else None, (len(keys), 2))
-    return {k: (sums[i, 0] / sums[i, 1]).item() for i, k in enumerate(keys) if sums[i, 1] > 0}
+    sums = broadcast_from_last_stage(sums if reports else None, (len(keys), 2)).tolist()
+    return {k: total / n for k, (total, n) in zip(keys, sums, strict=True) if n > 0}
 
 
 class Distiller:
@@ -223,8 +225,10 @@ class Distiller:
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=0.9, adam_beta2=0.95, clip_grad=cfg.clip_grad,
-            use_distributed_optimizer=dist_opt, bf16=config.bf16,
+            use_distributed_optimizer=dist_opt, bf16=config.bf16, fp16=config.fp16,
             params_dtype=config.params_dtype), self.student)
+        # bf16/fp16 weights: the optimizer keeps fp32 main weights; fp16 scales the loss.
+        config.grad_scale_func = self.optimizer.scale_loss
         gbs, iters = cfg.global_batch_size, cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.warmup_iters else cfg.lr, max_lr=cfg.lr,
@@ -282,7 +286,7 @@ class Distiller:
         self.optimizer.zero_grad()
 
         def step(data_iterator, model):
-            mb = next(data_iterator)
+            mb = to_device(next(data_iterator))
             logits = model(mb["tokens"], mb["position_ids"], None)
             return logits, partial(_loss_func, mb, cfg, hidden=self._student_hidden(),
                                    sequence_parallel=sp)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.tokenizer import Tokenizer
 from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.runtime.distributed import device
 
 
 @dataclass
@@ -109,10 +110,10 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
         outs = forward_microbatches(chunks, mbs, _score_microbatch, loss_in_model=False)
     finally:
         config.variable_seq_lengths = saved
-    local = torch.zeros(len(requests), 2, dtype=torch.float64)
+    local = torch.zeros(len(requests), 2, dtype=torch.float64, device=device())
     for mb, out in zip(mbs, outs, strict=False):  # last stage only
         local[mb["index"]] = out
     local = broadcast_from_last_stage(local, local.shape)
     if dp > 1:  # each request was scored on exactly one data-parallel rank
         dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    return [(v[0].item(), bool(v[1].item())) for v in local]
+    return [(logp, bool(greedy)) for logp, greedy in local.tolist()]

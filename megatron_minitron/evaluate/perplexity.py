@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.calibration import window_count
 from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.runtime.distributed import device
 
 
 @dataclass
@@ -69,12 +70,12 @@ def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
            for w, m in zip(torch.split(mine, micro_batch_size),
                            torch.split(mine_mask, micro_batch_size), strict=True)]
     outs = forward_microbatches(chunks, mbs, _token_losses)
-    total = torch.tensor([sum(o.sum().item() for o in outs),
-                          sum(mb["mask"].sum().item() for mb in mbs)],
-                         dtype=torch.float64) if outs else None
+    # Summed on the device; one host sync at the end, none per microbatch.
+    total = torch.stack([sum(o.sum() for o in outs),
+                         mine_mask.sum().to(device())]) if outs else None
     total = broadcast_from_last_stage(total, (2,))
     if dp > 1:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    loss = total[0].item() / total[1].item()
-    return EvalResult(loss, math.exp(loss), int(total[1].item()), len(windows),
-                      time.time() - start)
+    loss_sum, tokens = total.tolist()
+    loss = loss_sum / tokens
+    return EvalResult(loss, math.exp(loss), int(tokens), len(windows), time.time() - start)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from megatron_minitron.importance import stats
 from megatron_minitron.model.norm import apply_norm
+from megatron_minitron.runtime.distributed import device
 
 SITES = ("ln_attn", "ln_mlp", "heads", "ffn")
 TP_SPLIT_SITES = ("heads", "ffn")  # columns are split across TP ranks; the others are replicated
@@ -123,8 +124,7 @@ class ImportanceHooks:
         """Whole-model sums on every rank: each rank writes what only it holds into zero buffers
         (its layers; its TP columns; replicated sites from TP rank 0 only) and one all-reduce over
         the world adds pipeline stages, TP shards and data-parallel replicas together."""
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        dev = device()
         out = {site: torch.zeros(num_layers, stats.SEQ_SUMS, 2, widths[site],
                                  dtype=torch.float64, device=dev) for site in SITES}
         for (site, i), t in self.sums.items():

@@ -43,8 +43,7 @@ def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
     return layout
 
 
-def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
-                       dtype: torch.dtype = torch.float32,
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
                        layers_per_stage: list[int] | None = None):
     from megatron.core.transformer import TransformerConfig
 
@@ -72,6 +71,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         use_cpu_initialization=False,  # no full-size master weights (CPU: cpu_compat places them)
         # Weights always come from a checkpoint, so initialisation is a no-op; but it must "run":
@@ -116,14 +116,17 @@ def layer_spec(config, vp_stage: int | None = None):
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig,
-                dtype: torch.dtype = torch.float32,
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype | None = None,
                 layers_per_stage: list[int] | None = None) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), in Megatron's list convention.
-    `layers_per_stage` overrides the even split (pruning keeps each layer on its stage)."""
+    """This rank's model chunks (one per virtual pipeline stage) on the device, in Megatron's list
+    convention; `dtype` defaults to the run's precision. `layers_per_stage` overrides the even
+    split (pruning keeps each layer on its stage)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_minitron.runtime.distributed import device
+
+    dtype = dtype or parallel.dtype()
     cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp)
     config = transformer_config(cfg, parallel, dtype, layers_per_stage)
     chunks = []
@@ -146,6 +149,6 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig,
             rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
         )
-        model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        model.to(device())
         chunks.append(model)
     return chunks

@@ -3,7 +3,8 @@
 `forward_microbatches` runs each microbatch through `get_forward_backward_func()` (so pipeline
 parallelism works unchanged) and returns, on the last pipeline stage, what `collect` made of each
 microbatch's output; other stages get an empty list. `broadcast_from_last_stage` shares a result
-with every rank.
+with every rank. Microbatches are built on the host and moved to the device here, where they enter
+the schedule; `collect` sees the moved microbatch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron_minitron.runtime.distributed import device, to_device
 
 
 def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
@@ -30,7 +33,7 @@ def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
     b, s = microbatches[0]["tokens"].shape
 
     def step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = to_device(next(data_iterator))
         labels = mb.get("labels") if loss_in_model else None
         out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=labels)
         return out, lambda output, non_loss_data=True: collect(output, mb)
@@ -67,12 +70,12 @@ def is_last_stage() -> bool:
 
 
 def broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float64) -> torch.Tensor:
-    """Send the last pipeline stage's tensor to every rank of its pipeline group."""
+    """Send the last pipeline stage's (device) tensor to every rank of its pipeline group."""
     from megatron.core import parallel_state
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return t
-    buf = t.to(dtype) if is_last_stage() else torch.zeros(shape, dtype=dtype)
+    buf = t.to(dtype) if is_last_stage() else torch.zeros(shape, dtype=dtype, device=device())
     src = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(buf, src, group=parallel_state.get_pipeline_model_parallel_group())
     return buf

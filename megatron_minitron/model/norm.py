@@ -31,9 +31,12 @@ class MinitronNorm(torch.nn.Module):
 
 def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rms: bool,
                zero_centered: bool, eps: float) -> torch.Tensor:
-    """The norm both specs compute; TE fuses it into the next linear, so importance recomputes it
-    from that linear's `layer_norm_weight`."""
-    w = weight + 1 if zero_centered else weight
-    if rms:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    return F.layer_norm(x, (x.shape[-1],), w, bias, eps)
+    """The norm both specs compute, in fp32 whatever the activations' dtype (as TE does: a bf16
+    zero-centred gamma + 1 would round to bf16 steps); TE fuses it into the next linear, so
+    importance recomputes it from that linear's `layer_norm_weight`."""
+    w = weight.float() + 1 if zero_centered else weight.float()
+    b = bias.float() if bias is not None else None
+    xf = x.float()
+    y = F.rms_norm(xf, (x.shape[-1],), w, eps) if rms else F.layer_norm(xf, (x.shape[-1],), w, b,
+                                                                        eps)
+    return y.to(x.dtype)

@@ -27,10 +27,11 @@ def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
 
 def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tensor:
     t = t[plan.hidden]
-    if name.endswith(("bias",)):
-        return t
+    scale = norm_scale(src, plan)
+    if name.endswith("bias") or scale == 1.0:
+        return t  # exact: no arithmetic on the stored (possibly bf16) values
     zc = 1.0 if src.traits.zero_centered_gamma else 0.0  # stored gamma is (weight - 1)
-    return (t + zc) * norm_scale(src, plan) - zc
+    return ((t.float() + zc) * scale - zc).to(t.dtype)
 
 
 def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan

@@ -11,7 +11,9 @@ move between releases), this module
  5. reports CPU float tensors' `Tensor.type()` as `torch.cuda.*` (gradient clipping and the mixed
     precision optimizers assert on that string).
 `apply()` is called once by the runtime and only when `torch.cuda.is_available()` is False; on a GPU
-none of this is touched.
+none of this is touched. Code is written for the GPU: it asks for `runtime.device()` (`cuda:0` here
+too, redirected), so the strict device mode (`strict_device`, for tests) can tell the tensors a GPU
+run would hold on the device from host tensors.
 """
 
 from __future__ import annotations
@@ -22,25 +24,45 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from megatron_minitron.runtime import strict_device
+
 _applied = False
+
+
+def applied() -> bool:
+    return _applied
 
 
 def _is_cuda(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")
+    if isinstance(device, int) and not isinstance(device, bool):  # torch.cuda.current_device()
+        return True
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
 class _CudaRequestsToCpu(TorchFunctionMode):
+    def __init__(self, strict: bool):
+        super().__init__()
+        self.strict = strict
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_cuda(kwargs.get("device")):
+        if self.strict and getattr(func, "__self__", None) is strict_device.DEVICE_GETTER:
+            return strict_device.reported_device(args[0])
+        requested = _is_cuda(kwargs.get("device"))
+        if requested:
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and any(_is_cuda(a) for a in args[1:]):
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
-        return func(*args, **kwargs)
+            requested = True
+        if not (requested and self.strict):
+            return func(*args, **kwargs)
+        if func is torch.Tensor.to and not strict_device.is_device(args[0]):
+            kwargs["copy"] = True  # host -> device is a copy on a GPU: the host tensor stays
+        return strict_device.mark(func(*args, **kwargs))
 
 
 def _cpu_rng_tracker_class():
@@ -89,15 +111,25 @@ def _cuda_type_names(original):
     return type_
 
 
+def _to_device(self, *args, **kwargs):
+    """`Tensor.cuda()`: a no-op on CPU; under strict mode a host tensor's copy becomes device."""
+    if not strict_device.enabled() or strict_device.is_device(self):
+        return self
+    return strict_device.mark(self.clone())
+
+
 def apply() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
         return
-    _CudaRequestsToCpu().__enter__()
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    strict = strict_device.enabled()
+    _CudaRequestsToCpu(strict).__enter__()
+    torch.cuda.current_device = lambda: 0  # an index, as on a GPU: factories get it redirected
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.cuda = _to_device
     dist.all_gather_into_tensor = _gloo_safe_all_gather_into_tensor(dist.all_gather_into_tensor)
+    if strict:
+        strict_device.apply()
     torch.Tensor.type = _cuda_type_names(torch.Tensor.type)
     mcore_random, tracker_cls = _cpu_rng_tracker_class()
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()

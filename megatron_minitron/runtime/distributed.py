@@ -75,11 +75,10 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
                           f"{parallel.tp}*{parallel.pp}")
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # With one GPU bound per task (--gpus-per-task, cgroups) every rank sees device 0.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         cpu_compat.apply()
-        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 init_method=init_method)
@@ -92,7 +91,24 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return Runtime(rank, world, local_rank, parallel, device)
+    return Runtime(rank, world, local_rank, parallel, device())
+
+
+def device() -> torch.device:
+    """Where models, batches and collective buffers live: this rank's GPU. On CPU the shim maps
+    `cuda` to the CPU, so code is written once, for the GPU (and strict mode can check it)."""
+    if torch.cuda.is_available() or cpu_compat.applied():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    """A microbatch's tensors on the device, as Megatron's `get_batch` does it: pinned host
+    memory, non-blocking copies. Called where a microbatch enters the schedule."""
+    dev = device()
+    pin = torch.cuda.is_available()
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(dev, non_blocking=pin)
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def is_main_rank() -> bool:

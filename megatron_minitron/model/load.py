@@ -1,0 +1,24 @@
+"""The one way every command loads a checkpoint: read its meta, start the runtime, build this
+rank's chunks in the run's precision on the device, load the weights (resharded as needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_minitron.config import CheckpointMeta, ParallelConfig
+
+
+def load_model(ckpt: Path, parallel: ParallelConfig, keep_dtype: bool = False, seed: int = 1234):
+    """(runtime, meta, chunks). `keep_dtype`: build in the checkpoint's stored dtype unless a
+    precision was asked for (commands that rewrite weights must not round them)."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.runtime import init_runtime
+
+    meta: CheckpointMeta = mcore.read_meta(Path(ckpt))
+    meta.model.check_parallel(parallel.tp, parallel.pp)
+    rt = init_runtime(parallel, seed)
+    chunks = build_model(meta.model, rt.parallel,
+                         parallel.dtype(meta.params_dtype if keep_dtype else None))
+    mcore.load_checkpoint(chunks, Path(ckpt))
+    return rt, meta, chunks
