@@ -36,9 +36,18 @@ def applied() -> bool:
 def _is_cuda(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")
-    if isinstance(device, int) and not isinstance(device, bool):  # torch.cuda.current_device()
-        return True
-    return isinstance(device, torch.device) and device.type == "cuda"
+    return isinstance(device, torch.device) and (device.type == "cuda" or
+                                                 device == strict_device.GPU_ON_CPU)
+
+
+def _to_host(func, args, kwargs) -> bool:
+    """`.cpu()` / `.to("cpu")` of a device tensor: on a GPU a copy to the host."""
+    if func is torch.Tensor.cpu:
+        return strict_device.is_device(args[0])
+    if func is not torch.Tensor.to or not strict_device.is_device(args[0]):
+        return False
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    return target == "cpu" or target == torch.device("cpu")  # not GPU_ON_CPU (cpu:0)
 
 
 class _CudaRequestsToCpu(TorchFunctionMode):
@@ -50,6 +59,9 @@ class _CudaRequestsToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.strict and getattr(func, "__self__", None) is strict_device.DEVICE_GETTER:
             return strict_device.reported_device(args[0])
+        if self.strict and _to_host(func, args, kwargs):
+            return strict_device.unmark(func(*args, **{**kwargs, "copy": True})
+                                        if func is torch.Tensor.to else args[0].clone())
         requested = _is_cuda(kwargs.get("device"))
         if requested:
             kwargs["device"] = "cpu"
@@ -124,7 +136,7 @@ def apply() -> None:
         return
     strict = strict_device.enabled()
     _CudaRequestsToCpu(strict).__enter__()
-    torch.cuda.current_device = lambda: 0  # an index, as on a GPU: factories get it redirected
+    torch.cuda.current_device = lambda: strict_device.GPU_ON_CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = _to_device
     dist.all_gather_into_tensor = _gloo_safe_all_gather_into_tensor(dist.all_gather_into_tensor)

@@ -97,9 +97,9 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
 def device() -> torch.device:
     """Where models, batches and collective buffers live: this rank's GPU. On CPU the shim maps
     `cuda` to the CPU, so code is written once, for the GPU (and strict mode can check it)."""
-    if torch.cuda.is_available() or cpu_compat.applied():
+    if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", 0) if cpu_compat.applied() else torch.device("cpu")
 
 
 def to_device(batch: dict) -> dict:

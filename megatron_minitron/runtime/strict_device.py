@@ -31,6 +31,10 @@ ENV = "MINITRON_STRICT_DEVICE"
 _MARK = "_minitron_on_device"
 DEVICE_GETTER = torch._C.TensorBase.device
 REPORTED = torch.device("cuda", 0)
+# What the CPU shim returns for `torch.cuda.current_device()`: a CPU device, so factories work
+# even in backward passes (where no TorchFunctionMode runs), but one that the tracker can tell
+# from a plain host allocation (`cpu` has no index).
+GPU_ON_CPU = torch.device("cpu", 0)
 
 aten = torch.ops.aten
 # Ops that move data between host and device (allowed to mix; the result's place is decided by
@@ -62,6 +66,12 @@ def mark(out):
     return out
 
 
+def unmark(t: torch.Tensor) -> torch.Tensor:
+    """A copy brought to the host."""
+    setattr(t, _MARK, False)
+    return t
+
+
 def reported_device(t: torch.Tensor) -> torch.device:
     """`tensor.device` as a GPU run would report it."""
     return REPORTED if is_device(t) else DEVICE_GETTER.__get__(t)
@@ -75,11 +85,12 @@ class _Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        target = kwargs.get("device")
+        if target == GPU_ON_CPU:  # allocated on (or copied to) `torch.cuda.current_device()`
+            return mark(out)
         if func in _COPIES:
-            if func is aten._to_copy.default:
-                to_host = kwargs.get("device") is not None  # `.cpu()`; a shim redirect re-marks
-                if not to_host and is_device(args[0]):
-                    mark(out)
+            if func is aten._to_copy.default and target is None and is_device(args[0]):
+                mark(out)  # a dtype cast stays on the device; `.cpu()` lands on the host
             return out
         checked = args
         if func in _INDEXING:  # x[host_index] is fine on a GPU; the values must match x
@@ -147,8 +158,12 @@ def _new_group(fn):
 
 def apply() -> None:
     """Start tracking (once per process; the CPU shim calls this when `enabled()`)."""
+    from torch.distributed import distributed_c10d
+
     for name in _COLLECTIVES:
         setattr(dist, name, _check_collective(name, getattr(dist, name)))
+    for name in ("isend", "irecv"):  # P2POp accepts only these very functions: patch both names
+        setattr(distributed_c10d, name, getattr(dist, name))
     dist.batch_isend_irecv = _batch_isend_irecv(dist.batch_isend_irecv)
     dist.new_group = _new_group(dist.new_group)
     _Tracker().__enter__()
