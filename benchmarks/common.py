@@ -26,18 +26,13 @@ def teacher_checkpoint(load: str | None) -> Path:
 
 def load_teacher(load: str | None):
     """(checkpoint path, meta, runtime, chunks) at TP=1 in this process, third-party noise off."""
-    from megatron_minitron.checkpoint import mcore
     from megatron_minitron.cli import _quiet_third_party
     from megatron_minitron.config import ParallelConfig
-    from megatron_minitron.model import build_model
-    from megatron_minitron.runtime import init_runtime
+    from megatron_minitron.model import load_model
 
     _quiet_third_party()
     ckpt = teacher_checkpoint(load)
-    meta = mcore.read_meta(ckpt)
-    rt = init_runtime(ParallelConfig())
-    chunks = build_model(meta.model, rt.parallel)
-    mcore.load_checkpoint(chunks, ckpt)
+    rt, meta, chunks = load_model(ckpt, ParallelConfig())
     return ckpt, meta, rt, chunks
 
 

@@ -241,7 +241,9 @@ def cmd_search(a) -> None:
                        global_batch_size=a.global_batch_size, seq_length=a.seq_length, lr=a.lr,
                        min_lr=a.min_lr, eval_iters=a.eval_iters, seed=a.seed)
     parallel = ["--tp", str(a.tp), "--pp", str(a.pp), "--micro-batch-size",
-                str(a.micro_batch_size), *(["--sequence-parallel"] if a.sequence_parallel else [])]
+                str(a.micro_batch_size), *(["--vpp", str(a.vpp)] if a.vpp else []),
+                *([f"--{a.precision}"] if a.precision else []),
+                *(["--sequence-parallel"] if a.sequence_parallel else [])]
     search(Path(a.load), Path(a.scores), cfg, a.data, a.valid_data, Path(a.out), a.tp, parallel)
 
 

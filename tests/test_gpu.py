@@ -1,8 +1,12 @@
-"""GPU parity (TE spec where Transformer Engine is installed, bf16). Skipped without CUDA.
-`scripts/gpu_check.sh` runs this module on a lent GPU."""
+"""On a GPU (TE spec where Transformer Engine is installed): parity with transformers in fp32 and
+bf16, importance equal to the CPU's, and every verb end to end in bf16 (the GPU default). Skipped
+without CUDA; `scripts/gpu_check.sh` runs this module on a lent GPU."""
+
+import json
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import hf_logits, run_cli, tiny_hf_dir
 
@@ -10,20 +14,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _gpu_logits(ckpt, tokens, dtype):
-    from megatron_minitron.checkpoint import mcore
+def _gpu_logits(ckpt, tokens, precision):
     from megatron_minitron.config import ParallelConfig
-    from megatron_minitron.model import build_model, te_available
+    from megatron_minitron.model import load_model, te_available
     from megatron_minitron.model.forward import logits
-    from megatron_minitron.runtime import init_runtime
 
-    meta = mcore.read_meta(ckpt)
-    rt = init_runtime(ParallelConfig())
-    chunks = build_model(meta.model, rt.parallel)
-    mcore.load_checkpoint(chunks, ckpt)
-    chunks = [c.to(dtype) for c in chunks]
-    print(f"spec: {'transformer_engine' if te_available() else 'local'}, dtype {dtype}")
-    return logits(chunks, tokens.cuda(), micro_batch_size=tokens.shape[0]).float().cpu()
+    _, _, chunks = load_model(ckpt, ParallelConfig(precision=precision))
+    print(f"spec: {'transformer_engine' if te_available() else 'local'}, {precision}")
+    return logits(chunks, tokens, micro_batch_size=tokens.shape[0]).float().cpu()
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron"])
@@ -33,9 +31,9 @@ def test_gpu_logits_match_transformers(family, tmp_path):
     run_cli("convert", str(hf), str(ckpt))
     tokens = torch.randint(0, 128, (2, 64))
     ref = hf_logits(hf, tokens)
-    fp32 = _gpu_logits(ckpt, tokens, torch.float32)
+    fp32 = _gpu_logits(ckpt, tokens, "fp32")
     assert (fp32 - ref).abs().max() <= 1e-3  # TF32 matmuls allowed
-    bf16 = _gpu_logits(ckpt, tokens, torch.bfloat16)
+    bf16 = _gpu_logits(ckpt, tokens, "bf16")
     rel = (bf16 - ref).abs().mean() / ref.abs().mean()
     print(f"{family}: fp32 max diff {(fp32 - ref).abs().max():.2e}, bf16 mean rel {rel:.2e}")
     assert rel < 0.03
@@ -43,11 +41,11 @@ def test_gpu_logits_match_transformers(family, tmp_path):
 
 def test_gpu_smollm2_parity(smol_ckpt, smol_hf_model, shakespeare_tokens):
     ref = hf_logits(smol_hf_model, shakespeare_tokens)
-    ours = _gpu_logits(smol_ckpt, shakespeare_tokens, torch.float32)
+    ours = _gpu_logits(smol_ckpt, shakespeare_tokens, "fp32")
     diff = (ours - ref).abs().max().item()
     print(f"SmolLM2 on GPU vs transformers (CPU fp32): max |dlogit| = {diff:.2e}")
     assert diff <= 5e-2
-    bf16 = _gpu_logits(smol_ckpt, shakespeare_tokens, torch.bfloat16)
+    bf16 = _gpu_logits(smol_ckpt, shakespeare_tokens, "bf16")
     agree = (bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"SmolLM2 bf16 top-1 agreement with fp32 reference: {agree:.3f}")
     assert agree > 0.9
@@ -60,7 +58,7 @@ def test_gpu_importance_matches_cpu(tiny_llama_ckpt, tmp_path):
     from megatron_minitron.importance import load_scores
 
     args = ["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
-            "--samples", "8", "--seq-length", "64", "--depth-samples", "4"]
+            "--samples", "8", "--seq-length", "64", "--depth-samples", "4", "--fp32"]
     run_cli(*args, "--out", str(tmp_path / "gpu.safetensors"), env={"NVIDIA_TF32_OVERRIDE": "0"})
     run_cli(*args, "--out", str(tmp_path / "cpu.safetensors"), env={"CUDA_VISIBLE_DEVICES": ""})
     gpu, cpu = (load_scores(tmp_path / f"{n}.safetensors") for n in ("gpu", "cpu"))
@@ -68,3 +66,46 @@ def test_gpu_importance_matches_cpu(tiny_llama_ckpt, tmp_path):
         rel = ((gpu.tensors[k] - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
         print(f"importance {k}: GPU vs CPU max rel diff {rel:.2e}")
         assert rel < 1e-3, k
+
+
+def test_every_verb_end_to_end_in_bf16(tiny_llama_hf, tmp_path):
+    """convert, importance, prune, preprocess, distill (5 steps), eval, search (2 candidates) and
+    `run`, each a real process on the GPU at its default precision (bf16)."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    ckpt, scores, student = tmp_path / "teacher", tmp_path / "s.safetensors", tmp_path / "student"
+    run_cli("convert", str(tiny_llama_hf), str(ckpt))
+    run_cli("importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "8",
+            "--seq-length", "64", "--depth-samples", "2", "--out", str(scores))
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), "--out", str(student),
+            "--target-ffn", "64")
+    for name, play in (("train", train_plays()[1]), ("valid", held_out_plays()[0])):
+        run_cli("preprocess", "--input", str(play), "--tokenizer", str(ckpt), "--output-prefix",
+                str(tmp_path / name))
+    data = ["--data", str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid")]
+    run_cli("distill", "--teacher", str(ckpt), "--student", str(student), *data, "--save",
+            str(tmp_path / "kd"), "--train-iters", "5", "--global-batch-size", "4",
+            "--seq-length", "64", "--lr", "1e-3", "--eval-iters", "1")
+    out = tmp_path / "kd" / (tmp_path / "kd" / "latest").read_text().strip()
+    assert mcore.read_meta(out).params_dtype == "bfloat16"
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").open()]
+    assert rows[-1]["val_kd"] < rows[0]["val_kd"], rows
+    ppl = run_cli("eval", "--load", str(out), "--seq-length", "64", "--max-windows", "8").stdout
+    assert "perplexity" in ppl
+    run_cli("search", "--load", str(ckpt), "--scores", str(scores), "--target-params", "120000",
+            "--tolerance", "0.2", "--candidates", "2", "--kd-tokens", "1024", *data,
+            "--seq-length", "64", "--global-batch-size", "4", "--step", "16", "--out",
+            str(tmp_path / "search"))
+    assert (tmp_path / "search" / "results.json").is_file()
+    cfg = {"name": "gpu", "run_dir": str(tmp_path / "run"), "teacher": {"source": str(ckpt)},
+           "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},
+           "importance": {"samples": 8, "seq_length": 64, "depth_samples": 0},
+           "prune": {"ffn": 64},
+           "distill": {"train_iters": 5, "global_batch_size": 4, "seq_length": 64,
+                       "eval_iters": 1},
+           "eval": {"seq_length": 64, "max_windows": 4, "tasks": ["perplexity"]},
+           "export": {"hf": True}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_cli("run", str(tmp_path / "run.yaml"))
+    assert (tmp_path / "run" / "report.json").is_file()

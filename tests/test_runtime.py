@@ -24,3 +24,25 @@ def test_first_slurm_host_forms():
     assert first_slurm_host("node7") == "node7"
     assert first_slurm_host("a[1-4],b2") == "a1"
     assert first_slurm_host("dgx-[07,09]") == "dgx-07"
+
+
+def test_strict_device_mode_catches_what_cuda_and_nccl_would(tmp_path):
+    """A batch left on the host and a host buffer in a collective (the two mistakes that kept
+    every verb off the GPU) raise under strict mode at TP=2 over 2 ranks; the fixes pass."""
+    import sys
+
+    from tests.conftest import ROOT, _free_port, _run
+
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(_free_port()), str(ROOT / "tests" / "strict_worker.py")],
+             check=False)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("ok ") == 20, r.stdout
+
+
+def test_device_follows_local_rank_modulo_visible_gpus():
+    """One GPU bound per task (--gpus-per-task): every rank sees device 0."""
+    from megatron_minitron.runtime.distributed import local_device_index
+
+    assert [local_device_index(r, 8) for r in (0, 7)] == [0, 7]
+    assert [local_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]

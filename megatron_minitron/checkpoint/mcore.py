@@ -89,6 +89,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     """Load weights into this rank's chunks, resharding from whatever TP/PP they were saved at."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     meta = read_meta(ckpt)
     sharded = sharded_state_dict(chunks)
@@ -96,7 +97,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     try:
         loaded, ckpt_only, model_only = dist_checkpointing.load(
             sharded, str(Path(ckpt) / WEIGHTS_DIR), strict=StrictHandling.RETURN_ALL)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is no Exception
         raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,

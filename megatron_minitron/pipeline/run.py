@@ -103,6 +103,8 @@ def _parallel_args(cfg: RunConfig) -> list[str]:
     args = ["--tp", str(p.tp), "--pp", str(p.pp), "--micro-batch-size", str(p.micro_batch_size)]
     if p.vpp:
         args += ["--vpp", str(p.vpp)]
+    if p.precision:
+        args += [f"--{p.precision}"]
     return args + (["--sequence-parallel"] if p.sequence_parallel else [])
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError, ParallelConfig
-from megatron_minitron.runtime import cpu_compat
+from megatron_minitron.runtime import children, cpu_compat
 
 
 @dataclass
@@ -64,6 +64,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_device_index(local_rank: int, visible: int) -> int:
+    """With one GPU bound per task (--gpus-per-task, cgroups) every rank sees only device 0."""
+    return local_rank % visible
+
+
 def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     """Initialise torch.distributed and Megatron's parallel state once per process."""
     from megatron.core import parallel_state
@@ -73,10 +78,10 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     if world % (parallel.tp * parallel.pp):
         raise ConfigError(f"world size {world} is not divisible by tp*pp = "
                           f"{parallel.tp}*{parallel.pp}")
+    children.install()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        # With one GPU bound per task (--gpus-per-task, cgroups) every rank sees device 0.
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_device_index(local_rank, torch.cuda.device_count()))
     else:
         cpu_compat.apply()
     if not dist.is_initialized():

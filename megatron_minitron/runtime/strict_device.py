@@ -89,8 +89,10 @@ class _Tracker(TorchDispatchMode):
         if target == GPU_ON_CPU:  # allocated on (or copied to) `torch.cuda.current_device()`
             return mark(out)
         if func in _COPIES:
-            if func is aten._to_copy.default and target is None and is_device(args[0]):
-                mark(out)  # a dtype cast stays on the device; `.cpu()` lands on the host
+            # A cast stays where its source is (autograd's backward of a cast passes the source's
+            # real device, `cpu`, explicitly); `.cpu()` is unmarked by the shim's function mode.
+            if func is aten._to_copy.default and is_device(args[0]):
+                mark(out)
             return out
         checked = args
         if func in _INDEXING:  # x[host_index] is fine on a GPU; the values must match x
