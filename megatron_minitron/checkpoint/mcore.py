@@ -127,8 +127,8 @@ _SAFE_GLOBALS = {
 
 
 def _enum_member(cls, name: str):
-    """What `getattr` may do in checkpoint metadata: some Python versions (3.11.2) pickle an enum member (DCP's
-    write-item types) as `getattr(EnumClass, name)`. Nothing else is reachable through it."""
+    """What `getattr` may do in checkpoint metadata: some Python versions (3.11.2) pickle an enum
+    member (DCP's write-item types) as `getattr(EnumClass, name)`. Nothing else is reachable."""
     if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
         raise pickle.UnpicklingError(f"refusing getattr on {cls!r} in checkpoint metadata")
     return cls[name]
