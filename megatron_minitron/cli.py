@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_minitron.config import PRECISIONS, ConfigError, ParallelConfig
+from megatron_minitron.config import PRECISIONS, ConfigError, ParallelConfig, TrainingError
 from megatron_minitron.importance.stats import AGGREGATIONS
 from megatron_minitron.prune.plan import DEPTH_METRICS
 from megatron_minitron.search.space import AXES as SEARCH_AXES
@@ -71,6 +71,7 @@ def cmd_eval(a) -> None:
     from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
 
     mcore.read_meta(Path(a.load))  # a missing checkpoint is the first thing to name
+    _parallel(a).check_sequence(a.seq_length)
     cfg = suite.EvalConfig(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
                            num_fewshot=a.num_fewshot, limit=a.limit, seed=a.seed)
     specs = [suite.parse_task(t) for t in a.tasks]  # every file read before the model loads
@@ -133,6 +134,7 @@ def cmd_importance(a) -> None:
         raise ConfigError(f"scores file {out} exists or its directory does not; choose a new "
                           "path")
     meta = mcore.read_meta(Path(a.load))
+    _parallel(a).check_sequence(a.seq_length)
     cfg = ImportanceConfig(samples=a.samples, seq_length=a.seq_length, seq_agg=a.seq_agg,
                            sample_agg=a.sample_agg, block_sizes=tuple(a.block_sizes),
                            depth_samples=a.depth_samples, micro_batch_size=a.micro_batch_size,
@@ -236,6 +238,7 @@ def cmd_distill(a) -> None:
 def cmd_search(a) -> None:
     from megatron_minitron.search.run import SearchConfig, search
 
+    _parallel(a).check_sequence(a.seq_length)
     cfg = SearchConfig(target_params=a.target_params, tolerance=a.tolerance, axes=tuple(a.axes),
                        candidates=a.candidates, step=a.step, kd_tokens=a.kd_tokens,
                        global_batch_size=a.global_batch_size, seq_length=a.seq_length, lr=a.lr,
@@ -436,9 +439,9 @@ def run_verb(argv: list[str]) -> int:
     _quiet_third_party()
     try:
         args.func(args)
-    except ConfigError as e:
+    except (ConfigError, TrainingError) as e:  # exit 2: bad usage or input; 3: training failed
         print(f"minitron {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -17,7 +17,21 @@ FAMILIES = ("llama", "nemotron")
 
 
 class ConfigError(ValueError):
-    """A shape, parallel layout or file that cannot work; the message names the offending value."""
+    """A shape, parallel layout or file that cannot work; the message names the offending value.
+    Commands exit 2 (bad usage or input)."""
+
+    exit_code = 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (NaN/Inf); the last good checkpoint is kept. Commands exit 3."""
+
+    exit_code = 3
+
+
+def stage_error(exit_code: int, message: str) -> Exception:
+    """The error a command that chains verbs (run, search) raises for a verb that exited so."""
+    return TrainingError(message) if exit_code == TrainingError.exit_code else ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,13 @@ class ParallelConfig:
     # None: bf16 on a GPU (TE's fused attention needs it), fp32 on CPU; commands that only
     # rewrite weights (convert, prune) keep the checkpoint's own dtype instead.
     precision: str | None = None
+
+    def check_sequence(self, seq_length: int, flag: str = "--seq-length") -> None:
+        """Sequence parallelism splits every sequence over the TP ranks."""
+        if self.sequence_parallel and seq_length % self.tp:
+            raise ConfigError(f"{flag} {seq_length} is not divisible by tensor parallel size "
+                              f"{self.tp}; sequence parallelism splits each sequence over the TP "
+                              "ranks")
 
     def __post_init__(self) -> None:
         if self.sequence_parallel and self.tp == 1:

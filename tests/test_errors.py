@@ -239,3 +239,32 @@ def test_checkpoint_metadata_unpickler_allows_enum_members_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load(Reduce(os.system, (f"touch {marker}",)))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "importance"])
+def test_sequence_parallel_needs_a_divisible_sequence(verb, capsys, tiny_llama_ckpt, tmp_path):
+    args = [verb, "--load", str(tiny_llama_ckpt), "--tp", "2", "--sequence-parallel",
+            "--seq-length", "33"]
+    if verb == "importance":
+        args += ["--samples", "2", "--out", str(tmp_path / "s.safetensors")]
+    _fails(capsys, args, "--seq-length 33", "tensor parallel size 2")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_nan_in_training_exits_3_and_keeps_the_last_checkpoint(tiny_llama_ckpt, tmp_path):
+    """Exit codes: 2 bad usage or input, 3 training failed (here: Inf/NaN from an absurd LR)."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    for name, play in (("train", train_plays()[0]), ("valid", held_out_plays()[0])):
+        assert main(["preprocess", "--input", str(play), "--tokenizer", str(tiny_llama_ckpt),
+                     "--output-prefix", str(tmp_path / name)]) == 0
+    save = tmp_path / "run"
+    r = run_cli("distill", "--teacher", str(tiny_llama_ckpt), "--student", str(tiny_llama_ckpt),
+                "--data", str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"),
+                "--save", str(save), "--train-iters", "4", "--global-batch-size", "2",
+                "--seq-length", "32", "--lr", "1e30", "--clip-grad", "0", "--kd-weight", "0",
+                "--lm-weight", "1", "--save-interval", "1", "--eval-iters", "1", check=False)
+    err = [line for line in r.stderr.splitlines() if line.startswith("minitron distill")]
+    assert r.returncode == 3 and len(err) == 1 and "NaN/Inf" in err[0], r.stderr[-2000:]
+    kept = (save / "latest").read_text().strip() if (save / "latest").exists() else None
+    assert kept is None or (save / kept / "minitron.json").is_file()

@@ -69,6 +69,7 @@ def test_gpu_config_dry_run_matches_the_published_size(name, capsys):
     ({"data": {"train": ["/no/such/file.txt"]}}, "data.train: /no/such/file.txt"),
     ({"teacher": {"source": "/no/such/model"}}, "teacher.source"),
     ({"distill": {"global_batch_size": 3, "micro_batch_size": 2}}, "distill:"),
+    ({"parallel": {"precision": "fp8"}}, "unknown precision 'fp8'"),
 ])
 def test_bad_config_fails_before_any_work_naming_the_key(override, key, tiny_llama_hf, tmp_path,
                                                         capsys):
@@ -77,6 +78,16 @@ def test_bad_config_fails_before_any_work_naming_the_key(override, key, tiny_lla
     err = capsys.readouterr().err.strip()
     assert key in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_sequence_parallel_lengths_are_checked_before_any_work(tiny_llama_ckpt, tmp_path,
+                                                              capsys):
+    cfg = _tiny_config(tmp_path, tiny_llama_ckpt, parallel={"tp": 2, "sequence_parallel": True},
+                       distill={"seq_length": 33})
+    assert main(["run", str(_write(tmp_path / "sp.yaml", cfg)), "--dry-run",
+                 "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "distill: seq_length 33 is not divisible by tensor parallel size 2" in err, err
 
 
 def _stage_log(caplog) -> str:

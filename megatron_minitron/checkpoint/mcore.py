@@ -9,6 +9,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import enum
+import logging
 import pickle
 import shutil
 import uuid
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from megatron_minitron.checkpoint.atomic import atomic_directory
 from megatron_minitron.config import CheckpointMeta, ConfigError
 
+log = logging.getLogger("minitron")
 META_FILE = "minitron.json"
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_DIR = "weights"
@@ -99,6 +101,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
         loaded, ckpt_only, model_only = dist_checkpointing.load(
             sharded, str(Path(ckpt) / WEIGHTS_DIR), strict=StrictHandling.RETURN_ALL)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is no Exception
+        log.debug("loading %s failed", ckpt, exc_info=True)  # the whole cause, with -v
         raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,

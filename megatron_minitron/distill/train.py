@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig
+from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig, TrainingError
 from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidden_map
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
 from megatron_minitron.runtime.distributed import device, to_device
@@ -36,10 +36,6 @@ from megatron_minitron.runtime.progress import Progress
 log = logging.getLogger("minitron")
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
-
-
-class TrainingError(ConfigError):
-    """The run cannot continue (NaN/Inf); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -166,6 +162,7 @@ class Distiller:
         prefixes, weights = parse_blend(data)
         valid = parse_blend(valid_data)[0] if valid_data else None
         t_meta.model.check_parallel(parallel.tp, parallel.pp)
+        parallel.check_sequence(cfg.seq_length)
         self.s_meta.model.check_parallel(parallel.tp, parallel.pp)
         self.tokenizer_files = s_tok
         self.rt = init_runtime(parallel, cfg.seed)

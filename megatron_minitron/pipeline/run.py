@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.config import ConfigError, ModelConfig, stage_error
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 
@@ -311,6 +311,10 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
                                       f"{teacher.max_position_embeddings} positions")
                 for t in cfg.eval.tasks:
                     parse_task(t)
+            used = {"importance": cfg.prune.needs_scores() or searching, "search": searching,
+                    "correction": cfg.correction.train_iters > 0}.get(section, True)
+            if used and hasattr(getattr(cfg, section), "seq_length"):
+                p.check_sequence(getattr(cfg, section).seq_length, "seq_length")
         except ConfigError as e:
             raise ConfigError(f"{section}: {e}") from None
     return teacher, student
@@ -339,8 +343,8 @@ def _run_stage(stage: Stage, markers: Path) -> float:
     t = time.time()
     rc = run_verb(stage.argv)
     if rc:
-        raise ConfigError(f"stage {stage.name} failed (exit {rc}); finished stages are kept, "
-                          "re-run to continue")
+        raise stage_error(rc, f"stage {stage.name} failed (exit {rc}); finished stages are kept, "
+                              "re-run to continue")
     seconds = time.time() - t
     barrier()
     if is_main_rank():

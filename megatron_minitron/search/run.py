@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.config import ModelConfig, stage_error
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
@@ -52,8 +52,10 @@ def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
 def _verb(argv: list[str]) -> None:
     from megatron_minitron.cli import run_verb
 
-    if run_verb(argv):
-        raise ConfigError(f"search: `minitron {argv[0]}` failed for a candidate; rerun to resume")
+    rc = run_verb(argv)
+    if rc:
+        raise stage_error(rc, f"search: `minitron {argv[0]}` failed for a candidate; rerun to "
+                              "resume")
 
 
 def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg: SearchConfig,
