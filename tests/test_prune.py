@@ -174,3 +174,19 @@ def test_smollm2_pruned_to_a_smaller_shape(smol_ckpt, smol_scores, tmp_path):
     assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
             cfg.num_query_groups) == (24, 448, 1024, 6, 3)
     assert losses["teacher"] < losses["pruned"] < 20
+
+
+def test_hidden_pruned_export_loads_in_transformers(tiny_llama_ckpt, tiny_tokens, tmp_path):
+    """Hidden 64 -> 50 with 4 heads of 16: transformers' LlamaConfig refuses hidden % heads != 0,
+    so it is written as Mistral (explicit head_dim, no sliding window): it loads with our logits
+    and converts back."""
+    scores = _scores_dropping(tiny_llama_ckpt, tmp_path / "s.safetensors",
+                              hidden=list(range(0, 28, 2)))
+    _prune("--load", str(tiny_llama_ckpt), "--scores", str(scores), "--target-hidden", "50",
+           "--out", str(tmp_path / "pruned"), "--hf-out", str(tmp_path / "hf"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["hidden_size"] == 50
+    logits = in_process_logits(tmp_path / "pruned", tiny_tokens)
+    assert (hf_logits(tmp_path / "hf", tiny_tokens) - logits).abs().max() <= 1e-5
+    back = converted(tmp_path / "hf", tmp_path / "back")
+    assert torch.equal(in_process_logits(back, tiny_tokens), logits)

@@ -152,6 +152,12 @@ def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
     return {k: v.contiguous() for k, v in out.items()}
 
 
+# Mistral without a sliding window is Llama with an explicit head_dim (what we export a
+# hidden-pruned Llama as); reading it back keeps the round trip.
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+                    "NemotronForCausalLM": "nemotron"}
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json for `transformers` (LlamaForCausalLM / NemotronForCausalLM)."""
     common = {
@@ -173,9 +179,15 @@ def hf_config(cfg: ModelConfig) -> dict:
         rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
         if cfg.rope_scaling_factor is not None:
             rope = {**rope, **LLAMA3_ROPE, "factor": cfg.rope_scaling_factor}
-        return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon, "rope_parameters": rope,
-                "rope_scaling": rope if cfg.rope_scaling_factor is not None else None}
+        llama = {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                 "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon, "rope_parameters": rope,
+                 "rope_scaling": rope if cfg.rope_scaling_factor is not None else None}
+        if cfg.hidden_size % cfg.num_attention_heads == 0:
+            return llama
+        # transformers' LlamaConfig refuses hidden % heads != 0 even with an explicit head_dim
+        # (a hidden-pruned model); Mistral's takes head_dim and is the same network.
+        return {**llama, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                "sliding_window": None}
     return {**common, "architectures": ["NemotronForCausalLM"], "model_type": "nemotron",
             "hidden_act": "relu2", "norm_eps": cfg.norm_epsilon,
             "partial_rotary_factor": cfg.rotary_percent,
@@ -187,10 +199,13 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     from megatron_minitron.config import ConfigError
 
     arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
-    family = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron"}.get(arch)
+    family = HF_ARCHITECTURES.get(arch)
     if family is None:
         raise ConfigError(f"{source}: unsupported architecture {arch!r} "
-                          "(supported: LlamaForCausalLM, NemotronForCausalLM)")
+                          f"(supported: {', '.join(HF_ARCHITECTURES)})")
+    if hf.get("sliding_window") is not None:
+        raise ConfigError(f"{source}: sliding-window attention ({hf['sliding_window']} tokens) "
+                          "is not supported")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope["type"]
