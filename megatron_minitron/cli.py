@@ -211,9 +211,12 @@ def cmd_prune(a) -> None:
 
 def cmd_preprocess(a) -> None:
     from megatron_minitron.data.preprocess import preprocess, resolve_tokenizer
+    from megatron_minitron.runtime.distributed import barrier, launch_env
 
-    preprocess([Path(f) for f in a.input], resolve_tokenizer(Path(a.tokenizer)),
-               a.output_prefix, a.json_key)
+    if launch_env()[0] == 0:  # one writer under torchrun / srun (and inside `minitron run`)
+        preprocess([Path(f) for f in a.input], resolve_tokenizer(Path(a.tokenizer)),
+                   a.output_prefix, a.json_key)
+    barrier()
 
 
 def cmd_distill(a) -> None:

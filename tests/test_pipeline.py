@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from megatron_minitron.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_env
 
 # Published sizes (Hugging Face model cards / configs) of the GPU configs' teachers and students.
 PUBLISHED = {
@@ -99,8 +98,8 @@ def test_tiny_pipeline_killed_in_distill_continues_then_skips_finished_stages(
     caplog.set_level(logging.INFO, logger="minitron")
     cfg = _write(tmp_path / "tiny.yaml", _tiny_config(tmp_path, tiny_llama_hf))
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron", "run", str(cfg)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron", "run", str(cfg)],
+                            env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:  # kill once a checkpoint is written

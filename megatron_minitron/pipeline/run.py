@@ -367,6 +367,10 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
     if dry_run:
         return _print_plan(cfg, stages, teacher, student, missing)
     assign_keys(stages)
+    if world > 1:  # the process group first: stages that write from one rank wait on it
+        from megatron_minitron.runtime import init_runtime
+
+        init_runtime(cfg.parallel)
     markers = cfg.directory / MARKERS
     if is_main_rank():
         markers.mkdir(parents=True, exist_ok=True)

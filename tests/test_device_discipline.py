@@ -1,0 +1,45 @@
+"""Every verb under strict device mode (CPU runs that fail where CUDA or NCCL would) at TP=2 with
+sequence parallelism, PP=2 and DP=2: `convert` reshards, and `minitron run` with a width search
+runs importance, prune (per candidate), distill, eval and the final distillation, each on 2
+torchrun ranks. The per-verb distributed tests (importance, prune, distill, eval, tasks, search)
+run strict too: `run_cli` sets the mode for every command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+LAYOUTS = {"tp2": ("--tp", "2", "--sequence-parallel"), "pp2": ("--pp", "2"), "dp2": ()}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_verb_in_strict_device_mode(layout, tiny_llama_ckpt, tmp_path):
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    flags = LAYOUTS[layout]
+    resharded = tmp_path / "resharded"
+    run_cli("convert", str(tiny_llama_ckpt), str(resharded), *flags, nproc=2)
+    assert mcore.read_meta(resharded).fingerprint == mcore.read_meta(tiny_llama_ckpt).fingerprint
+    parallel = {"tp": 2, "sequence_parallel": True} if layout == "tp2" else \
+        {"pp": 2} if layout == "pp2" else {}
+    cfg = {"name": layout, "run_dir": str(tmp_path / "run"),
+           "teacher": {"source": str(resharded)}, "parallel": parallel,
+           "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},
+           "importance": {"samples": 4, "seq_length": 32, "depth_samples": 0},
+           "search": {"target_params": 100000, "tolerance": 0.1, "candidates": 2,
+                      "axes": ["hidden", "ffn"], "step": 16, "kd_tokens": 128,
+                      "global_batch_size": 4, "seq_length": 32, "eval_iters": 1},
+           "distill": {"train_iters": 2, "global_batch_size": 4, "seq_length": 32,
+                       "eval_iters": 1},
+           "eval": {"seq_length": 64, "max_windows": 4,
+                    "tasks": ["perplexity"]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_cli("run", str(tmp_path / "run.yaml"), nproc=2)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert {"teacher", "pruned", "distilled"} <= set(report["models"]), report["models"].keys()
+    assert report["models"]["distilled"]["loss"] > 0
