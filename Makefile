@@ -27,8 +27,10 @@ bench-setup: setup
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_CONFIG)
 
+# Two workers (the suite is mostly single-threaded processes); tests sharing the costly SmolLM2
+# scores fixture run on one worker (xdist_group).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 lint: setup
 	$(VENV)/bin/ruff check megatron_minitron tests benchmarks scripts

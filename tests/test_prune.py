@@ -150,6 +150,7 @@ def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(tiny_llama
             cfg["num_key_value_heads"], cfg["num_hidden_layers"]) == (48, 64, 2, 2, 2)
 
 
+@pytest.mark.xdist_group("smollm2_scores")  # one worker computes smol_scores
 def test_smollm2_pruned_to_a_smaller_shape(smol_ckpt, smol_scores, tmp_path):
     from megatron_minitron.data.demo import held_out_plays
     from megatron_minitron.data.tokenizer import load_tokenizer

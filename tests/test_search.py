@@ -66,6 +66,7 @@ def _search(ckpt: Path, scores: Path, data: Path, out: Path, *flags: str) -> dic
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.xdist_group("smollm2_scores")  # one worker computes smol_scores
 def test_smollm2_search_ranks_candidates_after_short_kd(smol_ckpt, smol_scores, smol_data,
                                                         tmp_path, capsys):
     out = tmp_path / "search"
