@@ -5,7 +5,9 @@ Megatron-Core assumes a GPU in a handful of places: buffers placed with
 `torch.cuda.synchronize`, and the CUDA RNG tracker. Rather than patching each call site (they
 move between releases), this module
  1. routes every tensor-factory request for a CUDA device to the CPU with one TorchFunctionMode;
- 2. makes `torch.cuda.current_device/synchronize` and `Tensor.cuda` CPU no-ops;
+ 2. makes `torch.cuda.synchronize` and `Tensor.cuda` CPU no-ops, and `torch.cuda.current_device()`
+    answer `cpu:0`: a CPU device that factories accept even in backward passes (where no
+    TorchFunctionMode runs) and that strict mode tells apart from a plain `cpu` allocation;
  3. installs an RNG tracker with the same interface that forks the CPU generator;
  4. lets gloo gather 0-d tensors (it rejects them; Megatron gathers scalars in a few places);
  5. reports CPU float tensors' `Tensor.type()` as `torch.cuda.*` (gradient clipping and the mixed
