@@ -50,7 +50,9 @@ def write_hf(path: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    config = hf_config(cfg)
+    config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")  # as stored
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
     if tokenizer_dir is not None:
