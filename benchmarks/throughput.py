@@ -1,6 +1,8 @@
 """Training and inference throughput of one model on this device: tokens/s of a forward pass and of
-a forward + backward step, and model FLOPs utilisation (6·N·tokens/s against the device's peak
-on a GPU; on CPU only the rates are printed).
+a forward + backward step, model FLOPs utilisation (6·N·tokens/s against the device's peak on a
+GPU; on CPU only the rates are printed), and the KD step ratio: a KD step (teacher forward +
+student forward/backward with the vocabulary-parallel KL) over a teacher forward plus a plain
+training step, timed side by side.
 
     python benchmarks/throughput.py [--load CKPT | --shape 1b] [--seq-length 2048]
                                     [--micro-batch-size 4] [--steps 5] [--bf16 | --fp32]
@@ -61,8 +63,11 @@ def _timed(fn, steps: int) -> float:
 
 
 def main() -> None:
+    from megatron.core import parallel_state
+
     from megatron_minitron.cli import _quiet_third_party
     from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.distill.losses import kd_loss
     from megatron_minitron.runtime.distributed import device, shutdown
 
     p = argparse.ArgumentParser()
@@ -77,6 +82,7 @@ def main() -> None:
     a = p.parse_args()
     _quiet_third_party()
     cfg, model = _model(a, ParallelConfig(precision=a.precision))
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     b, s = a.micro_batch_size, a.seq_length
     tokens = torch.randint(0, cfg.vocab_size, (b, s + 1), device=device())
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -92,12 +98,20 @@ def main() -> None:
         model(inputs, pos, None, labels=labels).float().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    t_fwd, t_step = _timed(forward, a.steps), _timed(train_step, a.steps)
+    def kd_step():  # the model as its own frozen teacher: the costs of a KD step, not its use
+        model.train()
+        with torch.no_grad():
+            teacher = model(inputs, pos, None)
+        kd_loss(model(inputs, pos, None), teacher, 1.0, tp_group).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    t_fwd, t_step, t_kd = (_timed(f, a.steps) for f in (forward, train_step, kd_step))
     n = cfg.num_parameters()
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
            "parameters": n, "tokens_per_step": b * s,
-           "forward_tokens_per_s": b * s / t_fwd, "train_tokens_per_s": b * s / t_step}
+           "forward_tokens_per_s": b * s / t_fwd, "train_tokens_per_s": b * s / t_step,
+           "kd_step_ratio": t_kd / (t_fwd + t_step)}
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in out["device"]), None)
     if peak and out["dtype"] == "bfloat16":
         out["mfu"] = 6 * n * out["train_tokens_per_s"] / (peak * 1e12)

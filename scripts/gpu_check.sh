@@ -54,13 +54,15 @@ try:
           f"{suite.get('errors')} errors, {suite.get('skipped')} skipped")
 except Exception as e:
     print(f"GPU tests: no report ({e})")
-print(f"{'benchmark':<16}{'dtype':<10}{'params':>14}{'fwd tok/s':>12}{'train tok/s':>13}{'MFU':>7}{'GiB':>7}")
+print(f"{'benchmark':<16}{'dtype':<10}{'params':>14}{'fwd tok/s':>12}{'train tok/s':>13}"
+      f"{'MFU':>7}{'KD ratio':>9}{'GiB':>7}")
 for line in (res / "results.jsonl").read_text().splitlines() if (res / "results.jsonl").exists() else []:
     row = json.loads(line)
     r = row["result"] or {}
     print(f"{row['bench']:<16}{r.get('dtype', 'FAILED'):<10}{r.get('parameters', 0):>14,}"
           f"{r.get('forward_tokens_per_s', 0):>12,.0f}{r.get('train_tokens_per_s', 0):>13,.0f}"
-          f"{r.get('mfu', float('nan')):>7.1%}{r.get('peak_memory_gib', 0):>7.1f}")
+          f"{r.get('mfu', float('nan')):>7.1%}{r.get('kd_step_ratio', float('nan')):>9.3f}"
+          f"{r.get('peak_memory_gib', 0):>7.1f}")
 PYEOF
 echo "== done (exit $status)"
 exit "$status"
