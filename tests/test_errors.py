@@ -269,3 +269,30 @@ def test_nan_in_training_exits_3_and_keeps_the_last_checkpoint(tiny_llama_ckpt, 
     assert r.returncode == 3 and len(err) == 1 and "NaN/Inf" in err[0], r.stderr[-2000:]
     kept = (save / "latest").read_text().strip() if (save / "latest").exists() else None
     assert kept is None or (save / kept / "minitron.json").is_file()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "ends early"), ("metadata", "cannot be loaded"), ("shape", "shape mismatch"),
+    ("tokenizer", "no tokenizer")])
+def test_damaged_checkpoint_is_one_line_and_nothing_is_written(damage, needle, capsys,
+                                                               tiny_llama_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama_ckpt, ckpt)
+    if damage == "truncate":
+        f = sorted((ckpt / "weights").glob("*.distcp"))[0]
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "metadata":
+        (ckpt / "weights" / ".metadata").write_bytes(b"garbage")
+    elif damage == "shape":
+        meta = json.loads((ckpt / "minitron.json").read_text())
+        meta["model"]["ffn_hidden_size"] *= 2
+        (ckpt / "minitron.json").write_text(json.dumps(meta))
+    else:
+        shutil.rmtree(ckpt / "tokenizer")
+    load = ["--load", str(ckpt)]
+    if damage == "tokenizer":
+        _fails(capsys, ["eval", *load, "--seq-length", "32"], needle)
+    else:
+        _fails(capsys, ["prune", *load, "--drop-layers", "1", "--out", str(tmp_path / "out")],
+               needle)
+        _nothing_at(tmp_path / "out")

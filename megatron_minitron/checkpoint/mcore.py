@@ -102,8 +102,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
             sharded, str(Path(ckpt) / WEIGHTS_DIR), strict=StrictHandling.RETURN_ALL)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is no Exception
         log.debug("loading %s failed", ckpt, exc_info=True)  # the whole cause, with -v
-        raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded ({_cause(e)})") from None
     # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,
     # and the reverse: either side may miss it (CPU-converted checkpoints train on TE GPUs).
     # Any other mismatch is an error.
@@ -114,6 +113,17 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
     return meta
+
+
+def _cause(e: BaseException) -> str:
+    """One line for a load failure; torch's CheckpointException wraps each rank's real one."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    if isinstance(e, EOFError):
+        return "a weights file ends early (truncated?)"
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:300]}"
 
 
 # --- the dist checkpoint's .metadata is a pickle: read it without running arbitrary code -------
