@@ -38,6 +38,14 @@ def _parallel(a) -> ParallelConfig:
                           precision=a.precision)
 
 
+def _locked(directory: Path):
+    """The run directory a command writes, locked against a second command (global rank 0)."""
+    from megatron_minitron.checkpoint.atomic import directory_lock
+    from megatron_minitron.runtime.distributed import launch_env
+
+    return directory_lock(directory, is_holder=launch_env()[0] == 0)
+
+
 def cmd_convert(a) -> None:
     from megatron_minitron.checkpoint.convert import convert
 
@@ -231,9 +239,10 @@ def cmd_distill(a) -> None:
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, save_interval=a.save_interval,
         keep_last=a.keep_last, log_interval=a.log_interval, seed=a.seed, split=a.split,
         distributed_optimizer=a.use_distributed_optimizer)
-    d = Distiller(Path(a.teacher), Path(a.student), a.data, Path(a.save), cfg, _parallel(a),
-                  a.valid_data)
-    out = d.run()
+    with _locked(Path(a.save)):
+        d = Distiller(Path(a.teacher), Path(a.student), a.data, Path(a.save), cfg, _parallel(a),
+                      a.valid_data)
+        out = d.run()
     if d.rt.is_main:
         print(f"distilled student: {out}")
 
@@ -250,7 +259,9 @@ def cmd_search(a) -> None:
                 str(a.micro_batch_size), *(["--vpp", str(a.vpp)] if a.vpp else []),
                 *([f"--{a.precision}"] if a.precision else []),
                 *(["--sequence-parallel"] if a.sequence_parallel else [])]
-    search(Path(a.load), Path(a.scores), cfg, a.data, a.valid_data, Path(a.out), a.tp, parallel)
+    with _locked(Path(a.out)):
+        search(Path(a.load), Path(a.scores), cfg, a.data, a.valid_data, Path(a.out), a.tp,
+               parallel)
 
 
 def cmd_run(a) -> None:

@@ -116,7 +116,7 @@ def test_loss_trajectory_is_the_same_under_dp_tp_and_pp(tiny_setup, tmp_path):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
 
 
-def test_killed_run_resumes_exactly(tiny_setup, tmp_path):
+def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):
     assert main(_distill_args(tiny_setup, tmp_path / "straight", 6)) == 0
     args = _distill_args(tiny_setup, tmp_path / "killed", 6, "--save-interval", "2")
     proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli", *args],
@@ -126,13 +126,17 @@ def test_killed_run_resumes_exactly(tiny_setup, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once iteration 3 is logged
         if metrics.exists() and '"iteration": 3,' in metrics.read_text():
+            # A second command on the same --save refuses while the first one runs.
+            assert main(args) == 2 and "is in use by process" in capsys.readouterr().err
             proc.kill()
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode != 0, "the run finished before it could be killed"
     assert (tmp_path / "killed" / "latest").read_text() == "iter_0000002"
-    assert main(args) == 0  # resumes from iteration 2
+    assert (tmp_path / "killed" / ".lock").is_file()  # left by the killed run: stale
+    assert main(args) == 0  # takes the stale lock over and resumes from iteration 2
+    assert not (tmp_path / "killed" / ".lock").exists()
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert [r[0] for r in resumed] == list(range(1, 7))
     for (i, a, _), (_, b, _) in zip(straight, resumed, strict=True):

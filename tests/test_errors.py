@@ -296,3 +296,29 @@ def test_damaged_checkpoint_is_one_line_and_nothing_is_written(damage, needle, c
         _fails(capsys, ["prune", *load, "--drop-layers", "1", "--out", str(tmp_path / "out")],
                needle)
         _nothing_at(tmp_path / "out")
+
+
+def test_directory_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from megatron_minitron.checkpoint.atomic import LOCK, directory_lock
+    from megatron_minitron.config import ConfigError
+
+    run = tmp_path / "run"
+    with directory_lock(run):
+        assert (run / LOCK).read_text() == f"{socket.gethostname()} {os.getpid()}"
+        with pytest.raises(ConfigError, match="is in use by process"), directory_lock(run):
+            pass
+    assert not run.exists()  # made by the lock, left empty: removed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run.mkdir()
+    (run / LOCK).write_text(f"{socket.gethostname()} {dead.pid}")
+    with directory_lock(run):
+        assert (run / LOCK).read_text().endswith(f" {os.getpid()}")
+    assert run.is_dir() and not (run / LOCK).exists()
+    (run / LOCK).write_text("another-host 1")  # cannot be checked from here: counts as alive
+    with pytest.raises(ConfigError, match="another-host 1"), directory_lock(run):
+        pass

@@ -45,3 +45,70 @@ def atomic_directory(dst: Path, is_writer: bool = True, barrier=lambda: None):
         if is_writer:
             shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+LOCK = ".lock"
+
+
+def _holder_alive(text: str) -> bool:
+    """Whether the `host pid` written in a lock file is a live process. A holder on another
+    host (a shared file system under SLURM) cannot be checked here: it counts as alive."""
+    import os
+    import socket
+
+    try:
+        host, pid = text.split()
+        pid = int(pid)
+    except ValueError:
+        return False  # torn or foreign content: nobody holds it
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, is_holder: bool = True):
+    """Refuse a second command writing the same run directory at once: DIR/.lock holds the
+    holder's host and pid while it runs; a lock left by a dead process (SIGKILL) is taken over.
+    In a distributed job only the first rank (`is_holder`) takes it."""
+    import os
+    import socket
+
+    if not is_holder:
+        yield
+        return
+    directory = Path(directory)
+    created = not directory.exists()  # removed again if the command leaves it empty
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text()
+            except FileNotFoundError:
+                continue  # released between our two looks
+            if _holder_alive(holder):
+                raise ConfigError(f"{directory} is in use by process {holder.strip()} "
+                                  f"({lock}); wait for it, or delete the lock if that process "
+                                  "is gone") from None
+            lock.unlink(missing_ok=True)  # its holder died: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text() == me:
+            lock.unlink()
+        if created and not any(directory.iterdir()):
+            directory.rmdir()

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_minitron.checkpoint.atomic import directory_lock
 from megatron_minitron.config import ConfigError, ModelConfig, stage_error
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
-from megatron_minitron.runtime.distributed import barrier, is_main_rank
+from megatron_minitron.runtime.distributed import barrier, is_main_rank, launch_env
 
 log = logging.getLogger("minitron")
 MARKERS = ".stages"
@@ -356,10 +357,8 @@ def _run_stage(stage: Stage, markers: Path) -> float:
 
 def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None = None) -> dict:
     """Run (or with dry_run only validate and print) every stage; returns the report. A dry
-    run plans for `world_size` processes (default: tp * pp)."""
-    from megatron_minitron.pipeline.report import write_report
-    from megatron_minitron.runtime.distributed import launch_env
-
+    run plans for `world_size` processes (default: tp * pp). The run directory is locked
+    against a second `minitron run` while this one works in it."""
     world = (world_size or cfg.parallel.tp * cfg.parallel.pp) if dry_run else launch_env()[1]
     missing: list[str] | None = [] if dry_run else None
     stages = build_stages(cfg, world, missing)
@@ -367,6 +366,13 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
     if dry_run:
         return _print_plan(cfg, stages, teacher, student, missing)
     assign_keys(stages)
+    with directory_lock(cfg.directory, is_holder=launch_env()[0] == 0):
+        return _run_stages(cfg, stages, world)
+
+
+def _run_stages(cfg: RunConfig, stages: list[Stage], world: int) -> dict:
+    from megatron_minitron.pipeline.report import write_report
+
     if world > 1:  # the process group first: stages that write from one rank wait on it
         from megatron_minitron.runtime import init_runtime
 
