@@ -3,7 +3,9 @@ DP/TP/PP, a killed run resumes exactly, and KD recovers a pruned SmolLM2 better 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import time
@@ -188,3 +190,21 @@ def test_hidden_and_top_k_losses_are_the_same_under_tp_sp_and_pp(tiny_setup, tmp
         run_cli(*args(tmp_path / name), *flags, nproc=2)
         for (i, a, ga), (_, b, gb) in zip(ref, _losses(tmp_path / name), strict=True):
             assert abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EIO"])
+def test_disk_failure_while_saving_keeps_the_last_checkpoint(error, tiny_setup, tmp_path):
+    """The disk fails while iteration 3's checkpoint is written: one line, a non-zero exit,
+    iterations 1 and 2 and `latest` intact, no staging directory left behind."""
+    save = tmp_path / "run"
+    r = _run([sys.executable, str(ROOT / "tests" / "fault_worker.py"),
+              *_distill_args(tiny_setup, save, 4, "--save-interval", "1", "--keep-last", "3")],
+             check=False, env={"FAULT_PATH": "iter_0000003", "FAULT_ERRNO": error})
+    err = [line for line in r.stderr.splitlines() if line.startswith("minitron distill")]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-3000:]
+    assert "iter_0000003" in err[0] and os.strerror(getattr(errno, error)) in err[0], err[0]
+    assert (save / "latest").read_text() == "iter_0000002"
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith(("iter_", ".iter"))) == \
+        ["iter_0000001", "iter_0000002"]
+    assert main(["eval", "--load", str(save / "iter_0000002"), "--seq-length", "32",
+                 "--max-windows", "2"]) == 0

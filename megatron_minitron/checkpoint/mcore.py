@@ -62,25 +62,31 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
     A meta without a fingerprint (new weights) gets a fresh one. `extra(stage)` runs on every rank
     inside the staging directory."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
-        if _rank() == 0:
-            (stage / WEIGHTS_DIR).mkdir()
-        _barrier()
-        dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
-        if extra is not None:  # more state in the same atomic directory (training: optimizer)
-            extra(stage)
-        if _rank() == 0:
-            tok = stage / TOKENIZER_DIR
-            tok.mkdir()
-            for name, content in tokenizer_files.items():
-                if isinstance(content, Path):
-                    shutil.copy2(content, tok / name)
-                else:
-                    (tok / name).write_bytes(content)
-            meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
-            meta.params_dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
-            (stage / META_FILE).write_text(meta.to_json())
+    try:
+        with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
+            if _rank() == 0:
+                (stage / WEIGHTS_DIR).mkdir()
+            _barrier()
+            dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+            if extra is not None:  # more state in the same atomic directory (training: optimizer)
+                extra(stage)
+            if _rank() == 0:
+                tok = stage / TOKENIZER_DIR
+                tok.mkdir()
+                for name, content in tokenizer_files.items():
+                    if isinstance(content, Path):
+                        shutil.copy2(content, tok / name)
+                    else:
+                        (tok / name).write_bytes(content)
+                meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
+                meta.params_dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
+                (stage / META_FILE).write_text(meta.to_json())
+    except (OSError, CheckpointException) as e:  # a full or failing disk: one line, dst untouched
+        log.debug("writing %s failed", dst, exc_info=True)
+        raise ConfigError(f"writing checkpoint {dst} failed ({_cause(e)}); nothing was written "
+                          "there") from None
 
 
 def tokenizer_files(ckpt: Path) -> dict[str, Path]:
