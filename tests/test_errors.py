@@ -55,6 +55,10 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM")
     _nothing_at(tmp_path / "dst")
+    cfg.update(architectures=["MistralForCausalLM"], sliding_window=16)  # would change results
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "sliding-window")
+    _nothing_at(tmp_path / "dst")
 
 
 @pytest.mark.parametrize("tp,what", [("3", "num_attention_heads=4"), ("4", "num_query_groups=2")])
