@@ -63,12 +63,30 @@ def _run(cmd: list[str], check: bool, env: dict | None = None) -> subprocess.Com
     return r
 
 
+_PORTS_PER_WORKER = 3000
+_used_ports: set[int] = set()
+
+
 def _free_port() -> int:
+    """A free port for a torchrun master. Chosen below the ephemeral range (32768+, which the
+    ranks' own gloo connections draw from while torchrun is still starting) and from a range of
+    its own per pytest-xdist worker, so two workers never hand out the same port."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    # From 25000: the launcher tests' fake SLURM job owns 24242.
+    base = 25000 + int(worker.removeprefix("gw") or 0) * _PORTS_PER_WORKER
+    for port in range(base, base + _PORTS_PER_WORKER):
+        if port in _used_ports:
+            continue
+        _used_ports.add(port)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {base}..{base + _PORTS_PER_WORKER}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,6 +20,9 @@ import pytest
 from megatron_minitron.cli import main
 from tests.conftest import ROOT, _free_port, child_env
 
+# The fake SLURM job's master port is fixed (20000 + job id 4242): these tests share one worker.
+pytestmark = pytest.mark.xdist_group("launchers")
+
 SCRIPTS = [ROOT / "slurm" / "minitron.sbatch", *sorted((ROOT / "scripts").glob("*.sh"))]
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
