@@ -122,7 +122,9 @@ def cmd_eval(a) -> None:
 
             print(make_table(res))
         if a.out:
-            Path(a.out).write_text(json.dumps(out, indent=2))
+            from megatron_minitron.checkpoint.atomic import write_text
+
+            write_text(Path(a.out), json.dumps(out, indent=2))
 
 
 def _calibration_files(a) -> list[Path]:

@@ -243,6 +243,31 @@ def hf_logits(hf_dir_or_model, tokens: torch.Tensor) -> torch.Tensor:
         return m(tokens).logits.float()
 
 
+def write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tiny_run_config(tmp: Path, source: Path, **override) -> dict:
+    """A `minitron run` config for the tiny model: every stage, each at a test's budget."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    cfg = {"name": "tiny", "run_dir": str(tmp / "run"),
+           "teacher": {"source": str(source)},
+           "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},
+           "importance": {"samples": 8, "seq_length": 32, "depth_samples": 2},
+           "prune": {"ffn": 64, "hidden": 48},
+           "distill": {"train_iters": 6, "global_batch_size": 4, "seq_length": 32, "lr": 1e-3,
+                       "eval_iters": 1, "save_interval": 2},
+           "eval": {"seq_length": 64, "max_windows": 4, "limit": 4,
+                    "tasks": ["perplexity", "shakespeare-next"]}}
+    for section, values in override.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
 def load_in_process(ckpt: Path):
     """(ModelConfig, chunks) at TP=1 in this pytest process (Megatron imported once)."""
     from megatron_minitron.config import ParallelConfig

@@ -10,13 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from megatron_minitron.cli import main
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, tiny_run_config, write_yaml
 
 # Published sizes (Hugging Face model cards / configs) of the GPU configs' teachers and students.
 PUBLISHED = {
@@ -25,28 +23,6 @@ PUBLISHED = {
     "llama31-8b-to-4b-width.yaml": (8.03e9, 4.51e9),
     "llama31-8b-to-4b-depth.yaml": (8.03e9, 4.51e9),
 }
-
-
-def _write(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _tiny_config(tmp: Path, source: Path, **override) -> dict:
-    from megatron_minitron.data.demo import held_out_plays, train_plays
-
-    cfg = {"name": "tiny", "run_dir": str(tmp / "run"),
-           "teacher": {"source": str(source)},
-           "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},
-           "importance": {"samples": 8, "seq_length": 32, "depth_samples": 2},
-           "prune": {"ffn": 64, "hidden": 48},
-           "distill": {"train_iters": 6, "global_batch_size": 4, "seq_length": 32, "lr": 1e-3,
-                       "eval_iters": 1, "save_interval": 2},
-           "eval": {"seq_length": 64, "max_windows": 4, "limit": 4,
-                    "tasks": ["perplexity", "shakespeare-next"]}}
-    for section, values in override.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return cfg
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -69,10 +45,11 @@ def test_gpu_config_dry_run_matches_the_published_size(name, capsys):
     ({"teacher": {"source": "/no/such/model"}}, "teacher.source"),
     ({"distill": {"global_batch_size": 3, "micro_batch_size": 2}}, "distill:"),
     ({"parallel": {"precision": "fp8"}}, "unknown precision 'fp8'"),
+    ({"search": {"target_params": 100000}}, "give a prune target or a search, not both"),
 ])
 def test_bad_config_fails_before_any_work_naming_the_key(override, key, tiny_llama_hf, tmp_path,
                                                         capsys):
-    cfg = _write(tmp_path / "bad.yaml", _tiny_config(tmp_path, tiny_llama_hf, **override))
+    cfg = write_yaml(tmp_path / "bad.yaml", tiny_run_config(tmp_path, tiny_llama_hf, **override))
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert key in err and len(err.splitlines()) == 1, err
@@ -81,9 +58,9 @@ def test_bad_config_fails_before_any_work_naming_the_key(override, key, tiny_lla
 
 def test_sequence_parallel_lengths_are_checked_before_any_work(tiny_llama_ckpt, tmp_path,
                                                               capsys):
-    cfg = _tiny_config(tmp_path, tiny_llama_ckpt, parallel={"tp": 2, "sequence_parallel": True},
+    cfg = tiny_run_config(tmp_path, tiny_llama_ckpt, parallel={"tp": 2, "sequence_parallel": True},
                        distill={"seq_length": 33})
-    assert main(["run", str(_write(tmp_path / "sp.yaml", cfg)), "--dry-run",
+    assert main(["run", str(write_yaml(tmp_path / "sp.yaml", cfg)), "--dry-run",
                  "--world-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "distill: seq_length 33 is not divisible by tensor parallel size 2" in err, err
@@ -96,7 +73,7 @@ def _stage_log(caplog) -> str:
 def test_tiny_pipeline_killed_in_distill_continues_then_skips_finished_stages(
         tiny_llama_hf, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="minitron")
-    cfg = _write(tmp_path / "tiny.yaml", _tiny_config(tmp_path, tiny_llama_hf))
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_run_config(tmp_path, tiny_llama_hf))
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_minitron", "run", str(cfg)],
                             env=child_env(),
@@ -136,7 +113,7 @@ def test_tiny_pipeline_killed_in_distill_continues_then_skips_finished_stages(
     assert _stage_log(caplog).count("finished earlier, skipped") == len(markers)
 
     # A changed setting reruns its stage and those after it, nothing before.
-    cfg = _write(cfg, _tiny_config(tmp_path, tiny_llama_hf, distill={"train_iters": 3}))
+    cfg = write_yaml(cfg, tiny_run_config(tmp_path, tiny_llama_hf, distill={"train_iters": 3}))
     caplog.clear()
     assert main(["run", str(cfg)]) == 0
     log = _stage_log(caplog)
@@ -155,32 +132,10 @@ def test_smollm2_pipeline_distilled_beats_pruned(smol_gguf, tmp_path, capsys):
                        "eval_iters": 2},
            "eval": {"seq_length": 128, "max_windows": 4},
            "export": {"hf": False}}
-    assert main(["run", str(_write(tmp_path / "smol.yaml", cfg))]) == 0
+    assert main(["run", str(write_yaml(tmp_path / "smol.yaml", cfg))]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
     print(out)
     assert m["teacher"]["loss"] < m["distilled"]["loss"] < m["pruned"]["loss"], m
     assert m["pruned"]["parameters"] < m["teacher"]["parameters"]
     assert "distilled" in out and "perplexity" in out
-
-
-def test_tiny_pipeline_with_candidate_search(tiny_llama_hf, tmp_path, capsys):
-    """`search` instead of `prune`: the winner of the short KD is the student distilled on."""
-    cfg = _tiny_config(tmp_path, tiny_llama_hf, distill={"train_iters": 2},
-                       search={"target_params": 100000, "tolerance": 0.1, "candidates": 2,
-                               "step": 16, "kd_tokens": 128, "global_batch_size": 4,
-                               "seq_length": 32, "eval_iters": 1})
-    del cfg["prune"]
-    path = _write(tmp_path / "search.yaml", cfg)
-    assert main(["run", str(path), "--dry-run"]) == 0
-    assert "search candidates" in capsys.readouterr().out
-    assert main(["run", str(path)]) == 0
-    run = tmp_path / "run"
-    best = json.loads((run / "search" / "results.json").read_text())["best"]
-    models = json.loads((run / "report.json").read_text())["models"]
-    assert models["distilled"]["parameters"] == models["pruned"]["parameters"] == best["params"]
-    assert "ranking" in (run / "search" / "ranking.md").read_text() or \
-        best["name"] in (run / "search" / "ranking.md").read_text()
-    bad = _write(tmp_path / "both.yaml", {**cfg, "prune": {"ffn": 64}})
-    assert main(["run", str(bad)]) == 2
-    assert "give a prune target or a search, not both" in capsys.readouterr().err

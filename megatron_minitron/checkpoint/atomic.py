@@ -1,8 +1,10 @@
-"""Write-then-rename output directories: a failed command leaves nothing at DST."""
+"""Write-then-rename outputs: a failed or killed command leaves nothing at DST, and a rerun
+starts from a clean slate (a staging name left by a SIGKILL is removed before it is reused)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -47,13 +49,32 @@ def atomic_directory(dst: Path, is_writer: bool = True, barrier=lambda: None):
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary name beside PATH, renamed over PATH when the block succeeds and removed
+    when it fails: a reader, or a rerun after a SIGKILL, sees the old file or the new one, never
+    half of one."""
+    path = Path(path)
+    tmp = staging_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 LOCK = ".lock"
 
 
 def _holder_alive(text: str) -> bool:
     """Whether the `host pid` written in a lock file is a live process. A holder on another
     host (a shared file system under SLURM) cannot be checked here: it counts as alive."""
-    import os
     import socket
 
     try:
@@ -77,7 +98,6 @@ def directory_lock(directory: Path, is_holder: bool = True):
     """Refuse a second command writing the same run directory at once: DIR/.lock holds the
     holder's host and pid while it runs; a lock left by a dead process (SIGKILL) is taken over.
     In a distributed job only the first rank (`is_holder`) takes it."""
-    import os
     import socket
 
     if not is_holder:

@@ -38,7 +38,7 @@ def preprocess(inputs: Sequence[Path], tok: Tokenizer, prefix: str, json_key: st
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     out = Path(prefix)
-    if Path(f"{prefix}.bin").exists() or Path(f"{prefix}.idx").exists():
+    if Path(f"{prefix}.idx").exists():  # renamed last: a .bin alone is a killed run's
         raise ConfigError(f"{prefix}.bin/.idx exist; choose a new prefix")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {out.parent} does not exist")

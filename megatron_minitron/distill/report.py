@@ -5,7 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_minitron.checkpoint.atomic import write_text
+
 METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    """The log's rows; a last line torn by a killed run is dropped (the rows are appended)."""
+    lines = [line for line in (Path(directory) / METRICS_FILE).read_text().splitlines() if line]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 class MetricsLog:
@@ -19,9 +34,8 @@ class MetricsLog:
         if not is_main:
             return
         if self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            keep = [r for r in rows if r["iteration"] <= after]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            keep = [r for r in read_metrics(self.path.parent) if r["iteration"] <= after]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -46,11 +60,6 @@ class MetricsLog:
             self.tb.close()
         if plot:
             plot_losses(self.path, self.path.with_name("loss.png"))
-
-
-def read_metrics(directory: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(directory) / METRICS_FILE).read_text().splitlines()
-            if line]
 
 
 def val_lm_first_last(directory: Path) -> tuple[float, float]:

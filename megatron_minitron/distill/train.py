@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_minitron.checkpoint.atomic import write_text
 from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig, TrainingError
 from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidden_map
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
@@ -355,9 +356,7 @@ class Distiller:
             shutil.rmtree(dst)
         mcore.save_checkpoint(self.modules, meta, dst, self.tokenizer_files, extra=optimizer_state)
         if self.rt.is_main:
-            tmp = self.save / f".{LATEST}.partial"
-            tmp.write_text(dst.name)
-            tmp.replace(self.save / LATEST)
+            write_text(self.save / LATEST, dst.name)
             kept = sorted(self.save.glob("iter_*"))
             for old in kept[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)

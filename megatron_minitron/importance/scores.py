@@ -14,7 +14,6 @@ aggregations, timings.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +75,11 @@ class Scores:
         """Write atomically (temporary file, then rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.parent / f".{path.name}.partial"
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
-                  metadata={"format": FORMAT, "minitron": json.dumps(self.meta)})
-        os.replace(tmp, path)
+        from megatron_minitron.checkpoint.atomic import atomic_file
+
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                      metadata={"format": FORMAT, "minitron": json.dumps(self.meta)})
 
 
 def load_scores(path: Path) -> Scores:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_minitron.checkpoint.atomic import write_text
 from megatron_minitron.pipeline.config import RunConfig
 from megatron_minitron.plots import pyplot, save
 
@@ -81,8 +82,8 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
     report = {"name": cfg.name, "models": rows, "stage_seconds": seconds,
               "total_seconds": sum(seconds.values()),
               "plots": {k: str(v.relative_to(d)) for k, v in plots.items() if v is not None}}
-    (d / "report.json").write_text(json.dumps(report, indent=2))
-    (d / "report.md").write_text(_markdown(report))
+    write_text(d / "report.json", json.dumps(report, indent=2))
+    write_text(d / "report.md", _markdown(report))
     print(summary(report))
     return report
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_minitron.checkpoint.atomic import directory_lock
+from megatron_minitron.checkpoint.atomic import directory_lock, write_text
 from megatron_minitron.config import ConfigError, ModelConfig, stage_error
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
 from megatron_minitron.runtime.distributed import barrier, is_main_rank, launch_env
@@ -334,7 +334,7 @@ def _run_stage(stage: Stage, markers: Path) -> float:
                 shutil.rmtree(stage.output)
             else:
                 stage.output.unlink()
-        pending.write_text(stage.key)
+        write_text(pending, stage.key)
         stage.output.parent.mkdir(parents=True, exist_ok=True)
         if stage.make_dir:
             stage.output.mkdir(exist_ok=True)
@@ -349,8 +349,8 @@ def _run_stage(stage: Stage, markers: Path) -> float:
     seconds = time.time() - t
     barrier()
     if is_main_rank():
-        done.write_text(json.dumps({"key": stage.key, "seconds": seconds,
-                                    "argv": stage.argv}, indent=2))
+        write_text(done, json.dumps({"key": stage.key, "seconds": seconds,
+                                     "argv": stage.argv}, indent=2))
         pending.unlink(missing_ok=True)
     return seconds
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_minitron.checkpoint.atomic import write_text
 from megatron_minitron.config import ModelConfig, stage_error
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
@@ -87,9 +87,7 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
               "checkpoint": str(d / "distill" / f"iter_{cfg.train_iters:07d}")}
     if is_main_rank():
-        tmp = d / ".result.json.partial"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, done)
+        write_text(done, json.dumps(result, indent=2))
     barrier()
     return result
 
@@ -102,8 +100,8 @@ def search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], vali
     candidates = plan(t, cfg, tp)
     if is_main_rank():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "plan.json").write_text(json.dumps([asdict(c) | {"name": c.name}
-                                                   for c in candidates], indent=2))
+        write_text(out / "plan.json", json.dumps([asdict(c) | {"name": c.name}
+                                                  for c in candidates], indent=2))
     log.info("search: %d candidates of %d parameters +/- %.0f%%: %s", len(candidates),
              cfg.target_params, cfg.tolerance * 100, ", ".join(c.name for c in candidates))
     results = [run_candidate(c, teacher, scores, t, cfg, data, valid, out, parallel or [])
@@ -127,9 +125,9 @@ def ranking_table(results: list[dict]) -> str:
 
 
 def write_outputs(out: Path, report: dict) -> None:
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "results.json", json.dumps(report, indent=2))
     table = ranking_table(report["ranking"])
-    (out / "ranking.md").write_text(table + "\n")
+    write_text(out / "ranking.md", table + "\n")
     winner = Path(report["best"]["checkpoint"]).resolve()
     for link, target in (("best", winner), ("best_pruned", winner.parent.parent / "pruned")):
         if (out / link).is_symlink() or (out / link).exists():
