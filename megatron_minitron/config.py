@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_minitron.options import option
+
 FAMILIES = ("llama", "nemotron")
 
 
@@ -134,13 +136,20 @@ class ParallelConfig:
     """How a command runs its model: Megatron's parallel sizes (data parallelism is whatever the
     world size leaves) and the precision of the weights and activations."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    sequence_parallel: bool = False
+    tp: int = option(1, flag="--tensor-model-parallel-size", short="--tp",
+                     help="tensor-parallel ranks")
+    pp: int = option(1, flag="--pipeline-model-parallel-size", short="--pp",
+                     help="pipeline-parallel stages")
+    vpp: int | None = option(None, flag="--virtual-pipeline-model-parallel-size", short="--vpp",
+                             help="virtual pipeline stages per rank (interleaved schedule)")
+    sequence_parallel: bool = option(False, help="split activations along the sequence over "
+                                                 "the TP ranks (Megatron's sequence parallel)")
     # None: bf16 on a GPU (TE's fused attention needs it), fp32 on CPU; commands that only
     # rewrite weights (convert, prune) keep the checkpoint's own dtype instead.
-    precision: str | None = None
+    precision: str | None = option(None, choices=tuple(PRECISIONS), choice_flags=True,
+                                   help="weights and activations (default: bf16 on a GPU, "
+                                        "fp32 on CPU; convert and prune keep the checkpoint's "
+                                        "dtype)")
 
     def check_sequence(self, seq_length: int, flag: str = "--seq-length") -> None:
         """Sequence parallelism splits every sequence over the TP ranks."""

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_minitron.cli import _add_parallel, _load, _quiet_third_party
+from megatron_minitron.cli import _add_parallel, _parallel, _quiet_third_party
+from megatron_minitron.model import load_model
 from megatron_minitron.model.forward import logits
 from megatron_minitron.runtime.distributed import shutdown
 
@@ -16,10 +17,11 @@ def main() -> None:
     p.add_argument("--load", required=True)
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--micro-batch-size", type=int, default=1)
     _add_parallel(p)
     a = p.parse_args()
     _quiet_third_party()
-    rt, _, chunks = _load(a)
+    rt, _, chunks = load_model(Path(a.load), _parallel(a))
     tokens = load_file(a.tokens)["tokens"]
     out = logits(chunks, tokens, a.micro_batch_size)
     if out is not None and torch.distributed.get_rank() == rt.world_size - 1:

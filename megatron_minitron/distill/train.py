@@ -31,6 +31,7 @@ from megatron_minitron.checkpoint.atomic import write_text
 from megatron_minitron.config import CheckpointMeta, ConfigError, ParallelConfig, TrainingError
 from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidden_map
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
+from megatron_minitron.options import option
 from megatron_minitron.runtime.distributed import device, to_device
 from megatron_minitron.runtime.progress import Progress
 
@@ -41,28 +42,35 @@ TRAIN_STATE = "train_state.json"
 
 @dataclass
 class DistillConfig:
-    train_iters: int
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seq_length: int = 512
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_iters: int = 0
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    temperature: float = 1.0
-    kd_weight: float = 1.0  # 0 with lm_weight 1: plain cross-entropy training (the baseline)
-    lm_weight: float = 0.0
-    hidden_weight: float = 0.0  # cosine loss on the final hidden states (distill/hidden.py)
-    top_k: int = 0  # > 0: KD over the teacher's top-k logits only (a step holds k per token)
-    eval_interval: int = 0  # 0: evaluate at the end only
-    eval_iters: int = 2  # validation global batches
-    save_interval: int = 0  # 0: save at the end only
-    keep_last: int = 2
-    log_interval: int = 1
-    seed: int = 1234
-    split: str = "98,2,0"
-    distributed_optimizer: bool | None = None  # None: on GPU only (its checkpoints need CUDA)
+    train_iters: int = option(help="optimizer steps")
+    global_batch_size: int = option(8, help="sequences per step, over all data-parallel ranks")
+    micro_batch_size: int = option(1, help="sequences per forward pass")
+    seq_length: int = option(512, help="tokens per sequence")
+    lr: float = option(1e-4, help="peak learning rate (cosine decay to --min-lr)")
+    min_lr: float = option(1e-5, help="final learning rate")
+    warmup_iters: int = option(0, help="linear warm-up steps")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    clip_grad: float = option(1.0, help="gradient-norm clip")
+    temperature: float = option(1.0, help="softmax temperature of the KD loss")
+    kd_weight: float = option(1.0, help="weight of the KL loss on logits")
+    lm_weight: float = option(0.0, help="weight of the LM cross-entropy (--kd-weight 0 "
+                                        "--lm-weight 1: plain CE, the baseline)")
+    hidden_weight: float = option(0.0, help="weight of the cosine loss between final hidden "
+                                            "states, the teacher's mapped onto the channels "
+                                            "pruning kept")
+    top_k: int = option(0, help="KD over the teacher's k largest logits only (0: the whole "
+                                "vocabulary); a step holds k logits per token")
+    eval_interval: int = option(0, help="validate every N steps (0: at the end only)")
+    eval_iters: int = option(2, help="validation global batches")
+    save_interval: int = option(0, help="checkpoint every N steps (0: at the end only)")
+    keep_last: int = option(2, help="checkpoints kept")
+    log_interval: int = option(1, help="log every N steps")
+    seed: int = option(1234, help="data order and initialisation")
+    split: str = option("98,2,0", help="train,valid,test split of --data when no --valid-data")
+    distributed_optimizer: bool | None = option(
+        None, flag="--use-distributed-optimizer",
+        help="shard optimizer state over data-parallel ranks (default: on with CUDA, off on "
+             "CPU, where its checkpoints cannot be written)")
 
     def validate(self, dp: int) -> None:
         if self.train_iters < 1:

@@ -13,15 +13,27 @@ from megatron_minitron.config import ConfigError
 from megatron_minitron.data.tokenizer import Tokenizer
 from megatron_minitron.evaluate import tasks as T
 from megatron_minitron.evaluate.loglik import encode_pair, score
+from megatron_minitron.options import option
 
 
 @dataclass
 class EvalConfig:
-    seq_length: int = 512
-    micro_batch_size: int = 1
-    num_fewshot: int = 0
-    limit: int | None = None  # first N items of each task
-    seed: int = 1234
+    tasks: list[str] = option(factory=lambda: ["perplexity"],
+                              help="perplexity, cloze=FILE.jsonl, choice=FILE.jsonl, "
+                                   "shakespeare-cloze, shakespeare-next")
+    seq_length: int = option(512, help="tokens per window or request")
+    stride: int | None = option(None, help="perplexity: rolling windows every STRIDE tokens "
+                                           "(default: disjoint windows)")
+    max_windows: int | None = option(None, help="perplexity: at most this many windows")
+    micro_batch_size: int = option(1, help="windows or requests per forward pass")
+    num_fewshot: int = option(0, help="multiple-choice: examples shown before each question")
+    limit: int | None = option(None, help="first N items of each task")
+    seed: int = option(1234, help="few-shot examples and built-in task items")
+    lm_eval: list[str] | None = option(None, metavar="TASK",
+                                       help="lm-eval-harness tasks run through the adapter "
+                                            "(needs lm-eval)")
+    lm_eval_include: str | None = option(None, metavar="DIR",
+                                         help="directory of local lm-eval task YAMLs")
 
 
 def parse_task(spec: str) -> tuple[str, Path | None]:

@@ -14,19 +14,25 @@ from megatron_minitron.importance.depth import skip_losses
 from megatron_minitron.importance.hooks import ImportanceHooks
 from megatron_minitron.importance.scores import FORMAT, Scores
 from megatron_minitron.model.forward import forward_microbatches
+from megatron_minitron.options import option
 from megatron_minitron.runtime.progress import Progress
 
 
 @dataclass
 class ImportanceConfig:
-    samples: int = 1024
-    seq_length: int = 4096
-    seq_agg: str = "mean"  # default aggregations recorded in the file; any can be read later
-    sample_agg: str = "l2"
-    block_sizes: tuple[int, ...] = (1,)  # contiguous blocks whose skip cost is measured
-    depth_samples: int = 128  # samples for the layer-skip losses (0: block influence only)
-    micro_batch_size: int = 1
-    seed: int = 1234
+    samples: int = option(1024, help="calibration samples (the paper: 1024)")
+    seq_length: int = option(4096, help="tokens per calibration sample")
+    # The default aggregations are recorded in the file; any can be read later.
+    seq_agg: str = option("mean", choices=stats.AGGREGATIONS,
+                          help="default aggregation over the sequence (all are stored)")
+    sample_agg: str = option("l2", choices=stats.AGGREGATIONS,
+                             help="default aggregation over samples (all are stored)")
+    block_sizes: tuple[int, ...] = option((1,), help="measure the LM-loss rise of skipping "
+                                                     "every contiguous block of K layers")
+    depth_samples: int = option(128, help="samples for the layer-skip losses (0: block "
+                                          "influence only)")
+    micro_batch_size: int = option(1, help="samples per forward pass")
+    seed: int = option(1234, help="which windows of the data are sampled")
 
     def validate(self, model: ModelConfig) -> None:
         num_layers = model.num_layers

@@ -17,6 +17,7 @@ import yaml
 
 from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
+from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
 from megatron_minitron.prune.plan import PruneTarget
 from megatron_minitron.search.run import SearchConfig
@@ -40,11 +41,6 @@ class DataSection:
 
 
 @dataclass
-class ParallelSection(ParallelConfig):
-    micro_batch_size: int = 1
-
-
-@dataclass
 class CorrectionSection(DistillConfig):
     """Teacher correction (2408.11796): the teacher fine-tuned on the distillation data first
     (plain cross-entropy). 0 iterations: off."""
@@ -63,17 +59,6 @@ class SearchSection(SearchConfig):
 
 
 @dataclass
-class EvalSection:
-    seq_length: int = 512
-    max_windows: int | None = None
-    # `minitron eval --tasks`: perplexity (on data.valid), cloze=FILE, choice=FILE, built-ins
-    tasks: list[str] = field(default_factory=lambda: ["perplexity"])
-    limit: int | None = None  # first N items of each task
-    num_fewshot: int = 0
-    micro_batch_size: int | None = None  # default: parallel.micro_batch_size
-
-
-@dataclass
 class ExportSection:
     hf: bool = True  # also write the distilled model as a Hugging Face directory
 
@@ -84,13 +69,13 @@ class RunConfig:
     run_dir: str | None = None  # default: runs/<name>
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: DataSection = field(default_factory=DataSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     correction: CorrectionSection = field(default_factory=CorrectionSection)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneTarget = field(default_factory=PruneTarget)
     search: SearchSection = field(default_factory=SearchSection)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(train_iters=100))
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportSection = field(default_factory=ExportSection)
     # Published parameter count of the target model, if any: --dry-run reports the difference.
     expected_params: float | None = None

@@ -20,8 +20,11 @@ from pathlib import Path
 
 from megatron_minitron.checkpoint.atomic import directory_lock, write_text
 from megatron_minitron.config import ConfigError, ModelConfig, stage_error
+from megatron_minitron.distill.train import DistillConfig
+from megatron_minitron.options import to_argv
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
 from megatron_minitron.runtime.distributed import barrier, is_main_rank, launch_env
+from megatron_minitron.search.run import SearchConfig
 
 log = logging.getLogger("minitron")
 MARKERS = ".stages"
@@ -99,54 +102,13 @@ def teacher_model(cfg: RunConfig, dry_run: bool) -> ModelConfig:
     return convert.read_source(src, fmt)[0]
 
 
-def _parallel_args(cfg: RunConfig) -> list[str]:
-    p = cfg.parallel
-    args = ["--tp", str(p.tp), "--pp", str(p.pp), "--micro-batch-size", str(p.micro_batch_size)]
-    if p.vpp:
-        args += ["--vpp", str(p.vpp)]
-    if p.precision:
-        args += [f"--{p.precision}"]
-    return args + (["--sequence-parallel"] if p.sequence_parallel else [])
-
-
-def _options(obj, names: dict[str, str]) -> list[str]:
-    """CLI options from dataclass fields: {field: --flag}; None fields left out."""
-    out = []
-    for name, flag in names.items():
-        v = getattr(obj, name)
-        if v is None or v is False:
-            continue
-        if v is True:
-            out.append(flag)
-        elif isinstance(v, list | tuple):
-            out += [flag, *(str(x) for x in v)]
-        else:
-            out += [flag, str(v)]
-    return out
-
-
-_TRAIN_FLAGS = {n: "--" + n.replace("_", "-") for n in (
-    "train_iters", "global_batch_size", "seq_length", "lr", "min_lr", "warmup_iters",
-    "weight_decay", "clip_grad", "temperature", "kd_weight", "lm_weight", "hidden_weight",
-    "top_k", "eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval", "seed",
-    "split")}
-
-
-def _train_args(c) -> list[str]:
-    args = _options(c, _TRAIN_FLAGS)
-    if c.distributed_optimizer is not None:
-        args.append("--use-distributed-optimizer" if c.distributed_optimizer
-                    else "--no-use-distributed-optimizer")
-    return args
-
-
 def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None = None
                  ) -> list[Stage]:
     """The commands of this run, in order (nothing is read but the inputs' names). With
     `missing` (a dry run), absent inputs are listed there instead of failing; an absent teacher
     counts as a minitron checkpoint."""
     d = cfg.directory
-    par = _parallel_args(cfg)
+    par = to_argv(cfg.parallel)
     stages: list[Stage] = []
     src = teacher_source(cfg)
     if missing is not None and not src.exists():
@@ -184,7 +146,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
         stages.append(Stage("correction", [
             "distill", "--teacher", str(teacher), "--student", str(teacher), "--data",
             *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(out),
-            *_train_args(cfg.correction), *par], out, teacher_reads + data_reads,
+            *to_argv(cfg.correction, DistillConfig), *par], out, teacher_reads + data_reads,
             resumable=True))
         original, original_reads = teacher, teacher_reads
         teacher = out / f"iter_{cfg.correction.train_iters:07d}"
@@ -192,38 +154,24 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
 
     prune_reads = list(teacher_reads)
     prune_args = ["prune", "--load", str(teacher), "--out", str(d / "pruned"),
-                  *_options(cfg.prune, {"hidden": "--target-hidden", "ffn": "--target-ffn",
-                                        "heads": "--target-heads", "groups": "--target-groups",
-                                        "layers": "--target-layers",
-                                        "depth_metric": "--depth-metric"})]
-    if cfg.prune.drop_layers:
-        prune_args += ["--drop-layers", ",".join(map(str, cfg.prune.drop_layers))]
-    if not cfg.prune.norm_rescale:
-        prune_args.append("--no-norm-rescale")
+                  *to_argv(cfg.prune)]
     searching = cfg.search.target_params is not None
     if cfg.prune.needs_scores() or searching:
         scores = d / "importance" / "scores.safetensors"
-        imp = cfg.importance
         calib = [*map(str, train_files), *train_prefixes[1 if train_files else 0:]]
         stages.append(Stage("importance", [
             "importance", "--load", str(teacher), "--data", *calib, "--json-key",
-            cfg.data.json_key, "--out", str(scores),
-            *_options(imp, {"samples": "--samples", "seq_length": "--seq-length",
-                            "seq_agg": "--seq-agg", "sample_agg": "--sample-agg",
-                            "block_sizes": "--block-sizes", "depth_samples": "--depth-samples",
-                            "seed": "--seed"}), *par], scores, teacher_reads,
+            cfg.data.json_key, "--out", str(scores), *to_argv(cfg.importance), *par],
+            scores, teacher_reads,
             train_files))
         prune_args += ["--scores", str(scores)]
         prune_reads.append("importance")
     if searching:
-        s = cfg.search
         stages.append(Stage("search", [
             "search", "--load", str(teacher), "--scores", str(scores), "--data", *train_prefixes,
             "--valid-data", *valid_prefixes, "--out", str(d / "search"),
-            *_options(s, {n: "--" + n.replace("_", "-") for n in (
-                "target_params", "tolerance", "axes", "candidates", "step", "kd_tokens",
-                "global_batch_size", "seq_length", "lr", "min_lr", "eval_iters", "seed")}),
-            *par], d / "search", [*prune_reads, *data_reads], resumable=True))
+            *to_argv(cfg.search, SearchConfig), *par], d / "search",
+            [*prune_reads, *data_reads], resumable=True))
         pruned, student_from, prune_stage = d / "search" / "best_pruned", \
             d / "search" / "best", "search"
     else:
@@ -235,7 +183,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
     stages.append(Stage("distill", [
         "distill", "--teacher", str(teacher), "--student", str(student_from), "--data",
         *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(distill),
-        *_train_args(cfg.distill), *par], distill, [*teacher_reads, prune_stage, *data_reads],
+        *to_argv(cfg.distill), *par], distill, [*teacher_reads, prune_stage, *data_reads],
         resumable=True))
     student = distill / f"iter_{cfg.distill.train_iters:07d}"
 
@@ -247,10 +195,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
         out = d / "eval" / f"{name}.json"
         stages.append(Stage(f"eval-{name}", [
             "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
-            *_options(cfg.eval, {"tasks": "--tasks", "seq_length": "--seq-length",
-                                 "max_windows": "--max-windows", "limit": "--limit",
-                                 "num_fewshot": "--num-fewshot"}), *par,
-            *_options(cfg.eval, {"micro_batch_size": "--micro-batch-size"})], out, reads,
+            *to_argv(cfg.eval), *par], out, reads,
             text_valid))
     if cfg.export.hf and world_size == 1:
         stages.append(Stage("export", ["convert", str(student), str(d / "hf"), "--to", "hf"],

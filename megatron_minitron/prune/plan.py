@@ -13,20 +13,30 @@ import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.importance.scores import Scores
+from megatron_minitron.options import option
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
 
 
 @dataclass
 class PruneTarget:
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    groups: int | None = None
-    layers: int | None = None
-    drop_layers: list[int] | None = None
-    depth_metric: str = "auto"  # how --layers chooses what to drop
-    norm_rescale: bool = True  # RMSNorm: keep pruned channels' share of the mean square
+    hidden: int | None = option(None, flag="--target-hidden", help="embedding channels kept")
+    ffn: int | None = option(None, flag="--target-ffn", help="MLP neurons kept per layer")
+    heads: int | None = option(None, flag="--target-heads", help="attention heads kept per layer")
+    groups: int | None = option(None, flag="--target-groups",
+                                help="query groups (KV heads) kept per layer")
+    layers: int | None = option(None, flag="--target-layers", help="layers kept")
+    drop_layers: list[int] | None = option(
+        None, parse=lambda s: [int(i) for i in s.split(",") if i.strip()],
+        render=lambda v: ",".join(map(str, v)), metavar="I,J,...",
+        help="drop these 0-based layers (no scores needed)")
+    depth_metric: str = option("auto", choices=DEPTH_METRICS,
+                               help="how --target-layers picks layers (auto: the contiguous block "
+                                    "with the smallest LM-loss rise when the scores have it, "
+                                    "else single-layer skip loss)")
+    norm_rescale: bool = option(True, flag="--no-norm-rescale",
+                                help="slice RMSNorm weights without the sqrt(h/h') rescale that "
+                                     "keeps the pruned channels' share of the mean square")
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.hidden, self.ffn, self.heads, self.groups,

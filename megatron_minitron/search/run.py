@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_minitron.checkpoint.atomic import write_text
-from megatron_minitron.config import ModelConfig, stage_error
+from megatron_minitron.config import ModelConfig, ParallelConfig, stage_error
 from megatron_minitron.distill.report import val_lm_first_last
+from megatron_minitron.distill.train import DistillConfig
+from megatron_minitron.options import option, to_argv
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
@@ -25,18 +27,19 @@ log = logging.getLogger("minitron")
 
 @dataclass
 class SearchConfig:
-    target_params: float
-    tolerance: float = 0.05
-    axes: tuple[str, ...] = AXES
-    candidates: int = 4
-    step: int = 64  # hidden / MLP widths in multiples of this
-    kd_tokens: int = 65536  # per candidate
-    global_batch_size: int = 8
-    seq_length: int = 256
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    eval_iters: int = 4
-    seed: int = 1234
+    target_params: float = option(help="parameters of the pruned model")
+    tolerance: float = option(0.05, help="candidates within this fraction of the target")
+    axes: tuple[str, ...] = option(AXES, choices=AXES, help="axes the candidates prune")
+    candidates: int = option(4, help="candidates pruned and distilled")
+    step: int = option(64, help="width granularity (hidden, ffn)")
+    kd_tokens: int = option(65536, help="distillation tokens per candidate")
+    global_batch_size: int = option(8, help="KD sequences per step")
+    micro_batch_size: int = option(1, help="KD sequences per forward pass")
+    seq_length: int = option(256, help="KD tokens per sequence")
+    lr: float = option(1e-4, help="KD peak learning rate")
+    min_lr: float = option(1e-5, help="KD final learning rate")
+    eval_iters: int = option(4, help="validation batches before and after each candidate's KD")
+    seed: int = option(1234, help="KD data order")
 
     @property
     def train_iters(self) -> int:
@@ -58,8 +61,16 @@ def _verb(argv: list[str]) -> None:
                               "resume")
 
 
+def kd_config(cfg: SearchConfig) -> DistillConfig:
+    """The short distillation every candidate gets."""
+    return DistillConfig(train_iters=cfg.train_iters, global_batch_size=cfg.global_batch_size,
+                         micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length,
+                         lr=cfg.lr, min_lr=cfg.min_lr, eval_iters=cfg.eval_iters, seed=cfg.seed)
+
+
 def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg: SearchConfig,
-                  data: list[str], valid: list[str], out: Path, parallel: list[str]) -> dict:
+                  data: list[str], valid: list[str], out: Path, parallel: ParallelConfig
+                  ) -> dict:
     d = out / c.name
     done = d / "result.json"
     if done.is_file():
@@ -71,18 +82,12 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
         if pruned.exists() and not (pruned / "minitron.json").is_file():
             shutil.rmtree(pruned)
     barrier()
-    target = c.target(t)
     if not (pruned / "minitron.json").is_file():
-        flags = [f"--target-{k}" for k in ("hidden", "ffn", "heads", "layers")]
-        values = (target.hidden, target.ffn, target.heads, target.layers)
         _verb(["prune", "--load", str(teacher), "--scores", str(scores), "--out", str(pruned),
-               *[x for f, v in zip(flags, values, strict=True) if v is not None
-                 for x in (f, str(v))], *parallel])
+               *to_argv(c.target(t)), *to_argv(parallel)])
     _verb(["distill", "--teacher", str(teacher), "--student", str(pruned), "--data", *data,
-           "--valid-data", *valid, "--save", str(d / "distill"), "--train-iters",
-           str(cfg.train_iters), "--global-batch-size", str(cfg.global_batch_size),
-           "--seq-length", str(cfg.seq_length), "--lr", str(cfg.lr), "--min-lr", str(cfg.min_lr),
-           "--eval-iters", str(cfg.eval_iters), "--seed", str(cfg.seed), *parallel])
+           "--valid-data", *valid, "--save", str(d / "distill"), *to_argv(kd_config(cfg)),
+           *to_argv(parallel)])
     before, after = val_lm_first_last(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
               "checkpoint": str(d / "distill" / f"iter_{cfg.train_iters:07d}")}
@@ -93,18 +98,19 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
 
 
 def search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], valid: list[str],
-           out: Path, tp: int = 1, parallel: list[str] | None = None) -> dict:
+           out: Path, parallel: ParallelConfig | None = None) -> dict:
     from megatron_minitron.checkpoint import mcore
 
     t = mcore.read_meta(teacher).model
-    candidates = plan(t, cfg, tp)
+    parallel = parallel or ParallelConfig()
+    candidates = plan(t, cfg, parallel.tp)
     if is_main_rank():
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "plan.json", json.dumps([asdict(c) | {"name": c.name}
                                                   for c in candidates], indent=2))
     log.info("search: %d candidates of %d parameters +/- %.0f%%: %s", len(candidates),
              cfg.target_params, cfg.tolerance * 100, ", ".join(c.name for c in candidates))
-    results = [run_candidate(c, teacher, scores, t, cfg, data, valid, out, parallel or [])
+    results = [run_candidate(c, teacher, scores, t, cfg, data, valid, out, parallel)
                for c in candidates]
     results.sort(key=lambda r: (r["loss_kd"], r["name"]))
     report = {"config": asdict(cfg), "teacher": str(teacher), "ranking": results,

@@ -1,0 +1,151 @@
+"""Every setting is declared once, as a dataclass field made by `option()`. The command line,
+the YAML sections of `minitron run`, the commands `minitron run` builds and prints, and
+docs/commands.md are derived from those fields (torchtitan's job_config is the model).
+
+A field's type decides its flag: `bool` is a switch (`--no-NAME` when it defaults to on, `--NAME`
+/ `--no-NAME` when it may be None), `tuple[...]`/`list[...]` takes one or more values, anything
+else takes one value of its type. Help text and defaults live on the field, nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+MISSING = dataclasses.MISSING
+
+
+def option(default: Any = MISSING, *, help: str, flag: str | None = None,
+           short: str | None = None, choices: tuple | None = None,
+           factory: Callable[[], Any] | None = None, parse: Callable[[str], Any] | None = None,
+           render: Callable[[Any], str] | None = None, choice_flags: bool = False,
+           metavar: str | None = None) -> Any:
+    """A dataclass field carrying its command-line face. `flag` defaults to --field-name;
+    `short` is an alias (--tp); `parse`/`render` read and write a value given as one string
+    (e.g. a comma list); `choice_flags` makes each choice a flag of its own (--bf16)."""
+    meta = {"help": help, "flag": flag, "short": short, "choices": choices, "parse": parse,
+            "render": render, "choice_flags": choice_flags, "metavar": metavar}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"option": meta})
+    return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def options(cls) -> list[tuple[dataclasses.Field, dict, Any]]:
+    """(field, its option metadata, its type) for every option of a dataclass, in order."""
+    hints = typing.get_type_hints(cls)
+    return [(f, f.metadata["option"], hints[f.name]) for f in dataclasses.fields(cls)
+            if "option" in f.metadata]
+
+
+def flag_of(f: dataclasses.Field, meta: dict) -> str:
+    return meta["flag"] or "--" + f.name.replace("_", "-")
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _base(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _is_sequence(tp) -> bool:
+    return typing.get_origin(tp) in (list, tuple)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one worth reading (not None, not a switch's)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_options(parser, cls, title: str | None = None) -> None:
+    """The flags of dataclass `cls` on `parser` (in an argument group when `title` is given)."""
+    group = parser.add_argument_group(title) if title else parser
+    for f, meta, tp in options(cls):
+        base, _ = _base(tp)
+        flags = [flag_of(f, meta), *([meta["short"]] if meta["short"] else [])]
+        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        default = default_of(f)
+        if meta["choice_flags"]:
+            ex = group.add_mutually_exclusive_group()
+            first = meta["choices"][0]
+            for c in meta["choices"]:
+                ex.add_argument(f"--{c}", dest=f.name, action="store_const", const=c,
+                                help=f"{c} {meta['help']}" if c == first else
+                                f"{c} (see --{first})")
+            parser.set_defaults(**{f.name: default})
+            continue
+        if base is bool:
+            if default is None:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["action"] = "store_false" if default else "store_true"
+            group.add_argument(*flags, default=default, **kw)
+            continue
+        if meta["parse"]:
+            kw["type"] = meta["parse"]
+        elif _is_sequence(base):
+            kw["nargs"] = "+"
+            kw["type"] = typing.get_args(base)[0]
+        else:
+            kw["type"] = base
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        if default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = list(default) if isinstance(default, tuple) else default
+        group.add_argument(*flags, **kw)
+
+
+def from_args(cls, ns: argparse.Namespace, **extra):
+    """The dataclass `cls` from parsed arguments (its options) and `extra` fields."""
+    values = {}
+    for f, _, tp in options(cls):
+        v = getattr(ns, f.name)
+        base, _ = _base(tp)
+        if v is not None and typing.get_origin(base) is tuple:
+            v = tuple(v)
+        values[f.name] = v
+    return cls(**values, **extra)
+
+
+def to_argv(obj, cls=None) -> list[str]:
+    """The flags that give `obj` from the defaults of `cls` (default: its own class), the
+    dataclass of the command that will parse them: what a user would type."""
+    out: list[str] = []
+    for f, meta, tp in options(cls or type(obj)):
+        v, default = getattr(obj, f.name), default_of(f)
+        if v == default or (isinstance(v, tuple | list) and list(v) == list(default or [])):
+            continue
+        flag = meta["short"] or flag_of(f, meta)
+        base, _ = _base(tp)
+        if meta["choice_flags"]:
+            out.append(f"--{v}")
+        elif base is bool:
+            out.append(flag if v else ("--no-" + flag[2:] if default is None else flag))
+        elif v is None:
+            raise ValueError(f"{f.name}: None cannot be given on the command line")
+        elif meta["render"]:
+            out += [flag, meta["render"](v)]
+        elif _is_sequence(base):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
