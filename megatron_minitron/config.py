@@ -8,6 +8,7 @@ disagree.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -31,9 +32,14 @@ class TrainingError(RuntimeError):
     exit_code = 3
 
 
-def stage_error(exit_code: int, message: str) -> Exception:
-    """The error a command that chains verbs (run, search) raises for a verb that exited so."""
-    return TrainingError(message) if exit_code == TrainingError.exit_code else ConfigError(message)
+@contextlib.contextmanager
+def prefixed(where: str):
+    """Errors of a stage run inside another command (run, search) name where they happened;
+    their type, hence the exit code, is kept."""
+    try:
+        yield
+    except (ConfigError, TrainingError) as e:
+        raise type(e)(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True)

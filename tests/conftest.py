@@ -89,6 +89,18 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port in {base}..{base + _PORTS_PER_WORKER}")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup` xdist renames a grouped test NAME@GROUP so that its group runs on
+    one worker; a pytest xdist cannot rename in would silently undo the grouping."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup"):
+        lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and
+                "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"xdist_group ignored ({lost[0]}): this pytest-xdist cannot "
+                                    "group tests under this pytest; pip install 'pytest<9'")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_outlives_the_suite():
     """Fails the suite if any process a test started is still alive at its end. The pytest

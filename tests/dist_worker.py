@@ -6,9 +6,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_minitron.cli import _add_parallel, _parallel, _quiet_third_party
+from megatron_minitron.cli import _quiet_third_party
+from megatron_minitron.config import ParallelConfig
 from megatron_minitron.model import load_model
 from megatron_minitron.model.forward import logits
+from megatron_minitron.options import add_options, from_args
 from megatron_minitron.runtime.distributed import shutdown
 
 
@@ -18,10 +20,10 @@ def main() -> None:
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--micro-batch-size", type=int, default=1)
-    _add_parallel(p)
+    add_options(p, ParallelConfig)
     a = p.parse_args()
     _quiet_third_party()
-    rt, _, chunks = load_model(Path(a.load), _parallel(a))
+    rt, _, chunks = load_model(Path(a.load), from_args(ParallelConfig, a))
     tokens = load_file(a.tokens)["tokens"]
     out = logits(chunks, tokens, a.micro_batch_size)
     if out is not None and torch.distributed.get_rank() == rt.world_size - 1:

@@ -18,18 +18,22 @@ _FILE = re.compile(r"(?<![\w/])((?:slurm|scripts|configs|benchmarks|tests)/[\w.-
 
 
 def _quoted_lines() -> list[tuple[str, str, bool]]:
-    """(where, line, whole command?) for README code blocks, inline code (often a command's
-    start only: its flags are checked, not its completeness), and the configs' comments."""
+    """(where, line, whole command?) for code blocks and inline code (often a command's start
+    only: its flags are checked, not its completeness) of README.md and the docs/ pages (not the
+    generated docs/commands.md), and the configs' comments."""
     out = []
-    readme = (ROOT / "README.md").read_text()
-    in_block = False
-    for line in readme.splitlines():
-        if line.startswith("```"):
-            in_block = not in_block
-        elif in_block:
-            out.append(("README.md", line.split(" # ")[0].strip(), True))
-        else:
-            out += [("README.md", span, False) for span in re.findall(r"`([^`]+)`", line)]
+    pages = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md")
+                                          if p.name != "commands.md")
+    for page in pages:
+        where = page.relative_to(ROOT).as_posix()
+        in_block = False
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                out.append((where, line.split(" # ")[0].strip(), True))
+            else:
+                out += [(where, span, False) for span in re.findall(r"`([^`]+)`", line)]
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):
         out += [(cfg.name, line.lstrip("# ").split("  (")[0].strip(), True)
                 for line in cfg.read_text().splitlines() if line.startswith("#")]

@@ -124,15 +124,15 @@ def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
 
 
 def test_candidates_keep_every_parallel_flag(monkeypatch, tmp_path):
-    """The candidates' prune and distill commands get the search's own parallel flags, virtual
-    pipeline and precision included (they used to lose --vpp)."""
+    """The candidates' prune and distill run with the search's own ParallelConfig, virtual
+    pipeline and precision included (rebuilt flag lists used to lose --vpp)."""
     import megatron_minitron.search.run as search_run
+    from megatron_minitron.config import ParallelConfig
 
     seen = {}
-    monkeypatch.setattr(search_run, "search", lambda *a, **k: seen.update(parallel=a[-1]))
+    monkeypatch.setattr(search_run, "_search", lambda *a: seen.update(parallel=a[-1]))
     assert main(["search", "--load", "L", "--scores", "S", "--target-params", "1e5", "--data",
                  "D", "--valid-data", "V", "--out", str(tmp_path), "--pp", "2", "--vpp", "2",
                  "--tp", "2", "--sequence-parallel", "--bf16"]) == 0
-    flags = " ".join(seen["parallel"])
-    for f in ("--tp 2", "--pp 2", "--vpp 2", "--sequence-parallel", "--bf16"):
-        assert f in flags, flags
+    assert seen["parallel"] == ParallelConfig(tp=2, pp=2, vpp=2, sequence_parallel=True,
+                                              precision="bf16")

@@ -13,6 +13,9 @@ Facts encoded here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from megatron_minitron.config import ModelConfig
@@ -97,59 +100,55 @@ def swiglu_shard(full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
 
 
-def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
-                ) -> dict[str, torch.Tensor]:
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor and the HF tensors it is made of: `fuse` joins them on import,
+    `split` undoes it on export (identity for a plain rename)."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    fuse: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = lambda t: (t,)
+
+
+def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
+    """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
+    it."""
+    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
     attn_norm, mlp_norm = norm_names(te)
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
         for suf in _norm_suffixes(cfg):
-            out[m + attn_norm + _te_suffix(suf, te)] = hf[s + f"input_layernorm.{suf}"]
-            out[m + mlp_norm + _te_suffix(suf, te)] = hf[s + f"post_attention_layernorm.{suf}"]
-        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[s + "self_attn.q_proj.weight"], hf[s + "self_attn.k_proj.weight"],
-            hf[s + "self_attn.v_proj.weight"], cfg)
-        out[m + "self_attention.linear_proj.weight"] = hf[s + "self_attn.o_proj.weight"]
-        if cfg.traits.gated:
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
-                [hf[s + "mlp.gate_proj.weight"], hf[s + "mlp.up_proj.weight"]], dim=0)
+            out += [Rule(m + attn_norm + _te_suffix(suf, te), (s + f"input_layernorm.{suf}",)),
+                    Rule(m + mlp_norm + _te_suffix(suf, te),
+                         (s + f"post_attention_layernorm.{suf}",))]
+        out += [Rule(m + "self_attention.linear_qkv.weight",
+                     tuple(s + f"self_attn.{x}_proj.weight" for x in "qkv"),
+                     lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)),
+                Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)),
+                Rule(m + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",))]
+        if cfg.traits.gated:  # linear_fc1 = [gate; up]
+            out.append(Rule(m + "mlp.linear_fc1.weight",
+                            (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"),
+                            torch.cat, lambda t: torch.chunk(t, 2, dim=0)))
         else:
-            out[m + "mlp.linear_fc1.weight"] = hf[s + "mlp.up_proj.weight"]
-        out[m + "mlp.linear_fc2.weight"] = hf[s + "mlp.down_proj.weight"]
-    for suf in _norm_suffixes(cfg):
-        out[f"decoder.final_layernorm.{suf}"] = hf[f"model.norm.{suf}"]
+            out.append(Rule(m + "mlp.linear_fc1.weight", (s + "mlp.up_proj.weight",)))
+    out += [Rule(f"decoder.final_layernorm.{suf}", (f"model.norm.{suf}",))
+            for suf in _norm_suffixes(cfg)]
     if not cfg.tie_embeddings:
-        out["output_layer.weight"] = hf["lm_head.weight"]
+        out.append(Rule("output_layer.weight", ("lm_head.weight",)))
     return out
+
+
+def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
+                ) -> dict[str, torch.Tensor]:
+    return {r.mcore: r.fuse([hf[n] for n in r.hf]) for r in rules(cfg, te)}
 
 
 def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
                 ) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"]}
-    attn_norm, mlp_norm = norm_names(te)
-    for i in range(cfg.num_layers):
-        s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
-        for suf in _norm_suffixes(cfg):
-            out[s + f"input_layernorm.{suf}"] = mc[m + attn_norm + _te_suffix(suf, te)]
-            out[s + f"post_attention_layernorm.{suf}"] = mc[m + mlp_norm + _te_suffix(suf, te)]
-        q, k, v = split_qkv(mc[m + "self_attention.linear_qkv.weight"], cfg)
-        out[s + "self_attn.q_proj.weight"] = q
-        out[s + "self_attn.k_proj.weight"] = k
-        out[s + "self_attn.v_proj.weight"] = v
-        out[s + "self_attn.o_proj.weight"] = mc[m + "self_attention.linear_proj.weight"]
-        fc1 = mc[m + "mlp.linear_fc1.weight"]
-        if cfg.traits.gated:
-            gate, up = torch.chunk(fc1, 2, dim=0)
-            out[s + "mlp.gate_proj.weight"] = gate
-            out[s + "mlp.up_proj.weight"] = up
-        else:
-            out[s + "mlp.up_proj.weight"] = fc1
-        out[s + "mlp.down_proj.weight"] = mc[m + "mlp.linear_fc2.weight"]
-    for suf in _norm_suffixes(cfg):
-        out[f"model.norm.{suf}"] = mc[f"decoder.final_layernorm.{suf}"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = mc["output_layer.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return {n: t.contiguous() for r in rules(cfg, te)
+            for n, t in zip(r.hf, r.split(mc[r.mcore]), strict=True)}
 
 
 # Mistral without a sliding window is Llama with an explicit head_dim (what we export a

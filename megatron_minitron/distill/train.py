@@ -40,6 +40,11 @@ LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 
 
+def iteration_dir(save: Path, iteration: int) -> Path:
+    """SAVE/iter_0000100: Megatron's name for the checkpoint of an iteration."""
+    return Path(save) / f"iter_{iteration:07d}"
+
+
 @dataclass
 class DistillConfig:
     train_iters: int = option(help="optimizer steps")
@@ -333,15 +338,12 @@ class Distiller:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def _checkpoint_dir(self, iteration: int) -> Path:
-        return self.save / f"iter_{iteration:07d}"
-
     def save_checkpoint(self) -> Path:
         from megatron.core import dist_checkpointing
 
         from megatron_minitron.checkpoint import mcore
 
-        dst = self._checkpoint_dir(self.iteration)
+        dst = iteration_dir(self.save, self.iteration)
         meta = CheckpointMeta(model=self.s_meta.model, tokenizer=self.s_meta.tokenizer,
                               source=f"distilled from {self.teacher_path.resolve()}",
                               history=[*self.s_meta.history,
@@ -426,4 +428,4 @@ class Distiller:
             if last or (cfg.save_interval and self.iteration % cfg.save_interval == 0):
                 self.save_checkpoint()
         metrics.close(plot=True)
-        return self._checkpoint_dir(self.iteration)
+        return iteration_dir(self.save, self.iteration)

@@ -1,11 +1,12 @@
 """`minitron run CONFIG.yaml`: every stage of the method, one after another, each cached.
 
-A stage is one `minitron` command (the arrows of the data flow), run in this process on every
-rank, so what the pipeline does is exactly what a user typing the commands would get; `--dry-run`
-prints them. A stage is skipped when its marker (.stages/NAME.json) holds the same key: a hash of
-its command, of the keys of the stages it reads and of the size and time of the files it reads.
-A stage that did not finish is started again from scratch, except distillation, which resumes from
-its last checkpoint when its key is unchanged.
+A stage is one stage function (stages.py, search.run.search) called with the config's own
+dataclasses, in this process on every rank: exactly what a user typing the command that
+`--dry-run` prints would get. A stage is skipped when its marker (.stages/NAME.json) holds the
+same key: a hash of its arguments (canonical JSON of the dataclasses and paths), of the keys of
+the stages it reads and of the size and time of the files it reads. A stage that did not finish
+is started again from scratch, except distillation and search, which resume from what they
+saved when their key is unchanged.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_minitron.checkpoint.atomic import directory_lock, write_text
-from megatron_minitron.config import ConfigError, ModelConfig, stage_error
-from megatron_minitron.distill.train import DistillConfig
-from megatron_minitron.options import to_argv
+from megatron_minitron.checkpoint.mcore import is_mcore_dir
+from megatron_minitron.commands import canonical, command_line, complete, run
+from megatron_minitron.config import ConfigError, ModelConfig, prefixed
+from megatron_minitron.distill.train import iteration_dir
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
 from megatron_minitron.runtime.distributed import barrier, is_main_rank, launch_env
-from megatron_minitron.search.run import SearchConfig
 
 log = logging.getLogger("minitron")
 MARKERS = ".stages"
@@ -33,13 +34,19 @@ MARKERS = ".stages"
 @dataclass
 class Stage:
     name: str
-    argv: list[str]  # the minitron command
+    verb: str  # the minitron verb whose stage function runs it (commands.VERBS)
+    args: dict  # that function's keyword arguments: paths and settings dataclasses
     output: Path
     reads: list[str] = field(default_factory=list)  # stages whose outputs it reads
     files: list[Path] = field(default_factory=list)  # outside files it reads
     resumable: bool = False
     make_dir: bool = False  # create `output` before the command (which writes into it)
     key: str = ""
+
+    @property
+    def command(self) -> list[str]:
+        """The `minitron` command that does the same, as --dry-run prints it."""
+        return command_line(self.verb, self.args)
 
 
 def _builtin(entry: str) -> list[Path]:
@@ -102,105 +109,112 @@ def teacher_model(cfg: RunConfig, dry_run: bool) -> ModelConfig:
     return convert.read_source(src, fmt)[0]
 
 
-def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None = None
-                 ) -> list[Stage]:
-    """The commands of this run, in order (nothing is read but the inputs' names). With
-    `missing` (a dry run), absent inputs are listed there instead of failing; an absent teacher
-    counts as a minitron checkpoint."""
-    d = cfg.directory
-    par = to_argv(cfg.parallel)
-    stages: list[Stage] = []
-    src = teacher_source(cfg)
-    if missing is not None and not src.exists():
-        missing.append(f"teacher.source: {src}")
-    if (src / "minitron.json").is_file() or (missing is not None and not src.exists()):
-        teacher = src  # already a checkpoint: nothing to convert
-    else:
+class _Plan:
+    """The stages of a run, built in the order they run; each step returns what later ones
+    read (paths and the names of the stages that write them)."""
+
+    def __init__(self, cfg: RunConfig, missing: list[str] | None):
+        self.cfg, self.missing, self.d = cfg, missing, cfg.directory
+        self.stages: list[Stage] = []
+
+    def add(self, name: str, verb: str, output: Path, reads: list[str], files=(), **args
+            ) -> None:
+        flags = {k: args.pop(k) for k in ("resumable", "make_dir") if k in args}
+        if verb not in ("convert", "preprocess"):
+            args["parallel"] = self.cfg.parallel
+        self.stages.append(Stage(name, verb, complete(verb, args), output, list(reads),
+                                 list(files), **flags))
+
+    def teacher(self, world_size: int) -> tuple[Path, list[str]]:
+        """A checkpoint of the teacher: the source itself, or its conversion."""
+        src = teacher_source(self.cfg)
+        if self.missing is not None and not src.exists():
+            self.missing.append(f"teacher.source: {src}")
+        if is_mcore_dir(src) or (self.missing is not None and not src.exists()):
+            return src, []  # already a checkpoint (or, planning elsewhere, assumed to be)
         if world_size > 1:
             raise ConfigError("teacher.source: importing HF/GGUF weights runs in one process; "
                               f"run `minitron convert {src} DST` first and set teacher.source "
                               "to DST")
-        teacher = d / "teacher"
-        stages.append(Stage("convert", ["convert", str(src), str(teacher)], teacher,
-                            files=[src]))
-    teacher_reads = [s.name for s in stages]
+        self.add("convert", "convert", self.d / "teacher", [], [src], src=src,
+                 dst=self.d / "teacher")
+        return self.d / "teacher", ["convert"]
 
-    train_files, train_prefixes = _split_data(cfg.data.train, "data.train", missing)
-    valid_files, valid_prefixes = _split_data(cfg.data.valid, "data.valid", missing)
-    for name, files, prefixes in (("train", train_files, train_prefixes),
-                                  ("valid", valid_files, valid_prefixes)):
-        if files:
-            out = d / "data" / name
-            stages.append(Stage(f"data-{name}", [
-                "preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
-                "--output-prefix", str(out / name), "--json-key", cfg.data.json_key],
-                out, teacher_reads, files, make_dir=True))
-            prefixes.insert(0, str(out / name))
-    data_reads = [s.name for s in stages if s.name.startswith("data-")]
-    text_valid = [f for f in valid_files if f.suffix != ".jsonl"]
-    if not text_valid and missing is None and "perplexity" in cfg.eval.tasks:
-        raise ConfigError("data.valid: held-out perplexity needs at least one text file")
+    def data(self, teacher: Path, teacher_reads: list[str]):
+        """(train files, train prefixes, valid prefixes, text valid files, data stages): text
+        and JSONL files are tokenized into indexed datasets first."""
+        cfg = self.cfg
+        train_files, train = _split_data(cfg.data.train, "data.train", self.missing)
+        valid_files, valid = _split_data(cfg.data.valid, "data.valid", self.missing)
+        reads = []
+        for name, files, prefixes in (("train", train_files, train), ("valid", valid_files,
+                                                                      valid)):
+            if files:
+                out = self.d / "data" / name
+                self.add(f"data-{name}", "preprocess", out, teacher_reads, files, make_dir=True,
+                         input=files, tokenizer=teacher, output_prefix=str(out / name),
+                         json_key=cfg.data.json_key)
+                prefixes.insert(0, str(out / name))
+                reads.append(f"data-{name}")
+        text_valid = [f for f in valid_files if f.suffix != ".jsonl"]
+        if not text_valid and self.missing is None and "perplexity" in cfg.eval.tasks:
+            raise ConfigError("data.valid: held-out perplexity needs at least one text file")
+        return train_files, train, valid, text_valid, reads
 
+    def student(self, teacher: Path, teacher_reads: list[str], train_files: list[Path],
+                train: list[str], valid: list[str], data_reads: list[str]):
+        """Importance, then prune or search: (pruned checkpoint, checkpoint distillation
+        starts from, the stage that writes them)."""
+        cfg, d = self.cfg, self.d
+        searching = cfg.search.target_params is not None
+        reads, scores = list(teacher_reads), None
+        if cfg.prune.needs_scores() or searching:
+            scores = d / "importance" / "scores.safetensors"
+            calib = [*train_files, *train[1 if train_files else 0:]]
+            self.add("importance", "importance", scores, teacher_reads, train_files,
+                     load=teacher, out=scores, settings=cfg.importance, data=calib,
+                     json_key=cfg.data.json_key)
+            reads.append("importance")
+        if searching:
+            self.add("search", "search", d / "search", [*reads, *data_reads], resumable=True,
+                     load=teacher, scores=scores, data=train, valid_data=valid,
+                     out=d / "search", settings=cfg.search)
+            return d / "search" / "best_pruned", d / "search" / "best", "search"
+        self.add("prune", "prune", d / "pruned", reads, load=teacher, out=d / "pruned",
+                 settings=cfg.prune, scores=scores)
+        return d / "pruned", d / "pruned", "prune"
+
+
+def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None = None
+                 ) -> list[Stage]:
+    """The stages of this run, in order (nothing is read but the inputs' names). With
+    `missing` (a dry run), absent inputs are listed there instead of failing; an absent teacher
+    counts as a minitron checkpoint."""
+    plan, d = _Plan(cfg, missing), cfg.directory
+    teacher, teacher_reads = plan.teacher(world_size)
+    train_files, train, valid, text_valid, data_reads = plan.data(teacher, teacher_reads)
+    evals = [("teacher", teacher, teacher_reads)]
     if cfg.correction.train_iters > 0:
-        out = d / "correction"
-        stages.append(Stage("correction", [
-            "distill", "--teacher", str(teacher), "--student", str(teacher), "--data",
-            *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(out),
-            *to_argv(cfg.correction, DistillConfig), *par], out, teacher_reads + data_reads,
-            resumable=True))
-        original, original_reads = teacher, teacher_reads
-        teacher = out / f"iter_{cfg.correction.train_iters:07d}"
+        plan.add("correction", "distill", d / "correction", teacher_reads + data_reads,
+                 resumable=True, teacher=teacher, student=teacher, data=train, save=d /
+                 "correction", settings=cfg.correction, valid_data=valid)
+        teacher = iteration_dir(d / "correction", cfg.correction.train_iters)
         teacher_reads = ["correction"]
-
-    prune_reads = list(teacher_reads)
-    prune_args = ["prune", "--load", str(teacher), "--out", str(d / "pruned"),
-                  *to_argv(cfg.prune)]
-    searching = cfg.search.target_params is not None
-    if cfg.prune.needs_scores() or searching:
-        scores = d / "importance" / "scores.safetensors"
-        calib = [*map(str, train_files), *train_prefixes[1 if train_files else 0:]]
-        stages.append(Stage("importance", [
-            "importance", "--load", str(teacher), "--data", *calib, "--json-key",
-            cfg.data.json_key, "--out", str(scores), *to_argv(cfg.importance), *par],
-            scores, teacher_reads,
-            train_files))
-        prune_args += ["--scores", str(scores)]
-        prune_reads.append("importance")
-    if searching:
-        stages.append(Stage("search", [
-            "search", "--load", str(teacher), "--scores", str(scores), "--data", *train_prefixes,
-            "--valid-data", *valid_prefixes, "--out", str(d / "search"),
-            *to_argv(cfg.search, SearchConfig), *par], d / "search",
-            [*prune_reads, *data_reads], resumable=True))
-        pruned, student_from, prune_stage = d / "search" / "best_pruned", \
-            d / "search" / "best", "search"
-    else:
-        stages.append(Stage("prune", [*prune_args, *par], d / "pruned", prune_reads))
-        pruned = student_from = d / "pruned"
-        prune_stage = "prune"
-
-    distill = d / "distill"
-    stages.append(Stage("distill", [
-        "distill", "--teacher", str(teacher), "--student", str(student_from), "--data",
-        *train_prefixes, "--valid-data", *valid_prefixes, "--save", str(distill),
-        *to_argv(cfg.distill), *par], distill, [*teacher_reads, prune_stage, *data_reads],
-        resumable=True))
-    student = distill / f"iter_{cfg.distill.train_iters:07d}"
-
-    evals = [("teacher", teacher, teacher_reads), ("pruned", pruned, [prune_stage]),
-             ("distilled", student, ["distill"])]
-    if cfg.correction.train_iters > 0:
-        evals.insert(0, ("original", original, original_reads))
+        evals = [("original", *evals[0][1:]), ("teacher", teacher, teacher_reads)]
+    pruned, student_from, prune_stage = plan.student(teacher, teacher_reads, train_files, train,
+                                                     valid, data_reads)
+    plan.add("distill", "distill", d / "distill", [*teacher_reads, prune_stage, *data_reads],
+             resumable=True, teacher=teacher, student=student_from, data=train,
+             save=d / "distill", settings=cfg.distill, valid_data=valid)
+    student = iteration_dir(d / "distill", cfg.distill.train_iters)
+    evals += [("pruned", pruned, [prune_stage]), ("distilled", student, ["distill"])]
     for name, ckpt, reads in evals:
         out = d / "eval" / f"{name}.json"
-        stages.append(Stage(f"eval-{name}", [
-            "eval", "--load", str(ckpt), "--data", *map(str, text_valid), "--out", str(out),
-            *to_argv(cfg.eval), *par], out, reads,
-            text_valid))
+        plan.add(f"eval-{name}", "eval", out, reads, text_valid, load=ckpt,
+                 settings=cfg.eval, data=text_valid, out=out)
     if cfg.export.hf and world_size == 1:
-        stages.append(Stage("export", ["convert", str(student), str(d / "hf"), "--to", "hf"],
-                            d / "hf", ["distill"]))
-    return stages
+        plan.add("export", "convert", d / "hf", ["distill"], src=student, dst=d / "hf", to="hf")
+    return plan.stages
 
 
 def _stamp(p: Path) -> list:
@@ -211,7 +225,8 @@ def _stamp(p: Path) -> list:
 def assign_keys(stages: list[Stage]) -> None:
     keys: dict[str, str] = {}
     for s in stages:
-        payload = json.dumps([s.argv, [keys[r] for r in s.reads], [_stamp(f) for f in s.files]])
+        payload = json.dumps([s.verb, canonical(s.args), [keys[r] for r in s.reads],
+                              [_stamp(f) for f in s.files]])
         s.key = keys[s.name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -267,8 +282,6 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
 
 
 def _run_stage(stage: Stage, markers: Path) -> float:
-    from megatron_minitron.cli import run_verb
-
     done, pending = markers / f"{stage.name}.json", markers / f"{stage.name}.pending"
     resume = stage.resumable and pending.is_file() and pending.read_text() == stage.key
     barrier()
@@ -285,17 +298,15 @@ def _run_stage(stage: Stage, markers: Path) -> float:
             stage.output.mkdir(exist_ok=True)
     barrier()
     log.info("stage %s%s: minitron %s", stage.name, " (resuming)" if resume else "",
-             _short(stage.argv))
+             _short(stage.command))
     t = time.time()
-    rc = run_verb(stage.argv)
-    if rc:
-        raise stage_error(rc, f"stage {stage.name} failed (exit {rc}); finished stages are kept, "
-                              "re-run to continue")
+    with prefixed(f"stage {stage.name} (finished stages are kept; rerun to continue)"):
+        run(stage.verb, stage.args)
     seconds = time.time() - t
     barrier()
     if is_main_rank():
         write_text(done, json.dumps({"key": stage.key, "seconds": seconds,
-                                     "argv": stage.argv}, indent=2))
+                                     "command": stage.command}, indent=2))
         pending.unlink(missing_ok=True)
     return seconds
 
@@ -335,7 +346,7 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], world: int) -> dict:
             continue
         seconds[stage.name] = _run_stage(stage, markers)
     barrier()
-    checkpoints = {s.name[len("eval-"):]: Path(s.argv[2]) for s in stages
+    checkpoints = {s.name[len("eval-"):]: Path(s.args["load"]) for s in stages
                    if s.name.startswith("eval-")}
     return write_report(cfg, checkpoints, seconds) if is_main_rank() else {}
 
@@ -356,7 +367,7 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
         lines += [f"    {c.name:<24} {c.params / 1e9:.3f} B"
                   for c in plan(teacher, cfg.search, cfg.parallel.tp)]
     lines.append("  stages:")
-    lines += [f"    {st.name:<15} minitron {_short(st.argv)}" for st in stages]
+    lines += [f"    {st.name:<15} minitron {_short(st.command)}" for st in stages]
     lines += [f"  not found here (needed where it runs): {m}" for m in missing]
     if is_main_rank():
         print("\n".join(lines))

@@ -14,11 +14,13 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_minitron import stages
 from megatron_minitron.checkpoint.atomic import write_text
-from megatron_minitron.config import ModelConfig, ParallelConfig, stage_error
+from megatron_minitron.checkpoint.mcore import is_mcore_dir
+from megatron_minitron.config import ModelConfig, ParallelConfig, prefixed
 from megatron_minitron.distill.report import val_lm_first_last
-from megatron_minitron.distill.train import DistillConfig
-from megatron_minitron.options import option, to_argv
+from megatron_minitron.distill.train import DistillConfig, iteration_dir
+from megatron_minitron.options import option
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
@@ -52,15 +54,6 @@ def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
     return spread(shapes, cfg.candidates, teacher)
 
 
-def _verb(argv: list[str]) -> None:
-    from megatron_minitron.cli import run_verb
-
-    rc = run_verb(argv)
-    if rc:
-        raise stage_error(rc, f"search: `minitron {argv[0]}` failed for a candidate; rerun to "
-                              "resume")
-
-
 def kd_config(cfg: SearchConfig) -> DistillConfig:
     """The short distillation every candidate gets."""
     return DistillConfig(train_iters=cfg.train_iters, global_batch_size=cfg.global_batch_size,
@@ -79,30 +72,38 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
     pruned = d / "pruned"
     if is_main_rank():
         d.mkdir(parents=True, exist_ok=True)
-        if pruned.exists() and not (pruned / "minitron.json").is_file():
+        if pruned.exists() and not is_mcore_dir(pruned):
             shutil.rmtree(pruned)
     barrier()
-    if not (pruned / "minitron.json").is_file():
-        _verb(["prune", "--load", str(teacher), "--scores", str(scores), "--out", str(pruned),
-               *to_argv(c.target(t)), *to_argv(parallel)])
-    _verb(["distill", "--teacher", str(teacher), "--student", str(pruned), "--data", *data,
-           "--valid-data", *valid, "--save", str(d / "distill"), *to_argv(kd_config(cfg)),
-           *to_argv(parallel)])
+    with prefixed(f"search: candidate {c.name}"):
+        if not is_mcore_dir(pruned):
+            stages.prune(teacher, pruned, c.target(t), parallel, scores=scores)
+        stages.distill(teacher, pruned, data, d / "distill", kd_config(cfg), parallel, valid)
     before, after = val_lm_first_last(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
-              "checkpoint": str(d / "distill" / f"iter_{cfg.train_iters:07d}")}
+              "checkpoint": str(iteration_dir(d / "distill", cfg.train_iters))}
     if is_main_rank():
         write_text(done, json.dumps(result, indent=2))
     barrier()
     return result
 
 
-def search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], valid: list[str],
-           out: Path, parallel: ParallelConfig | None = None) -> dict:
+def search(load: Path, scores: Path, data: list[str], valid_data: list[str], out: Path,
+           settings: SearchConfig, parallel: ParallelConfig | None = None) -> dict:
+    """The search stage (`minitron search`): candidate shapes of `settings.target_params`, each
+    pruned and briefly distilled, ranked by their loss after KD. Resumes: finished candidates
+    are kept. Returns the report (also results.json and ranking.md in `out`)."""
+    parallel = parallel or ParallelConfig()
+    parallel.check_sequence(settings.seq_length)
+    with stages.locked(Path(out)):
+        return _search(Path(load), Path(scores), settings, data, valid_data, Path(out), parallel)
+
+
+def _search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], valid: list[str],
+            out: Path, parallel: ParallelConfig) -> dict:
     from megatron_minitron.checkpoint import mcore
 
     t = mcore.read_meta(teacher).model
-    parallel = parallel or ParallelConfig()
     candidates = plan(t, cfg, parallel.tp)
     if is_main_rank():
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,233 @@
+"""The stages of the method as functions of their inputs, outputs and settings dataclasses.
+
+`minitron VERB` parses its arguments into exactly these parameters (commands.py); `minitron run`
+and `search` build them from YAML and call the same functions. Nothing here reads argv. Each
+returns what it produced. Parameter names are the command's flag names (`hf_out` is `--hf-out`),
+`settings` is the verb's settings dataclass, `parallel` how it runs. The search stage is
+`search.run.search`, which calls prune and distill.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from megatron_minitron.config import ConfigError, ParallelConfig
+from megatron_minitron.distill.train import DistillConfig
+from megatron_minitron.evaluate.suite import EvalConfig
+from megatron_minitron.importance.run import ImportanceConfig
+from megatron_minitron.prune.plan import PruneTarget
+
+log = logging.getLogger("minitron")
+
+
+def locked(directory: Path):
+    """The run directory a command writes, locked against a second command (global rank 0)."""
+    from megatron_minitron.checkpoint.atomic import directory_lock
+    from megatron_minitron.runtime.distributed import launch_env
+
+    return directory_lock(directory, is_holder=launch_env()[0] == 0)
+
+
+def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
+            ) -> Path:
+    from megatron_minitron.checkpoint.convert import convert as convert_checkpoint
+
+    out = convert_checkpoint(Path(src), Path(dst), to=to, parallel=parallel)
+    log.info("converted %s -> %s (%s)", src, out, to)
+    return out
+
+
+def preprocess(input: list[Path], tokenizer: Path, output_prefix: str, json_key: str = "text"
+               ) -> str:
+    from megatron_minitron.data.preprocess import preprocess as build
+    from megatron_minitron.data.preprocess import resolve_tokenizer
+    from megatron_minitron.runtime.distributed import barrier, launch_env
+
+    if launch_env()[0] == 0:  # one writer under torchrun / srun (and inside `minitron run`)
+        build([Path(f) for f in input], resolve_tokenizer(Path(tokenizer)), output_prefix,
+              json_key)
+    barrier()
+    return output_prefix
+
+
+def importance(load: Path, out: Path, settings: ImportanceConfig,
+               parallel: ParallelConfig | None = None, data: list[Path] | None = None,
+               json_key: str = "text") -> Path:
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.calibration import sample_windows, token_stream
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.importance import compute_importance
+    from megatron_minitron.model import load_model
+
+    cfg, parallel, load, out = settings, parallel or ParallelConfig(), Path(load), Path(out)
+    if out.exists() or not out.parent.is_dir():
+        raise ConfigError(f"scores file {out} exists or its directory does not; choose a new "
+                          "path")
+    meta = mcore.read_meta(load)
+    parallel.check_sequence(cfg.seq_length)
+    cfg.validate(meta.model)
+    files = [Path(f) for f in data] if data else train_plays()
+    ids = token_stream(files, load_tokenizer(load), meta.model.vocab_size, json_key)
+    samples = sample_windows(ids, cfg.samples, cfg.seq_length, cfg.seed)
+    rt, meta, chunks = load_model(load, parallel)
+    scores = compute_importance(chunks, meta.model, samples, cfg, {
+        "checkpoint": str(load.resolve()), "fingerprint": meta.fingerprint,
+        "data": [str(f) for f in files], "data_tokens": len(ids)})
+    if rt.is_main:
+        scores.save(out)
+        secs = scores.meta["seconds"]
+        print(f"{out}: {cfg.samples} samples x {cfg.seq_length} tokens; activations "
+              f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s")
+    return out
+
+
+def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
+          scores: Path | None = None, hf_out: Path | None = None) -> Path:
+    import torch.distributed as dist
+
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.checkpoint.atomic import check_destination
+    from megatron_minitron.config import CheckpointMeta
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.model import load_model
+    from megatron_minitron.prune import check_scores, make_plan, prune_model
+    from megatron_minitron.prune.plan import pruned_config
+
+    src, out, parallel = Path(load), Path(out), parallel or ParallelConfig()
+    check_destination(out)
+    if hf_out:
+        check_destination(Path(hf_out))
+    meta = mcore.read_meta(src)
+    pruned_config(meta.model, settings).check_parallel(parallel.tp, 1)  # written at this TP
+    loaded = load_scores(Path(scores)) if scores else None
+    if loaded is not None:
+        check_scores(loaded, meta.model, meta.fingerprint)
+    plan = make_plan(meta.model, settings, loaded)
+    rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
+    if hf_out and rt.world_size > 1:
+        raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
+                          "`minitron convert OUT HF --to hf` afterwards")
+    new = prune_model(chunks, meta.model, plan, rt.parallel)
+    history = [*meta.history, f"pruned to {plan.summary()}", *plan.notes]
+    mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
+                                              source=f"mcore:{src.resolve()}", history=history,
+                                              hidden_map=plan.hidden.tolist()),
+                          out, mcore.tokenizer_files(src))
+    if hf_out:
+        from megatron_minitron.checkpoint.convert import export_hf
+
+        export_hf(new, plan.model, out, Path(hf_out))
+    if rt.is_main:
+        before, after = meta.model.num_parameters(), plan.model.num_parameters()
+        print(f"{out}: {plan.summary()}\n  parameters {before:,} -> {after:,} "
+              f"({after / before:.1%}); non-embedding "
+              f"{meta.model.num_parameters(False):,} -> {plan.model.num_parameters(False):,}")
+        for n in plan.notes:
+            print(f"  {n}")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def distill(teacher: Path, student: Path, data: list[str], save: Path, settings: DistillConfig,
+            parallel: ParallelConfig | None = None, valid_data: list[str] | None = None) -> Path:
+    """Returns the last checkpoint."""
+    from megatron_minitron.distill.train import Distiller
+
+    with locked(Path(save)):
+        d = Distiller(Path(teacher), Path(student), data, Path(save), settings,
+                      parallel or ParallelConfig(), valid_data)
+        out = d.run()
+    if d.rt.is_main:
+        print(f"distilled student: {out}")
+    return out
+
+
+def _eval_text(data: list[Path] | None) -> str:
+    from megatron_minitron.data.demo import held_out_plays
+
+    files = [Path(f) for f in data] if data else held_out_plays()
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"evaluation data {f} not found")
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if not text.strip():
+        raise ConfigError(f"evaluation data {', '.join(map(str, files))} is empty")
+    return text
+
+
+def evaluate(load: Path, settings: EvalConfig, parallel: ParallelConfig | None = None,
+             data: list[Path] | None = None, out: Path | None = None) -> dict:
+    """Every task of `settings.tasks` (and lm-eval's): one results dict, also written to `out`."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate import suite
+    from megatron_minitron.evaluate.perplexity import evaluate_windows, token_windows
+    from megatron_minitron.model import load_model
+
+    cfg, parallel, load = settings, parallel or ParallelConfig(), Path(load)
+    mcore.read_meta(load)  # a missing checkpoint is the first thing to name
+    parallel.check_sequence(cfg.seq_length)
+    specs = [suite.parse_task(t) for t in cfg.tasks]  # every file read before the model loads
+    rows = {f"{k}={f}" if f else k: (k, suite.task_rows(k, f, cfg)) for k, f in specs
+            if k != "perplexity"}
+    manager = None
+    if cfg.lm_eval:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--lm-eval needs the optional package lm-eval (pip install lm-eval)")
+        from megatron_minitron.evaluate.harness import task_manager
+
+        manager = task_manager(cfg.lm_eval,
+                               Path(cfg.lm_eval_include) if cfg.lm_eval_include else None)
+    tok = load_tokenizer(load)
+    windows = None
+    if any(k == "perplexity" for k, _ in specs):
+        windows = token_windows(tok.encode(_eval_text(data)), cfg.seq_length, cfg.max_windows,
+                                cfg.stride)
+    rt, meta, chunks = load_model(load, parallel)
+    result: dict = {"tasks": {}}
+    if windows is not None:
+        res = evaluate_windows(chunks, windows, cfg.micro_batch_size, cfg.stride)
+        result.update(res.__dict__)
+        result["tasks"]["perplexity"] = {"loss": res.loss, "perplexity": res.perplexity,
+                                         "tokens": res.tokens}
+        if rt.is_main:
+            print(f"{load}: {res.line()}")
+    for name, (kind, task) in rows.items():
+        result["tasks"][name] = suite.run_task(chunks, tok, kind, task, cfg)
+    if cfg.lm_eval:
+        from megatron_minitron.evaluate.harness import MinitronLM, run_lm_eval
+
+        model = MinitronLM(chunks, tok, cfg.seq_length, cfg.micro_batch_size)
+        harness = run_lm_eval(model, cfg.lm_eval, manager, cfg.num_fewshot, cfg.limit)
+        result["lm_eval"] = harness["results"]
+    if rt.is_main:
+        if rows:
+            print(suite.table(result["tasks"]))
+        if cfg.lm_eval:
+            from lm_eval.utils import make_table
+
+            print(make_table(harness))
+        if out:
+            from megatron_minitron.checkpoint.atomic import write_text
+
+            write_text(Path(out), json.dumps(result, indent=2))
+    return result
+
+
+def generate(load: Path, prompt: str, max_new_tokens: int = 32,
+             parallel: ParallelConfig | None = None) -> str:
+    from megatron_minitron.data.tokenizer import load_tokenizer
+    from megatron_minitron.evaluate.generate import greedy
+    from megatron_minitron.model import load_model
+
+    rt, meta, chunks = load_model(Path(load), parallel or ParallelConfig())
+    tok = load_tokenizer(Path(load))
+    text = prompt + tok.decode(greedy(chunks, tok.encode(prompt), max_new_tokens, tok.eos_id))
+    if rt.is_main:
+        print(text)
+    return text
