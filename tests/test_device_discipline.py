@@ -1,8 +1,8 @@
 """Every verb under strict device mode (CPU runs that fail where CUDA or NCCL would) at TP=2 with
-sequence parallelism, PP=2 and DP=2: `convert` reshards, and `minitron run` with a width search
-runs importance, prune (per candidate), distill, eval and the final distillation, each on 2
-torchrun ranks. The per-verb distributed tests (importance, prune, distill, eval, tasks, search)
-run strict too: `run_cli` sets the mode for every command."""
+sequence parallelism and PP=2: `convert` reshards, and `minitron run` with a width search runs
+importance, prune (per candidate), distill, eval and the final distillation, each on 2 torchrun
+ranks. The per-verb distributed tests (importance, prune, distill, eval, tasks, search) run
+strict too, DP=2 among them: `run_cli` sets the mode for every command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import run_cli
 
-LAYOUTS = {"tp2": ("--tp", "2", "--sequence-parallel"), "pp2": ("--pp", "2"), "dp2": ()}
+LAYOUTS = {"tp2": ("--tp", "2", "--sequence-parallel"), "pp2": ("--pp", "2")}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -25,8 +25,7 @@ def test_every_verb_in_strict_device_mode(layout, tiny_llama_ckpt, tmp_path):
     resharded = tmp_path / "resharded"
     run_cli("convert", str(tiny_llama_ckpt), str(resharded), *flags, nproc=2)
     assert mcore.read_meta(resharded).fingerprint == mcore.read_meta(tiny_llama_ckpt).fingerprint
-    parallel = {"tp": 2, "sequence_parallel": True} if layout == "tp2" else \
-        {"pp": 2} if layout == "pp2" else {}
+    parallel = {"tp": 2, "sequence_parallel": True} if layout == "tp2" else {"pp": 2}
     cfg = {"name": layout, "run_dir": str(tmp_path / "run"),
            "teacher": {"source": str(resharded)}, "parallel": parallel,
            "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},

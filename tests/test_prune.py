@@ -18,7 +18,6 @@ from tests.conftest import (
     load_in_process,
     run_cli,
     tiny_hf_dir,
-    torchrun_logits,
 )
 
 
@@ -140,10 +139,8 @@ def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(tiny_llama
         for k, v in ref.items():
             assert torch.equal(got[k], v), f"{name}: {k}"
 
+    # Equal tensors at every layout; loading them at any TP/PP is test_roundtrip's resharding.
     logits = in_process_logits(tmp_path / "tp1", tiny_tokens)
-    for flags in (("--tp", "2", "--sequence-parallel"), ("--pp", "2")):
-        other = torchrun_logits(tmp_path / "tp1", tiny_tokens, tmp_path, 2, *flags)
-        assert (other - logits).abs().max() <= 1e-5, flags
     assert (hf_logits(tmp_path / "hf", tiny_tokens) - logits).abs().max() <= 1e-5
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],

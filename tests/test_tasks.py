@@ -87,8 +87,9 @@ def test_rolling_perplexity_equals_transformers(smol_ckpt, smol_hf_model, tmp_pa
 
 
 def _task_args(ckpt, out) -> list[str]:
-    return ["eval", "--load", str(ckpt), "--tasks", "shakespeare-cloze", "shakespeare-next",
-            "--limit", "8", "--seq-length", "64", "--micro-batch-size", "2", "--out", str(out)]
+    return ["eval", "--load", str(ckpt), "--tasks", "perplexity", "shakespeare-cloze",
+            "shakespeare-next", "--limit", "8", "--seq-length", "64", "--max-windows", "4",
+            "--micro-batch-size", "2", "--out", str(out)]
 
 
 def _metrics(path) -> dict:
@@ -96,6 +97,8 @@ def _metrics(path) -> dict:
 
 
 def test_task_scores_are_the_same_under_tp_sp_pp_and_dp(smol_ckpt, tiny_llama_ckpt, tmp_path):
+    """Perplexity (loss and token count), cloze and choice metrics of one process, DP=2, PP=2
+    and TP=2 with sequence parallelism agree."""
     for ckpt, runs in ((smol_ckpt, (("pp2", ("--pp", "2")), ("dp2", ()))),
                        (tiny_llama_ckpt, (("tp2", ("--tp", "2", "--sequence-parallel")),))):
         ref = tmp_path / f"{ckpt.name}.json"
