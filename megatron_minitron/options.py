@@ -23,12 +23,14 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None,
            short: str | None = None, choices: tuple | None = None,
            factory: Callable[[], Any] | None = None, parse: Callable[[str], Any] | None = None,
            render: Callable[[Any], str] | None = None, choice_flags: bool = False,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, skip: tuple[str, ...] = ()) -> Any:
     """A dataclass field carrying its command-line face. `flag` defaults to --field-name;
     `short` is an alias (--tp); `parse`/`render` read and write a value given as one string
-    (e.g. a comma list); `choice_flags` makes each choice a flag of its own (--bf16)."""
+    (e.g. a comma list); `choice_flags` makes each choice a flag of its own (--bf16). A field
+    that is itself a settings dataclass contributes its options (but `skip`), with the defaults
+    of this field's default instance: search's KD is a DistillConfig."""
     meta = {"help": help, "flag": flag, "short": short, "choices": choices, "parse": parse,
-            "render": render, "choice_flags": choice_flags, "metavar": metavar}
+            "render": render, "choice_flags": choice_flags, "metavar": metavar, "skip": skip}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"option": meta})
     return dataclasses.field(default=default, metadata={"option": meta})
@@ -63,6 +65,17 @@ def _is_sequence(tp) -> bool:
     return typing.get_origin(tp) in (list, tuple)
 
 
+def _fields(cls, base=None, skip=()) -> list[tuple[dataclasses.Field, dict, Any, Any]]:
+    """(field, metadata, type, default) of the options of `cls`, the defaults taken from the
+    instance `base` when given (a nested settings dataclass)."""
+    return [(f, meta, tp, default_of(f) if base is None else getattr(base, f.name))
+            for f, meta, tp in options(cls) if f.name not in skip]
+
+
+def _nested(tp) -> bool:
+    return dataclasses.is_dataclass(_base(tp)[0])
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default where there is one worth reading (not None, not a switch's)."""
 
@@ -72,14 +85,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_options(parser, cls, title: str | None = None) -> None:
+def add_options(parser, cls, title: str | None = None, base=None, skip=()) -> None:
     """The flags of dataclass `cls` on `parser` (in an argument group when `title` is given)."""
     group = parser.add_argument_group(title) if title else parser
-    for f, meta, tp in options(cls):
-        base, _ = _base(tp)
+    for f, meta, tp, default in _fields(cls, base, skip):
+        if _nested(tp):
+            add_options(parser, tp, f"{title or cls.__name__}: {meta['help']}", default,
+                        meta["skip"])
+            continue
+        base_tp, _ = _base(tp)
         flags = [flag_of(f, meta), *([meta["short"]] if meta["short"] else [])]
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
-        default = default_of(f)
         if meta["choice_flags"]:
             ex = group.add_mutually_exclusive_group()
             first = meta["choices"][0]
@@ -89,7 +105,7 @@ def add_options(parser, cls, title: str | None = None) -> None:
                                 f"{c} (see --{first})")
             parser.set_defaults(**{f.name: default})
             continue
-        if base is bool:
+        if base_tp is bool:
             if default is None:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
@@ -98,11 +114,11 @@ def add_options(parser, cls, title: str | None = None) -> None:
             continue
         if meta["parse"]:
             kw["type"] = meta["parse"]
-        elif _is_sequence(base):
+        elif _is_sequence(base_tp):
             kw["nargs"] = "+"
-            kw["type"] = typing.get_args(base)[0]
+            kw["type"] = typing.get_args(base_tp)[0]
         else:
-            kw["type"] = base
+            kw["type"] = base_tp
         if meta["choices"]:
             kw["choices"] = meta["choices"]
         if meta["metavar"]:
@@ -114,37 +130,46 @@ def add_options(parser, cls, title: str | None = None) -> None:
         group.add_argument(*flags, **kw)
 
 
-def from_args(cls, ns: argparse.Namespace, **extra):
-    """The dataclass `cls` from parsed arguments (its options) and `extra` fields."""
+def from_args(cls, ns: argparse.Namespace, base=None, skip=(), **extra):
+    """The dataclass `cls` from parsed arguments (its options) and `extra` fields; fields not
+    on the command line (`skip`) from the instance `base`."""
     values = {}
-    for f, _, tp in options(cls):
+    for f, meta, tp, default in _fields(cls, base, skip):
+        if _nested(tp):
+            values[f.name] = from_args(tp, ns, default, meta["skip"])
+            continue
         v = getattr(ns, f.name)
         base, _ = _base(tp)
         if v is not None and typing.get_origin(base) is tuple:
             v = tuple(v)
         values[f.name] = v
+    if base is not None:
+        return dataclasses.replace(base, **values, **extra)
     return cls(**values, **extra)
 
 
-def to_argv(obj, cls=None) -> list[str]:
+def to_argv(obj, cls=None, base=None, skip=()) -> list[str]:
     """The flags that give `obj` from the defaults of `cls` (default: its own class), the
     dataclass of the command that will parse them: what a user would type."""
     out: list[str] = []
-    for f, meta, tp in options(cls or type(obj)):
-        v, default = getattr(obj, f.name), default_of(f)
+    for f, meta, tp, default in _fields(cls or type(obj), base, skip):
+        v = getattr(obj, f.name)
+        if _nested(tp):
+            out += to_argv(v, tp, default, meta["skip"])
+            continue
         if v == default or (isinstance(v, tuple | list) and list(v) == list(default or [])):
             continue
         flag = meta["short"] or flag_of(f, meta)
-        base, _ = _base(tp)
+        base_tp, _ = _base(tp)
         if meta["choice_flags"]:
             out.append(f"--{v}")
-        elif base is bool:
+        elif base_tp is bool:
             out.append(flag if v else ("--no-" + flag[2:] if default is None else flag))
         elif v is None:
             raise ValueError(f"{f.name}: None cannot be given on the command line")
         elif meta["render"]:
             out += [flag, meta["render"](v)]
-        elif _is_sequence(base):
+        elif _is_sequence(base_tp):
             out += [flag, *map(str, v)]
         else:
             out += [flag, str(v)]

@@ -40,8 +40,9 @@ KILL_POINTS = [
 def _config(tmp, source, name: str):
     cfg = tiny_run_config(tmp / name, source, distill={"train_iters": 4},
                           search={"target_params": 100000, "tolerance": 0.1, "candidates": 2,
-                                  "step": 16, "kd_tokens": 128, "global_batch_size": 4,
-                                  "seq_length": 32, "eval_iters": 1})
+                                  "step": 16, "kd_tokens": 128,
+                                  "kd": {"global_batch_size": 4, "seq_length": 32,
+                                         "eval_iters": 1}})
     del cfg["prune"]
     return write_yaml(tmp / f"{name}.yaml", cfg)
 

@@ -36,6 +36,22 @@ def _parse(verb: str, *args: str):
     return build_parser().parse_args([verb, *VERBS[verb][1], *args])
 
 
+def _leaves(cls, obj):
+    """(setter, field, metadata, type, value) of every command-line field of `obj`, those of a
+    nested settings dataclass (search's KD) included."""
+    for f, meta, tp in options(cls):
+        if dataclasses.is_dataclass(tp):
+            for g, gmeta, gtp in options(tp):
+                if g.name not in meta["skip"]:
+                    def put(o, v, f=f, g=g):
+                        return dataclasses.replace(o, **{f.name: dataclasses.replace(
+                            getattr(o, f.name), **{g.name: v})})
+                    yield put, g, gmeta, gtp, getattr(getattr(obj, f.name), g.name)
+        else:
+            yield (lambda o, v, f=f: dataclasses.replace(o, **{f.name: v})), f, meta, tp, \
+                getattr(obj, f.name)
+
+
 def _other(f: dataclasses.Field, meta: dict, tp, default):
     """A valid value of the field's type other than `default`."""
     base, _ = _base(tp)
@@ -78,9 +94,8 @@ def test_every_field_set_on_the_command_line_round_trips(verb):
     """Each field changed from its default: rendered to flags, parsed back, the same value."""
     cls, _, _ = VERBS[verb]
     base = from_args(cls, _parse(verb))
-    for f, meta, tp in options(cls):
-        changed = dataclasses.replace(
-            base, **{f.name: _other(f, meta, tp, getattr(base, f.name))})
+    for put, f, meta, tp, value in _leaves(cls, base):
+        changed = put(base, _other(f, meta, tp, value))
         argv = to_argv(changed)
         assert from_args(cls, _parse(verb, *argv)) == changed, (f.name, argv)
     par = ParallelConfig(tp=2, pp=2, vpp=2, sequence_parallel=True, precision="bf16")
@@ -121,5 +136,6 @@ def test_commands_page_is_generated_from_the_code():
     assert page == commands_markdown(), \
         "docs/commands.md is stale: python -m megatron_minitron.reference > docs/commands.md"
     for cls, _, _ in VERBS.values():
-        for f, meta, _ in options(cls):
+        for _, f, meta, _, _ in _leaves(cls, from_args(cls, _parse(next(
+                v for v, spec in VERBS.items() if spec[0] is cls)))):
             assert (meta["flag"] or "--" + f.name.replace("_", "-")) in page, f.name

@@ -25,6 +25,10 @@ HF_LAYER = "model.layers.{i}."
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 MC_LAYER = "decoder.layers.{i}."
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+# Norm parameters under both specs: local `input_layernorm.weight`, TE `layer_norm_weight`.
+NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
 
 
 def norm_names(te: bool) -> tuple[str, str]:
@@ -114,7 +118,7 @@ class Rule:
 def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
     it."""
-    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
+    out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
     attn_norm, mlp_norm = norm_names(te)
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
@@ -136,7 +140,7 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     out += [Rule(f"decoder.final_layernorm.{suf}", (f"model.norm.{suf}",))
             for suf in _norm_suffixes(cfg)]
     if not cfg.tie_embeddings:
-        out.append(Rule("output_layer.weight", ("lm_head.weight",)))
+        out.append(Rule(OUTPUT_LAYER, ("lm_head.weight",)))
     return out
 
 

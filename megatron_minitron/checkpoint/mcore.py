@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.checkpoint.atomic import atomic_directory
+from megatron_minitron.checkpoint.layout import OUTPUT_LAYER
 from megatron_minitron.config import CheckpointMeta, ConfigError
 
 log = logging.getLogger("minitron")
@@ -189,4 +190,4 @@ def model_state_dict(chunks) -> dict[str, torch.Tensor]:
                           "the dist checkpoint reshards on load, so launch without torchrun")
     sd = chunks[0].state_dict()
     return {k: v.cpu() for k, v in sd.items() if "_extra_state" not in k and not (
-        k == "output_layer.weight" and chunks[0].share_embeddings_and_output_weights)}
+        k == OUTPUT_LAYER and chunks[0].share_embeddings_and_output_weights)}

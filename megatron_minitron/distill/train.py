@@ -196,11 +196,9 @@ class Distiller:
                            hidden_map(t_meta, self.s_meta))
 
     def _frozen_teacher(self, meta: CheckpointMeta, path: Path):
-        from megatron_minitron.checkpoint import mcore
-        from megatron_minitron.model import build_model
+        from megatron_minitron.model import load_chunks
 
-        chunks = build_model(meta.model, self.rt.parallel)
-        mcore.load_checkpoint(chunks, path)
+        chunks = load_chunks(path, meta, self.rt.parallel)
         for c in chunks:
             c.eval()
             c.requires_grad_(False)
@@ -215,14 +213,12 @@ class Distiller:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_minitron.checkpoint import mcore
-        from megatron_minitron.model import build_model
+        from megatron_minitron.model import load_chunks
 
         cfg = self.cfg
         dist_opt = torch.cuda.is_available() if cfg.distributed_optimizer is None \
             else cfg.distributed_optimizer
-        chunks = build_model(self.s_meta.model, self.rt.parallel)
-        mcore.load_checkpoint(chunks, path)
+        chunks = load_chunks(path, self.s_meta, self.rt.parallel)
         config = chunks[0].config
         config.calculate_per_token_loss = True  # normalise by the global batch's token count
         ddp_config = DistributedDataParallelConfig(

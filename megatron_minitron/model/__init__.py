@@ -1,4 +1,4 @@
 from megatron_minitron.model.build import build_model, te_available
-from megatron_minitron.model.load import load_model
+from megatron_minitron.model.load import load_chunks, load_model
 
-__all__ = ["build_model", "load_model", "te_available"]
+__all__ = ["build_model", "load_chunks", "load_model", "te_available"]

@@ -19,6 +19,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
+from megatron_minitron.options import default_of
 from megatron_minitron.prune.plan import PruneTarget
 from megatron_minitron.search.run import SearchConfig
 
@@ -93,15 +94,16 @@ class RunConfig:
             raise ConfigError(f"teacher.shape: {e}") from None
 
 
-def _convert(value, tp, where: str):
-    """`value` as the annotated type `tp` (YAML gives lists for tuples, ints for floats)."""
+def _convert(value, tp, where: str, default=None):
+    """`value` as the annotated type `tp` (YAML gives lists for tuples, ints for floats); a
+    section starts from the field's `default` instance."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _convert(value, next(a for a in args if a is not type(None)), where)
+        return _convert(value, next(a for a in args if a is not type(None)), where, default)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, default if dataclasses.is_dataclass(default) else None)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -121,8 +123,9 @@ def _convert(value, tp, where: str):
     return value
 
 
-def from_dict(cls, d, where: str = ""):
-    """A `cls` from a mapping, refusing unknown keys and wrong types with the key's path."""
+def from_dict(cls, d, where: str = "", base=None):
+    """A `cls` from a mapping, refusing unknown keys and wrong types with the key's path; what
+    the mapping leaves out comes from `base` (the section's default) or the class defaults."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {d!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -132,7 +135,9 @@ def from_dict(cls, d, where: str = ""):
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _convert(value, hints[key], path)
+        kwargs[key] = _convert(value, hints[key], path, default_of(fields[key]))
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
     for name, f in fields.items():
         if name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required")

@@ -255,9 +255,11 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
                 student = pruned_config(teacher, cfg.prune)
                 student.check_parallel(p.tp, p.pp)
             elif section == "search" and searching:
-                from megatron_minitron.search.run import plan
+                from megatron_minitron.search.run import kd_config, plan
 
                 student = plan(teacher, cfg.search, p.tp)[0].model(teacher)
+                kd_config(cfg.search).validate(dp)
+                p.check_sequence(cfg.search.kd.seq_length, "kd.seq_length")
             elif section == "distill" or (section == "correction" and
                                           cfg.correction.train_iters > 0):
                 getattr(cfg, section).validate(dp)

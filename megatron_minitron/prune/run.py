@@ -13,14 +13,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_minitron.checkpoint.layout import swiglu_from_shards, swiglu_shard
+from megatron_minitron.checkpoint.layout import (
+    EMBEDDING,
+    OUTPUT_LAYER,
+    swiglu_from_shards,
+    swiglu_shard,
+)
 from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.prune.plan import PrunePlan
 from megatron_minitron.prune.slicing import slice_layer_tensor, slice_model_tensor
 
 # Sliced along the hidden (unsplit) dimension only: this rank's vocabulary shard stays its shard.
-VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
 
 
 def _tp():

@@ -12,11 +12,16 @@ import math
 
 import torch
 
-from megatron_minitron.checkpoint.layout import fc1_rows, head_columns, qkv_rows
+from megatron_minitron.checkpoint.layout import (
+    EMBEDDING,
+    NORM_PARAMS,
+    OUTPUT_LAYER,
+    fc1_rows,
+    head_columns,
+    qkv_rows,
+)
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.prune.plan import PrunePlan
-
-NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
 
 
 def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
@@ -39,7 +44,7 @@ def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
     """Embedding, output layer and final norm (names as in GPTModel.state_dict())."""
     if name.endswith(NORM_PARAMS):
         return _norm(name, t, src, plan)
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    if name in (EMBEDDING, OUTPUT_LAYER):
         return t[:, plan.hidden]
     raise KeyError(f"no pruning rule for {name}")
 

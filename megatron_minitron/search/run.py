@@ -8,6 +8,7 @@ with the next unfinished one (a half-finished distillation resumes from its chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,17 +36,14 @@ class SearchConfig:
     candidates: int = option(4, help="candidates pruned and distilled")
     step: int = option(64, help="width granularity (hidden, ffn)")
     kd_tokens: int = option(65536, help="distillation tokens per candidate")
-    global_batch_size: int = option(8, help="KD sequences per step")
-    micro_batch_size: int = option(1, help="KD sequences per forward pass")
-    seq_length: int = option(256, help="KD tokens per sequence")
-    lr: float = option(1e-4, help="KD peak learning rate")
-    min_lr: float = option(1e-5, help="KD final learning rate")
-    eval_iters: int = option(4, help="validation batches before and after each candidate's KD")
-    seed: int = option(1234, help="KD data order")
+    kd: DistillConfig = option(
+        factory=lambda: DistillConfig(train_iters=1, seq_length=256, eval_iters=4),
+        skip=("train_iters",), help="the short distillation of every candidate (its "
+                                    "iterations: --kd-tokens / (global batch x sequence))")
 
     @property
     def train_iters(self) -> int:
-        return max(1, self.kd_tokens // (self.global_batch_size * self.seq_length))
+        return max(1, self.kd_tokens // (self.kd.global_batch_size * self.kd.seq_length))
 
 
 def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
@@ -56,9 +54,7 @@ def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
 
 def kd_config(cfg: SearchConfig) -> DistillConfig:
     """The short distillation every candidate gets."""
-    return DistillConfig(train_iters=cfg.train_iters, global_batch_size=cfg.global_batch_size,
-                         micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length,
-                         lr=cfg.lr, min_lr=cfg.min_lr, eval_iters=cfg.eval_iters, seed=cfg.seed)
+    return dataclasses.replace(cfg.kd, train_iters=cfg.train_iters)
 
 
 def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg: SearchConfig,
@@ -94,7 +90,7 @@ def search(load: Path, scores: Path, data: list[str], valid_data: list[str], out
     pruned and briefly distilled, ranked by their loss after KD. Resumes: finished candidates
     are kept. Returns the report (also results.json and ranking.md in `out`)."""
     parallel = parallel or ParallelConfig()
-    parallel.check_sequence(settings.seq_length)
+    parallel.check_sequence(settings.kd.seq_length)
     with stages.locked(Path(out)):
         return _search(Path(load), Path(scores), settings, data, valid_data, Path(out), parallel)
 
