@@ -139,8 +139,7 @@ def from_args(cls, ns: argparse.Namespace, base=None, skip=(), **extra):
             values[f.name] = from_args(tp, ns, default, meta["skip"])
             continue
         v = getattr(ns, f.name)
-        base, _ = _base(tp)
-        if v is not None and typing.get_origin(base) is tuple:
+        if v is not None and typing.get_origin(_base(tp)[0]) is tuple:
             v = tuple(v)
         values[f.name] = v
     if base is not None:
