@@ -154,13 +154,13 @@ def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
-    """Importance of SmolLM2 on 32 x 128 training-play tokens; depth from 4 samples, blocks of 1
+    """Importance of SmolLM2 on 32 x 128 training-play tokens; depth from 2 samples, blocks of 1
     and 6 layers."""
     from megatron_minitron.cli import main
 
     out = tmp_path_factory.mktemp("smol_scores") / "scores.safetensors"
     assert main(["importance", "--load", str(smol_ckpt), "--samples", "32", "--seq-length", "128",
-                 "--depth-samples", "4", "--block-sizes", "1", "6", "--micro-batch-size", "4",
+                 "--depth-samples", "2", "--block-sizes", "1", "6", "--micro-batch-size", "4",
                  "--out", str(out)]) == 0
     return out
 

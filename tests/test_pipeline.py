@@ -122,10 +122,11 @@ def test_tiny_pipeline_killed_in_distill_continues_then_skips_finished_stages(
     assert (run / "distill" / "iter_0000003").is_dir()
 
 
-def test_smollm2_pipeline_distilled_beats_pruned(smol_gguf, tmp_path, capsys):
-    """The demo's pipeline at a test's budget: the real model, real text, every stage."""
+def test_smollm2_pipeline_distilled_beats_pruned(smol_ckpt, tmp_path, capsys):
+    """The demo's pipeline at a test's budget: the real model, real text, every stage after the
+    GGUF conversion (the suite's converted SmolLM2 is the teacher)."""
     cfg = {"name": "smol", "run_dir": str(tmp_path / "run"),
-           "teacher": {"source": str(smol_gguf)},
+           "teacher": {"source": str(smol_ckpt)},
            "importance": {"samples": 16, "seq_length": 64, "depth_samples": 0},
            "prune": {"ffn": 1024},
            "distill": {"train_iters": 4, "global_batch_size": 2, "seq_length": 64, "lr": 3e-4,
