@@ -21,7 +21,7 @@ from pathlib import Path
 
 from megatron_minitron.checkpoint.atomic import directory_lock, write_text
 from megatron_minitron.checkpoint.mcore import is_mcore_dir
-from megatron_minitron.commands import canonical, command_line, complete, run
+from megatron_minitron.commands import VERBS, canonical, command_line, complete, run
 from megatron_minitron.config import ConfigError, ModelConfig, prefixed
 from megatron_minitron.distill.train import iteration_dir
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
@@ -117,13 +117,14 @@ class _Plan:
         self.cfg, self.missing, self.d = cfg, missing, cfg.directory
         self.stages: list[Stage] = []
 
-    def add(self, name: str, verb: str, output: Path, reads: list[str], files=(), **args
-            ) -> None:
-        flags = {k: args.pop(k) for k in ("resumable", "make_dir") if k in args}
-        if verb not in ("convert", "preprocess"):
-            args["parallel"] = self.cfg.parallel
+    def add(self, name: str, verb: str, output: Path, reads: list[str], files=(), *,
+            resumable: bool = False, make_dir: bool = False, **args) -> None:
+        """A stage calling `verb`'s function with `args`; every stage that takes a layout but
+        conversion (which imports in one process) runs at the config's."""
+        if VERBS[verb].parallel and verb != "convert":
+            args.setdefault("parallel", self.cfg.parallel)
         self.stages.append(Stage(name, verb, complete(verb, args), output, list(reads),
-                                 list(files), **flags))
+                                 list(files), resumable, make_dir))
 
     def teacher(self, world_size: int) -> tuple[Path, list[str]]:
         """A checkpoint of the teacher: the source itself, or its conversion."""
