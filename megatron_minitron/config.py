@@ -44,21 +44,39 @@ def prefixed(where: str):
 
 @dataclass(frozen=True)
 class FamilyTraits:
-    normalization: str  # "RMSNorm" | "LayerNorm"
-    activation: str  # "swiglu" | "squared_relu"
-    zero_centered_gamma: bool  # LayerNorm1P: stored gamma is (weight - 1)
+    """Everything that sets one model family apart, in one row: the network (norm, activation,
+    QKV bias, q/k norm) and its Hugging Face names. Layout code reads these flags; no stage
+    branches on the family's name."""
+
+    architecture: str  # transformers class
+    model_type: str  # config.json "model_type"
+    hidden_act: str  # config.json "hidden_act"
+    normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
+    activation: str = "swiglu"  # "swiglu" | "squared_relu"
+    zero_centered_gamma: bool = False  # LayerNorm1P: stored gamma is (weight - 1)
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on o_proj)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (shared across heads)
 
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
 
 
+FAMILIES = {
+    "llama": FamilyTraits("LlamaForCausalLM", "llama", "silu"),
+    "mistral": FamilyTraits("MistralForCausalLM", "mistral", "silu"),
+    "qwen2": FamilyTraits("Qwen2ForCausalLM", "qwen2", "silu", qkv_bias=True),
+    "qwen3": FamilyTraits("Qwen3ForCausalLM", "qwen3", "silu", qk_norm=True),
+    "nemotron": FamilyTraits("NemotronForCausalLM", "nemotron", "relu2", "LayerNorm",
+                             "squared_relu", zero_centered_gamma=True),
+}
+
+
 def family_traits(family: str) -> FamilyTraits:
-    if family == "llama":
-        return FamilyTraits("RMSNorm", "swiglu", False)
-    if family == "nemotron":
-        return FamilyTraits("LayerNorm", "squared_relu", True)
-    raise ConfigError(f"unsupported model family {family!r}; supported: {', '.join(FAMILIES)}")
+    if family not in FAMILIES:
+        raise ConfigError(f"unsupported model family {family!r}; supported: "
+                          f"{', '.join(FAMILIES)}")
+    return FAMILIES[family]
 
 
 @dataclass
@@ -79,6 +97,9 @@ class ModelConfig:
     rope_scaling_factor: float | None = None
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
+    # Mistral's sliding-window attention: each token sees itself and the window - 1 before it
+    # (Megatron's `window_size`, honoured by the local and TE attention alike).
+    sliding_window: int | None = None
 
     @property
     def traits(self) -> FamilyTraits:
@@ -114,6 +135,7 @@ class ModelConfig:
         kv = 2 * self.num_query_groups * self.kv_channels
         norm = h * (2 if t.normalization == "LayerNorm" else 1)
         layer = h * (q + kv) + q * h + (2 if t.gated else 1) * f * h + f * h + 2 * norm
+        layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
         total = self.num_layers * layer + norm
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)

@@ -186,29 +186,37 @@ def shakespeare_tokens(smol_ckpt) -> torch.Tensor:
 
 
 def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int = 0,
-                rope_scaling: float | None = None) -> Path:
-    """A small random-weight HF model written by `transformers` itself (heads 4, groups 2)."""
+                rope_scaling: float | None = None, **extra) -> Path:
+    """A small random-weight HF model written by `transformers` itself (heads 4, groups 2).
+    Mistral and Qwen3 get a head_dim that is not hidden / heads; `extra` overrides config fields."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tie)
-    if family == "llama":
-        rope = {"rope_type": "default", "rope_theta": 10000.0}
-        if rope_scaling:  # Llama-3.1 style
-            rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": rope_scaling,
-                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}
-        cfg = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_parameters=rope)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.NemotronConfig(**common, norm_eps=1e-5, partial_rotary_factor=0.5,
-                                          hidden_act="relu2")
-        model = transformers.NemotronForCausalLM(cfg)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:  # Llama-3.1 style
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": rope_scaling,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+    rms = dict(rms_norm_eps=1e-5, rope_parameters=rope)
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**common, **rms),
+        "mistral": lambda: transformers.MistralConfig(**common, **rms, head_dim=24,
+                                                      sliding_window=None),
+        "qwen2": lambda: transformers.Qwen2Config(**common, **rms),
+        "qwen3": lambda: transformers.Qwen3Config(**common, **rms, head_dim=24),
+        "nemotron": lambda: transformers.NemotronConfig(**common, norm_eps=1e-5,
+                                                        partial_rotary_factor=0.5,
+                                                        hidden_act="relu2"),
+    }[family]()
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # non-trivial norms so a mis-mapped norm cannot hide
         for n, p in model.named_parameters():
-            if "norm" in n:
+            if "norm" in n or n.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer(path)

@@ -68,15 +68,16 @@ def _prune(*args: str) -> None:
     assert main(["prune", *args]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron"])
+@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3"])
 def test_pruning_units_that_contribute_nothing_keeps_the_logits(family, tmp_path, tiny_tokens):
     src = converted(tiny_hf_dir(tmp_path / "hf", family, seed=5), tmp_path / "src")
+    hn = load_in_process(src)[0].kv_channels
     g = torch.Generator().manual_seed(0)
     ffn = [torch.randperm(96, generator=g)[:32] for _ in range(4)]
     heads = [torch.tensor([int(torch.randint(0, 2, (1,), generator=g)),
                            2 + int(torch.randint(0, 2, (1,), generator=g))]) for _ in range(4)]
-    hidden = torch.randperm(64, generator=g)[:16] if family == "llama" else None  # RMSNorm only
-    dead_layer, hn = 2, 16
+    hidden = torch.randperm(64, generator=g)[:16] if family != "nemotron" else None  # RMSNorm
+    dead_layer = 2
 
     def silence(model):
         if hidden is not None:  # a residual channel nobody writes stays zero
@@ -102,6 +103,8 @@ def test_pruning_units_that_contribute_nothing_keeps_the_logits(family, tmp_path
     before, after = in_process_logits(zeroed, tiny_tokens), in_process_logits(out, tiny_tokens)
     print(f"{family}: max |dlogit| after pruning silent units {(after - before).abs().max():.2e}")
     assert (after - before).abs().max() <= 1e-6
+    run_cli("convert", str(out), str(tmp_path / "pruned_hf"), "--to", "hf")
+    assert (hf_logits(tmp_path / "pruned_hf", tiny_tokens) - after).abs().max() <= 1e-5
 
     # a whole query group (its K/V included) that contributes nothing
     dead = _save_modified(src, tmp_path / "dead_group", lambda m: [

@@ -23,20 +23,55 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_
 
 @pytest.mark.parametrize("family,tie,rope_scaling", [
     ("llama", False, None), ("llama", True, None), ("llama", False, 8.0),
-    ("nemotron", False, None)])
+    ("nemotron", False, None), ("mistral", False, None), ("qwen2", True, None),
+    ("qwen2", False, None), ("qwen3", False, None)])
 def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, tiny_tokens):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_minitron.config import ModelConfig
+
     hf = tiny_hf_dir(tmp_path / "hf", family, tie, seed=1, rope_scaling=rope_scaling)
     ckpt = tmp_path / "mcore"
     run_cli("convert", str(hf), str(ckpt))
     meta = json.loads((ckpt / "minitron.json").read_text())
     assert meta["model"]["family"] == family and meta["model"]["tie_embeddings"] == tie
     assert meta["model"]["rope_scaling_factor"] == rope_scaling
-    ref = hf_logits(hf, tiny_tokens)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    assert ModelConfig.from_dict(meta["model"]).num_parameters() == sum(
+        p.numel() for p in model.parameters())
+    ref = hf_logits(model.eval(), tiny_tokens)
     diff = (in_process_logits(ckpt, tiny_tokens) - ref).abs().max()
     assert diff <= 1e-5, f"{family}: {diff}"
     exported = tmp_path / "hf_export"
     run_cli("convert", str(ckpt), str(exported), "--to", "hf")
+    assert json.loads((exported / "config.json").read_text())["architectures"] == json.loads(
+        (hf / "config.json").read_text())["architectures"]
+    back = load_file(str(exported / "model.safetensors"))
+    for k, v in load_file(str(hf / "model.safetensors")).items():
+        assert torch.equal(back[k], v), k
     assert torch.equal(hf_logits(exported, tiny_tokens), ref)
+
+
+def test_mistral_sliding_window_is_honoured(tmp_path, tiny_tokens):
+    """A window of 8 on 32-token sequences: the logits match transformers' windowed ones, which
+    differ from full attention's."""
+    hf = tiny_hf_dir(tmp_path / "hf", "mistral", seed=2, sliding_window=8)
+    full = tiny_hf_dir(tmp_path / "full", "mistral", seed=2)
+    run_cli("convert", str(hf), str(tmp_path / "mcore"))
+    ref = hf_logits(hf, tiny_tokens)
+    assert (ref - hf_logits(full, tiny_tokens)).abs().max() > 1e-2
+    assert (in_process_logits(tmp_path / "mcore", tiny_tokens) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_tokens):
+    hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
+    run_cli("convert", str(hf), str(tmp_path / "mcore"))
+    ref = hf_logits(hf, tiny_tokens)
+    for layout in (("--tp", "2", "--sequence-parallel", "--micro-batch-size", "2"),
+                   ("--pp", "2")):
+        ours = torchrun_logits(tmp_path / "mcore", tiny_tokens, tmp_path, 2, *layout)
+        assert (ours - ref).abs().max() <= 1e-5, f"{family} {layout}"
 
 
 def test_tp2_sequence_parallel_logits_match_transformers(tiny_llama_hf, tiny_llama_ckpt,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_minitron.config import ModelConfig
+from megatron_minitron.config import FAMILIES, ModelConfig
 
 HF_LAYER = "model.layers.{i}."
 # The only RoPE scaling Megatron-Core's GPTModel implements (Llama-3.1's), with its fixed factors.
@@ -29,6 +29,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # Norm parameters under both specs: local `input_layernorm.weight`, TE `layer_norm_weight`.
 NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
+QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3)
 
 
 def norm_names(te: bool) -> tuple[str, str]:
@@ -48,22 +49,24 @@ def _te_suffix(suffix: str, te: bool) -> str:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Weights [rows, h] or biases [rows] of q/k/v -> Megatron's per-group fused rows."""
     ng, d = cfg.num_query_groups, cfg.kv_channels
     per = cfg.num_attention_heads // ng
-    h_in = q.shape[1]
-    q = q.reshape(ng, per * d, h_in)
-    k = k.reshape(ng, d, h_in)
-    v = v.reshape(ng, d, h_in)
-    return torch.cat([q, k, v], dim=1).reshape(-1, h_in)
+    rest = q.shape[1:]
+    q = q.reshape(ng, per * d, *rest)
+    k = k.reshape(ng, d, *rest)
+    v = v.reshape(ng, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ng, d = cfg.num_query_groups, cfg.kv_channels
     per = cfg.num_attention_heads // ng
-    g = qkv.reshape(ng, (per + 2) * d, qkv.shape[1])
+    rest = qkv.shape[1:]
+    g = qkv.reshape(ng, (per + 2) * d, *rest)
     q, k, v = torch.split(g, [per * d, d, d], dim=1)
-    return (q.reshape(-1, qkv.shape[1]), k.reshape(-1, qkv.shape[1]), v.reshape(-1, qkv.shape[1]))
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def qkv_rows(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,14 @@ def qkv_rows(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
         rows += [base + (h - g * per) * d + span for h in heads.tolist() if h // per == g]
         rows += [base + per * d + span, base + (per + 1) * d + span]
     return torch.cat(rows)
+
+
+def qk_rows_mask(cfg: ModelConfig) -> torch.Tensor:
+    """True for the query and key rows of `linear_qkv` (False for value rows)."""
+    d, per = cfg.kv_channels, cfg.num_attention_heads // cfg.num_query_groups
+    group = torch.ones((per + 2) * d, dtype=torch.bool)
+    group[(per + 1) * d:] = False
+    return group.repeat(cfg.num_query_groups)
 
 
 def head_columns(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
@@ -126,9 +137,14 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
             out += [Rule(m + attn_norm + _te_suffix(suf, te), (s + f"input_layernorm.{suf}",)),
                     Rule(m + mlp_norm + _te_suffix(suf, te),
                          (s + f"post_attention_layernorm.{suf}",))]
-        out += [Rule(m + "self_attention.linear_qkv.weight",
-                     tuple(s + f"self_attn.{x}_proj.weight" for x in "qkv"),
-                     lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)),
+        qkv = ("weight", "bias") if cfg.traits.qkv_bias else ("weight",)
+        out += [Rule(m + f"self_attention.linear_qkv.{p}",
+                     tuple(s + f"self_attn.{x}_proj.{p}" for x in "qkv"),
+                     lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)) for p in qkv]
+        if cfg.traits.qk_norm:
+            out += [Rule(m + f"self_attention.{x}_layernorm.weight",
+                         (s + f"self_attn.{x}_norm.weight",)) for x in "qk"]
+        out += [
                 Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)),
                 Rule(m + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",))]
         if cfg.traits.gated:  # linear_fc1 = [gate; up]
@@ -155,15 +171,25 @@ def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
             for n, t in zip(r.hf, r.split(mc[r.mcore]), strict=True)}
 
 
-# Mistral without a sliding window is Llama with an explicit head_dim (what we export a
-# hidden-pruned Llama as); reading it back keeps the round trip.
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-                    "NemotronForCausalLM": "nemotron"}
+# HF architecture -> family. A hidden-pruned Llama is exported as Mistral (see `hf_config`) and
+# reads back as Mistral: the same network.
+HF_ARCHITECTURES = {t.architecture: name for name, t in FAMILIES.items()}
+
+# config.json fields that change the network and that we do not implement: refused when set to
+# anything but the value given (or absent), never silently dropped.
+UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcapping": None,
+               "final_logit_softcapping": None, "use_sliding_window": False,
+               "layer_types": None}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    """config.json for `transformers` (LlamaForCausalLM / NemotronForCausalLM)."""
-    common = {
+    """config.json for `transformers`, from the family's row in FAMILIES."""
+    t = cfg.traits
+    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling_factor is not None:
+        rope = {**rope, **LLAMA3_ROPE, "factor": cfg.rope_scaling_factor}
+    out = {
+        "architectures": [t.architecture], "model_type": t.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -172,30 +198,49 @@ def hf_config(cfg: ModelConfig) -> dict:
         "num_key_value_heads": cfg.num_query_groups,
         "head_dim": cfg.kv_channels,
         "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": t.hidden_act,
         "rope_theta": cfg.rotary_base,
+        "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    if t.normalization == "LayerNorm":  # Nemotron
+        return {**out, "norm_eps": cfg.norm_epsilon, "partial_rotary_factor": cfg.rotary_percent,
+                "rope_parameters": {**rope, "partial_rotary_factor": cfg.rotary_percent}}
+    out["rms_norm_eps"] = cfg.norm_epsilon
     if cfg.family == "llama":
-        rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
-        if cfg.rope_scaling_factor is not None:
-            rope = {**rope, **LLAMA3_ROPE, "factor": cfg.rope_scaling_factor}
-        llama = {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                 "hidden_act": "silu", "rms_norm_eps": cfg.norm_epsilon, "rope_parameters": rope,
-                 "rope_scaling": rope if cfg.rope_scaling_factor is not None else None}
+        out.update(attention_bias=False, mlp_bias=False,
+                   rope_scaling=rope if cfg.rope_scaling_factor is not None else None)
         if cfg.hidden_size % cfg.num_attention_heads == 0:
-            return llama
+            return out
         # transformers' LlamaConfig refuses hidden % heads != 0 even with an explicit head_dim
         # (a hidden-pruned model); Mistral's takes head_dim and is the same network.
-        return {**llama, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        return {**out, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
                 "sliding_window": None}
-    return {**common, "architectures": ["NemotronForCausalLM"], "model_type": "nemotron",
-            "hidden_act": "relu2", "norm_eps": cfg.norm_epsilon,
-            "partial_rotary_factor": cfg.rotary_percent,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base,
-                                "partial_rotary_factor": cfg.rotary_percent}}
+    if cfg.family == "mistral":
+        return {**out, "sliding_window": cfg.sliding_window}
+    return {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2, qwen3
+            "max_window_layers": cfg.num_layers,
+            **({"attention_bias": False} if cfg.family == "qwen3" else {})}
+
+
+def _refuse_unsupported(hf: dict, source: str) -> None:
+    from megatron_minitron.config import ConfigError
+
+    for key, ok in UNSUPPORTED.items():
+        if hf.get(key, ok) not in (ok, None) and not (key == "layer_types" and _all_full(hf)):
+            raise ConfigError(f"{source}: config field {key}={hf[key]!r} changes the network and "
+                              "is not supported")
+
+
+def _all_full(hf: dict) -> bool:
+    return all(x == "full_attention" for x in hf.get("layer_types") or [])
+
+
+def _sliding_window(hf: dict, family: str) -> int | None:
+    if family == "mistral":
+        return hf.get("sliding_window")
+    return None  # Qwen's window is off unless use_sliding_window, which is refused
 
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
@@ -206,14 +251,17 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     if family is None:
         raise ConfigError(f"{source}: unsupported architecture {arch!r} "
                           f"(supported: {', '.join(HF_ARCHITECTURES)})")
-    if hf.get("sliding_window") is not None:
-        raise ConfigError(f"{source}: sliding-window attention ({hf['sliding_window']} tokens) "
-                          "is not supported")
+    _refuse_unsupported(hf, source)
+    traits = FAMILIES[family]
+    if hf.get("hidden_act", traits.hidden_act) != traits.hidden_act:
+        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported for "
+                          f"{arch} (expected {traits.hidden_act!r})")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope["type"]
     scaling = _rope_scaling_factor(rope, source)
     heads = hf["num_attention_heads"]
+    eps = float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5)))
     cfg = ModelConfig(
         family=family,
         num_layers=hf["num_hidden_layers"],
@@ -227,9 +275,10 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rotary_percent=float(rope.get("partial_rotary_factor",
                                       hf.get("partial_rotary_factor", 1.0))),
-        norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5))),
+        norm_epsilon=eps,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling_factor=scaling,
+        sliding_window=_sliding_window(hf, family),
     )
     cfg.validate()
     return cfg

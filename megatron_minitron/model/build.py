@@ -61,6 +61,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         gated_linear_unit=t.gated,
         activation_func=F.silu if t.gated else squared_relu,
         add_bias_linear=False,
+        add_qkv_bias=t.qkv_bias,
+        qk_layernorm=t.qk_norm,
+        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tp,
@@ -91,8 +94,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
     )
 
 
-def layer_spec(config, vp_stage: int | None = None):
-    from megatron.core.transformer.spec_utils import ModuleSpec
+def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -103,15 +105,19 @@ def layer_spec(config, vp_stage: int | None = None):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.traits.qk_norm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_minitron.model.norm import MinitronNorm
 
-    spec = get_gpt_layer_local_spec()
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=MinitronNorm,
-                                     pre_mlp_layernorm=MinitronNorm)
-    layer = ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.traits.qk_norm)
+    attn = spec.submodules.self_attention
+    if cfg.traits.qk_norm:  # the local spec's q/k norm refuses sequence parallelism too
+        attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+            attn.submodules, q_layernorm=MinitronNorm, k_layernorm=MinitronNorm))
+    layer = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=MinitronNorm, pre_mlp_layernorm=MinitronNorm,
+        self_attention=attn))
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
 
@@ -134,7 +140,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
         vp_stage = vp if parallel.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, vp_stage),
+            transformer_layer_spec=layer_spec(cfg, config, vp_stage),
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,

@@ -16,8 +16,10 @@ from megatron_minitron.checkpoint.layout import (
     EMBEDDING,
     NORM_PARAMS,
     OUTPUT_LAYER,
+    QK_NORMS,
     fc1_rows,
     head_columns,
+    qk_rows_mask,
     qkv_rows,
 )
 from megatron_minitron.config import ModelConfig
@@ -39,6 +41,17 @@ def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torc
     return ((t.float() + zc) * scale - zc).to(t.dtype)
 
 
+def _scale_qk(t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tensor:
+    """q/k norms (Qwen3) share the model's epsilon, which hidden pruning rescales by h / h'.
+    Scaling q and k by sqrt(h / h') gives the same normalised q/k under the new epsilon."""
+    scale = norm_scale(src, plan)
+    if not src.traits.qk_norm or scale == 1.0:
+        return t
+    rows = qk_rows_mask(src)
+    factor = torch.where(rows, scale, 1.0).reshape(-1, *[1] * (t.dim() - 1))
+    return (t.float() * factor).to(t.dtype)
+
+
 def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan
                        ) -> torch.Tensor:
     """Embedding, output layer and final norm (names as in GPTModel.state_dict())."""
@@ -52,11 +65,15 @@ def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
 def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan,
                        layer: int) -> torch.Tensor:
     """One tensor of source layer `layer`; `name` is relative to the layer module."""
+    if name.endswith(QK_NORMS):
+        return t  # one head's norm, shared by all heads: no pruned axis touches it
     if name.endswith(NORM_PARAMS):
         return _norm(name, t, src, plan)
     heads, ffn, hidden = plan.heads[layer], plan.ffn[layer], plan.hidden
     if name.endswith("linear_qkv.weight"):
-        return t[qkv_rows(src, heads)][:, hidden]
+        return _scale_qk(t, src, plan)[qkv_rows(src, heads)][:, hidden]
+    if name.endswith("linear_qkv.bias"):
+        return _scale_qk(t, src, plan)[qkv_rows(src, heads)]
     if name.endswith("linear_proj.weight"):
         return t[hidden][:, head_columns(src, heads)]
     if name.endswith("linear_fc1.weight"):
