@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megatron_minitron.cli import main
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
-from tests.conftest import ROOT, _free_port, _run, child_env, run_cli
+from tests.conftest import ROOT, _free_port, _run, child_env, converted, run_cli, tiny_hf_dir
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -116,6 +116,27 @@ def test_loss_trajectory_is_the_same_under_dp_tp_and_pp(tiny_setup, tmp_path):
         got = _losses(tmp_path / name)
         for (i, a, ga), (j, b, gb) in zip(ref, got, strict=True):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+
+
+def test_qwen_families_train_the_same_under_tp_sp(tmp_path):
+    """QKV biases (Qwen2) and q/k norms shared by heads on different TP ranks (Qwen3): one KD
+    step at TP2+SP equals one process, gradient norm included."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    for family in ("qwen2", "qwen3"):
+        d = tmp_path / family
+        teacher = converted(tiny_hf_dir(d / "hf", family, seed=7), d / "teacher")
+        assert main(["prune", "--load", str(teacher), "--drop-layers", "1,3",
+                     "--out", str(d / "student")]) == 0
+        for name, files in (("train", train_plays()[:1]), ("valid", held_out_plays()[:1])):
+            assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                         "--output-prefix", str(d / name)]) == 0
+        setup = (teacher, d)
+        assert main(_distill_args(setup, d / "single", 2)) == 0
+        run_cli(*_distill_args(setup, d / "tp2", 2), "--tp", "2", "--sequence-parallel", nproc=2)
+        for (i, a, ga), (j, b, gb) in zip(_losses(d / "single"), _losses(d / "tp2"),
+                                          strict=True):
+            assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (family, i, a, b)
 
 
 def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):

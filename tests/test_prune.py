@@ -103,7 +103,7 @@ def test_pruning_units_that_contribute_nothing_keeps_the_logits(family, tmp_path
     before, after = in_process_logits(zeroed, tiny_tokens), in_process_logits(out, tiny_tokens)
     print(f"{family}: max |dlogit| after pruning silent units {(after - before).abs().max():.2e}")
     assert (after - before).abs().max() <= 1e-6
-    run_cli("convert", str(out), str(tmp_path / "pruned_hf"), "--to", "hf")
+    assert main(["convert", str(out), str(tmp_path / "pruned_hf"), "--to", "hf"]) == 0
     assert (hf_logits(tmp_path / "pruned_hf", tiny_tokens) - after).abs().max() <= 1e-5
 
     # a whole query group (its K/V included) that contributes nothing
@@ -121,9 +121,14 @@ TARGET = ("--target-hidden", "48", "--target-ffn", "64", "--target-heads", "2",
           "--target-layers", "2")
 
 
-def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(tiny_llama_ckpt, tiny_tokens,
-                                                                      tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(family, tiny_llama_ckpt,
+                                                                      tiny_tokens, tmp_path):
     from megatron_minitron.data.demo import train_plays
+
+    if family != "llama":
+        tiny_llama_ckpt = converted(tiny_hf_dir(tmp_path / "src_hf", family, seed=6),
+                                    tmp_path / "src")
 
     scores = tmp_path / "s.safetensors"
     assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),

@@ -47,7 +47,7 @@ def _scale_qk(t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tenso
     scale = norm_scale(src, plan)
     if not src.traits.qk_norm or scale == 1.0:
         return t
-    rows = qk_rows_mask(src)
+    rows = qk_rows_mask(src).to(t.device)
     factor = torch.where(rows, scale, 1.0).reshape(-1, *[1] * (t.dim() - 1))
     return (t.float() * factor).to(t.dtype)
 
