@@ -53,12 +53,18 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM")
+    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM",
+           "Qwen3ForCausalLM")  # the supported list
     _nothing_at(tmp_path / "dst")
-    cfg.update(architectures=["MistralForCausalLM"], sliding_window=16)  # would change results
-    (bad / "config.json").write_text(json.dumps(cfg))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "sliding-window")
-    _nothing_at(tmp_path / "dst")
+    # fields that would change the network are refused, not dropped
+    for field, value in (("attention_bias", True), ("mlp_bias", True),
+                         ("final_logit_softcapping", 30.0), ("use_sliding_window", True),
+                         ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}),
+                         ("hidden_act", "gelu")):
+        (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"],
+                                                     field: value}))
+        _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], field.split("_")[0])
+        _nothing_at(tmp_path / "dst")
 
 
 @pytest.mark.parametrize("tp,what", [("3", "num_attention_heads=4"), ("4", "num_query_groups=2")])

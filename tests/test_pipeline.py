@@ -22,6 +22,8 @@ PUBLISHED = {
     "nemotron4-15b-to-minitron-4b.yaml": (15.6e9, 4.19e9),
     "llama31-8b-to-4b-width.yaml": (8.03e9, 4.51e9),
     "llama31-8b-to-4b-depth.yaml": (8.03e9, 4.51e9),
+    "mistral-nemo-12b-to-minitron-8b.yaml": (12.2e9, 8.41e9),  # MN-Minitron-8B
+    "qwen3-8b-to-6b.yaml": (8.19e9, 6.0e9),  # Model Optimizer's Qwen3-8B -> 6B example
 }
 
 
