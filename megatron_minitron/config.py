@@ -52,14 +52,16 @@ class FamilyTraits:
     model_type: str  # config.json "model_type"
     hidden_act: str  # config.json "hidden_act"
     normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
-    activation: str = "swiglu"  # "swiglu" | "squared_relu"
-    zero_centered_gamma: bool = False  # LayerNorm1P: stored gamma is (weight - 1)
+    activation: str = "swiglu"  # "swiglu" | "geglu" (tanh GELU gate) | "squared_relu"
+    zero_centered_gamma: bool = False  # stored gamma is (weight - 1): LayerNorm1P, Gemma's RMSNorm
     qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on o_proj)
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (shared across heads)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's q and k (shared by heads)
+    post_norms: bool = False  # Gemma 3: norms on the attention and MLP outputs too
+    scaled_embedding: bool = False  # Gemma: embeddings times sqrt(hidden)
 
     @property
     def gated(self) -> bool:
-        return self.activation == "swiglu"
+        return self.activation in ("swiglu", "geglu")
 
 
 FAMILIES = {
@@ -69,6 +71,9 @@ FAMILIES = {
     "qwen3": FamilyTraits("Qwen3ForCausalLM", "qwen3", "silu", qk_norm=True),
     "nemotron": FamilyTraits("NemotronForCausalLM", "nemotron", "relu2", "LayerNorm",
                              "squared_relu", zero_centered_gamma=True),
+    "gemma3": FamilyTraits("Gemma3ForCausalLM", "gemma3_text", "gelu_pytorch_tanh",
+                           activation="geglu", zero_centered_gamma=True, qk_norm=True,
+                           post_norms=True, scaled_embedding=True),
 }
 
 
@@ -97,9 +102,14 @@ class ModelConfig:
     rope_scaling_factor: float | None = None
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
-    # Mistral's sliding-window attention: each token sees itself and the window - 1 before it
-    # (Megatron's `window_size`, honoured by the local and TE attention alike).
+    # Sliding-window attention: each token sees itself and the window - 1 before it (Megatron's
+    # `window_size`, honoured by the local and TE attention alike), in every layer (Mistral) or
+    # in the layers flagged 1 in `window_layers` (Gemma 3), whose RoPE base is
+    # `local_rotary_base` when set.
     sliding_window: int | None = None
+    window_layers: list[int] | None = None
+    local_rotary_base: float | None = None
+    softmax_scale: float | None = None  # None: 1 / sqrt(kv_channels)
 
     @property
     def traits(self) -> FamilyTraits:
@@ -111,6 +121,9 @@ class ModelConfig:
                      "num_query_groups", "kv_channels", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.window_layers is not None and len(self.window_layers) != self.num_layers:
+            raise ConfigError(f"window_layers has {len(self.window_layers)} entries for "
+                              f"{self.num_layers} layers")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -136,6 +149,7 @@ class ModelConfig:
         norm = h * (2 if t.normalization == "LayerNorm" else 1)
         layer = h * (q + kv) + q * h + (2 if t.gated else 1) * f * h + f * h + 2 * norm
         layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
+        layer += 2 * norm if t.post_norms else 0
         total = self.num_layers * layer + norm
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)

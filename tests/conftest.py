@@ -188,7 +188,8 @@ def shakespeare_tokens(smol_ckpt) -> torch.Tensor:
 def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int = 0,
                 rope_scaling: float | None = None, **extra) -> Path:
     """A small random-weight HF model written by `transformers` itself (heads 4, groups 2).
-    Mistral and Qwen3 get a head_dim that is not hidden / heads; `extra` overrides config fields."""
+    Mistral, Qwen3 and Gemma 3 get a head_dim that is not hidden / heads; Gemma 3 alternates
+    sliding (8 tokens) and global layers. `extra` overrides config fields."""
     import transformers
 
     torch.manual_seed(seed)
@@ -207,6 +208,9 @@ def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int 
                                                       sliding_window=None),
         "qwen2": lambda: transformers.Qwen2Config(**common, **rms),
         "qwen3": lambda: transformers.Qwen3Config(**common, **rms, head_dim=24),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            **common, rms_norm_eps=1e-6, head_dim=24, query_pre_attn_scalar=20, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2),
         "nemotron": lambda: transformers.NemotronConfig(**common, norm_eps=1e-5,
                                                         partial_rotary_factor=0.5,
                                                         hidden_act="relu2"),

@@ -118,12 +118,12 @@ def test_loss_trajectory_is_the_same_under_dp_tp_and_pp(tiny_setup, tmp_path):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
 
 
-def test_qwen_families_train_the_same_under_tp_sp(tmp_path):
-    """QKV biases (Qwen2) and q/k norms shared by heads on different TP ranks (Qwen3): one KD
-    step at TP2+SP equals one process, gradient norm included."""
+def test_new_families_train_the_same_under_tp_sp(tmp_path):
+    """q/k norms shared by heads on different TP ranks (Qwen3), post-norms on sequence-split
+    tokens (Gemma 3): KD steps at TP2+SP equal one process, gradient norm included."""
     from megatron_minitron.data.demo import held_out_plays, train_plays
 
-    for family in ("qwen2", "qwen3"):
+    for family in ("qwen3", "gemma3"):
         d = tmp_path / family
         teacher = converted(tiny_hf_dir(d / "hf", family, seed=7), d / "teacher")
         assert main(["prune", "--load", str(teacher), "--drop-layers", "1,3",

@@ -68,7 +68,7 @@ def _prune(*args: str) -> None:
     assert main(["prune", *args]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_pruning_units_that_contribute_nothing_keeps_the_logits(family, tmp_path, tiny_tokens):
     src = converted(tiny_hf_dir(tmp_path / "hf", family, seed=5), tmp_path / "src")
     hn = load_in_process(src)[0].kv_channels
@@ -121,7 +121,7 @@ TARGET = ("--target-hidden", "48", "--target-ffn", "64", "--target-heads", "2",
           "--target-layers", "2")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere(family, tiny_llama_ckpt,
                                                                       tiny_tokens, tmp_path):
     from megatron_minitron.data.demo import train_plays

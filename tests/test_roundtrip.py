@@ -25,7 +25,7 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_
 @pytest.mark.parametrize("family,tie,rope_scaling", [
     ("llama", False, None), ("llama", True, None), ("llama", False, 8.0),
     ("nemotron", False, None), ("mistral", False, None), ("qwen2", True, None),
-    ("qwen3", False, None)])
+    ("qwen3", False, None), ("gemma3", True, None)])
 def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, tiny_tokens):
     from transformers import AutoModelForCausalLM
 
@@ -64,7 +64,7 @@ def test_mistral_sliding_window_is_honoured(tmp_path, tiny_tokens):
     assert (in_process_logits(tmp_path / "mcore", tiny_tokens) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
 def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_tokens):
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     run_cli("convert", str(hf), str(tmp_path / "mcore"))

@@ -131,12 +131,19 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     it."""
     out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
     attn_norm, mlp_norm = norm_names(te)
+    post = cfg.traits.post_norms  # Gemma: HF's post_attention_layernorm is a real post-norm
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
         for suf in _norm_suffixes(cfg):
             out += [Rule(m + attn_norm + _te_suffix(suf, te), (s + f"input_layernorm.{suf}",)),
                     Rule(m + mlp_norm + _te_suffix(suf, te),
-                         (s + f"post_attention_layernorm.{suf}",))]
+                         (s + ("pre_feedforward_layernorm" if post else
+                               "post_attention_layernorm") + f".{suf}",))]
+        if post:
+            out += [Rule(m + "self_attention.linear_proj.post_layernorm.weight",
+                         (s + "post_attention_layernorm.weight",)),
+                    Rule(m + "mlp.linear_fc2.post_layernorm.weight",
+                         (s + "post_feedforward_layernorm.weight",))]
         qkv = ("weight", "bias") if cfg.traits.qkv_bias else ("weight",)
         out += [Rule(m + f"self_attention.linear_qkv.{p}",
                      tuple(s + f"self_attn.{x}_proj.{p}" for x in "qkv"),
@@ -179,7 +186,8 @@ HF_ARCHITECTURES = {t.architecture: name for name, t in FAMILIES.items()}
 # anything but the value given (or absent), never silently dropped.
 UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcapping": None,
                "final_logit_softcapping": None, "use_sliding_window": False,
-               "layer_types": None}
+               "use_bidirectional_attention": False}
+LAYER_TYPES = {"full_attention": 0, "sliding_attention": 1}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -219,28 +227,48 @@ def hf_config(cfg: ModelConfig) -> dict:
                 "sliding_window": None}
     if cfg.family == "mistral":
         return {**out, "sliding_window": cfg.sliding_window}
+    if cfg.family == "gemma3":
+        local = {**rope, "rope_theta": cfg.local_rotary_base or cfg.rotary_base}
+        out.pop("hidden_act")
+        return {**out, "hidden_activation": t.hidden_act, "rope_parameters": {
+                    "full_attention": rope, "sliding_attention": local},
+                "sliding_window": cfg.sliding_window,
+                "layer_types": [("sliding_attention" if w else "full_attention")
+                                for w in cfg.window_layers or [0] * cfg.num_layers],
+                "query_pre_attn_scalar": (_integral(cfg.softmax_scale ** -2) if cfg.softmax_scale
+                                          else cfg.kv_channels),
+                "final_logit_softcapping": None, "attn_logit_softcapping": None,
+                "attention_bias": False}
     return {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2, qwen3
             "max_window_layers": cfg.num_layers,
             **({"attention_bias": False} if cfg.family == "qwen3" else {})}
+
+
+def _integral(x: float) -> float | int:
+    return round(x) if abs(x - round(x)) < 1e-6 else x
 
 
 def _refuse_unsupported(hf: dict, source: str) -> None:
     from megatron_minitron.config import ConfigError
 
     for key, ok in UNSUPPORTED.items():
-        if hf.get(key, ok) not in (ok, None) and not (key == "layer_types" and _all_full(hf)):
+        if hf.get(key, ok) not in (ok, None):
             raise ConfigError(f"{source}: config field {key}={hf[key]!r} changes the network and "
                               "is not supported")
+    unknown = set(hf.get("layer_types") or ()) - set(LAYER_TYPES)
+    if unknown:
+        raise ConfigError(f"{source}: layer types {sorted(unknown)} are not supported "
+                          f"({', '.join(LAYER_TYPES)})")
 
 
-def _all_full(hf: dict) -> bool:
-    return all(x == "full_attention" for x in hf.get("layer_types") or [])
-
-
-def _sliding_window(hf: dict, family: str) -> int | None:
-    if family == "mistral":
-        return hf.get("sliding_window")
-    return None  # Qwen's window is off unless use_sliding_window, which is refused
+def _windows(hf: dict, family: str) -> tuple[int | None, list[int] | None]:
+    """(sliding window, per-layer flags): Mistral slides in every layer; Gemma 3 (and any model
+    with `layer_types`) in the layers marked sliding; Qwen's window is off unless
+    `use_sliding_window`, which is refused."""
+    flags = [LAYER_TYPES[t] for t in hf.get("layer_types") or ()]
+    if any(flags):
+        return hf["sliding_window"], flags
+    return (hf.get("sliding_window") if family == "mistral" else None), None
 
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
@@ -253,15 +281,21 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
                           f"(supported: {', '.join(HF_ARCHITECTURES)})")
     _refuse_unsupported(hf, source)
     traits = FAMILIES[family]
-    if hf.get("hidden_act", traits.hidden_act) != traits.hidden_act:
-        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported for "
-                          f"{arch} (expected {traits.hidden_act!r})")
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    for key in ("hidden_act", "hidden_activation"):
+        if hf.get(key, traits.hidden_act) != traits.hidden_act:
+            raise ConfigError(f"{source}: {key} {hf[key]!r} is not supported for {arch} "
+                              f"(expected {traits.hidden_act!r})")
+    params = hf.get("rope_parameters") or {}
+    local = params.get("sliding_attention", {}).get("rope_theta", hf.get("rope_local_base_freq"))
+    params = params.get("full_attention", params)  # Gemma 3: one RoPE per layer type
+    rope = {**(hf.get("rope_scaling") or {}), **params}
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope["type"]
     scaling = _rope_scaling_factor(rope, source)
     heads = hf["num_attention_heads"]
-    eps = float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5)))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    scalar = hf.get("query_pre_attn_scalar", head_dim)
+    window, window_layers = _windows(hf, family)
     cfg = ModelConfig(
         family=family,
         num_layers=hf["num_hidden_layers"],
@@ -269,16 +303,19 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        kv_channels=head_dim,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rotary_percent=float(rope.get("partial_rotary_factor",
                                       hf.get("partial_rotary_factor", 1.0))),
-        norm_epsilon=eps,
+        norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling_factor=scaling,
-        sliding_window=_sliding_window(hf, family),
+        sliding_window=window,
+        window_layers=window_layers,
+        local_rotary_base=float(local) if local is not None and window_layers else None,
+        softmax_scale=None if scalar == head_dim else float(scalar) ** -0.5,
     )
     cfg.validate()
     return cfg

@@ -34,6 +34,13 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"swiglu": F.silu, "geglu": gelu_tanh, "squared_relu": squared_relu}
+
+
 def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
     """Megatron's custom pipeline layout: virtual stage s (= vpp_rank * pp + pp_rank) holds
     `layers_per_stage[s]` decoder layers; the embedding is on the first, the loss on the last."""
@@ -59,11 +66,13 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         layernorm_zero_centered_gamma=t.zero_centered_gamma,
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=t.gated,
-        activation_func=F.silu if t.gated else squared_relu,
+        activation_func=ACTIVATIONS[t.activation],
         add_bias_linear=False,
         add_qkv_bias=t.qkv_bias,
         qk_layernorm=t.qk_norm,
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
+        window_attn_skip_freq=cfg.window_layers,
+        softmax_scale=cfg.softmax_scale,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tp,
@@ -83,7 +92,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         perform_initialization=True,
         init_method=_no_init,
         output_layer_init_method=_no_init,
-        bias_activation_fusion=te_available() and t.gated,
+        bias_activation_fusion=te_available() and t.activation == "swiglu",
         bias_dropout_fusion=te_available(),
         masked_softmax_fusion=te_available(),
         persist_layer_norm=False,
@@ -100,12 +109,18 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
         get_num_layers_to_build,
     )
 
+    from megatron_minitron.model.gemma3 import gemma3_spec
+
     if te_available():
+        from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.traits.qk_norm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.traits.qk_norm)
+        if cfg.traits.post_norms:
+            spec = gemma3_spec(spec, cfg.local_rotary_base or cfg.rotary_base, TENorm)
+        return spec
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_minitron.model.norm import MinitronNorm
@@ -118,6 +133,8 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
     layer = dataclasses.replace(spec, submodules=dataclasses.replace(
         spec.submodules, input_layernorm=MinitronNorm, pre_mlp_layernorm=MinitronNorm,
         self_attention=attn))
+    if cfg.traits.post_norms:
+        layer = gemma3_spec(layer, cfg.local_rotary_base or cfg.rotary_base, MinitronNorm)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
 
@@ -130,6 +147,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_minitron.model.gemma3 import scale_embedding
     from megatron_minitron.runtime.distributed import device
 
     dtype = dtype or parallel.dtype()
@@ -155,6 +173,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
             rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
         )
+        if cfg.traits.scaled_embedding:
+            scale_embedding(model, cfg.hidden_size)
         model.to(device())
         chunks.append(model)
     return chunks

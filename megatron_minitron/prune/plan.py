@@ -97,7 +97,10 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
                           f"per group; the model has {per_group}")
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=t.hidden or cfg.hidden_size,
                               ffn_hidden_size=t.ffn or cfg.ffn_hidden_size,
-                              num_attention_heads=heads, num_query_groups=groups)
+                              num_attention_heads=heads, num_query_groups=groups,
+                              # which layers slide is known once they are chosen (make_plan)
+                              window_layers=cfg.window_layers if layers == cfg.num_layers
+                              else None)
     if t.norm_rescale and cfg.traits.normalization == "RMSNorm":
         new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
     new.validate()
@@ -150,6 +153,8 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         raise ConfigError("width targets and --target-layers need a scores file (--scores)")
     notes: list[str] = []
     layers = _kept_layers(cfg, target, scores, notes)
+    if cfg.window_layers is not None:  # a kept layer keeps its attention type
+        new.window_layers = [cfg.window_layers[i] for i in layers]
     full = torch.arange
     if new.hidden_size < cfg.hidden_size:
         # Ranked over all layers, dropped ones included: on SmolLM2 that beat ranking over the

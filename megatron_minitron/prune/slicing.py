@@ -32,9 +32,10 @@ def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
     return math.sqrt(src.hidden_size / plan.model.hidden_size)
 
 
-def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tensor:
+def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan, extra: float = 1.0
+          ) -> torch.Tensor:
     t = t[plan.hidden]
-    scale = norm_scale(src, plan)
+    scale = norm_scale(src, plan) * extra
     if name.endswith("bias") or scale == 1.0:
         return t  # exact: no arithmetic on the stored (possibly bf16) values
     zc = 1.0 if src.traits.zero_centered_gamma else 0.0  # stored gamma is (weight - 1)
@@ -52,11 +53,24 @@ def _scale_qk(t: torch.Tensor, src: ModelConfig, plan: PrunePlan) -> torch.Tenso
     return (t.float() * factor).to(t.dtype)
 
 
+def embedding_scale(src: ModelConfig, plan: PrunePlan) -> float:
+    """Gemma multiplies embeddings by sqrt(hidden), so a hidden-pruned model would multiply by
+    sqrt(h'): the stored embedding is scaled by sqrt(h / h') to keep sqrt(h). With tied weights
+    the output layer reads the same tensor, and the final norm takes sqrt(h' / h) back."""
+    if not src.traits.scaled_embedding:
+        return 1.0
+    return math.sqrt(src.hidden_size / plan.model.hidden_size)
+
+
 def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan
                        ) -> torch.Tensor:
     """Embedding, output layer and final norm (names as in GPTModel.state_dict())."""
+    c = embedding_scale(src, plan)
     if name.endswith(NORM_PARAMS):
-        return _norm(name, t, src, plan)
+        extra = 1 / c if src.tie_embeddings and name.endswith("weight") else 1.0
+        return _norm(name, t, src, plan, extra)
+    if name == EMBEDDING and c != 1.0:
+        return (t[:, plan.hidden].float() * c).to(t.dtype)
     if name in (EMBEDDING, OUTPUT_LAYER):
         return t[:, plan.hidden]
     raise KeyError(f"no pruning rule for {name}")
