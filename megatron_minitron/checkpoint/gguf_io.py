@@ -1,8 +1,10 @@
-"""Read a llama.cpp GGUF file (Llama architecture) into HF-layout fp32 tensors and a tokenizer.
+"""Read a llama.cpp GGUF file (Llama or Gemma 3) into HF-layout fp32 tensors and a tokenizer.
 
-Quantized tensors are dequantized with the `gguf` package. llama.cpp stores q/k projections
-permuted for its interleaved RoPE; `unpermute_qk` undoes that so the weights match HF/Megatron's
-half-split RoPE. The embedded byte-level BPE vocabulary becomes a `tokenizers` tokenizer.json.
+Quantized tensors (Q4_K, Q6_K, Q8_0, ...) are dequantized with the `gguf` package. What llama.cpp
+changed on the way in is undone here: Llama's q/k projections are permuted for its interleaved
+RoPE (`unpermute_qk` restores HF/Megatron's half-split order); Gemma's norm weights are stored as
+(1 + w). The embedded vocabulary (byte-level BPE, or sentencepiece BPE for Gemma) becomes a
+`tokenizers` tokenizer.json, with `add_bos_token` from the file.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3: llama.cpp's ffn_norm is the pre-MLP norm, and four more norms per layer.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# What llama.cpp hard-codes for Gemma 3 instead of storing it: every 6th layer is global, the
+# sliding layers' RoPE base is 10k.
+GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
+ARCHITECTURES = ("llama", "gemma3")
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -55,6 +70,33 @@ def _open(path: Path):
         raise ConfigError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+def _model_config(r, arch: str) -> ModelConfig:
+    a = arch + "."
+    heads = int(_field(r, a + "attention.head_count"))
+    hidden = int(_field(r, a + "embedding_length"))
+    layers = int(_field(r, a + "block_count"))
+    cfg = ModelConfig(
+        family=arch,
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=int(_field(r, a + "feed_forward_length")),
+        num_attention_heads=heads,
+        num_query_groups=int(_field(r, a + "attention.head_count_kv", heads)),
+        kv_channels=int(_field(r, a + "attention.key_length", hidden // heads)),
+        vocab_size=int(_field(r, a + "vocab_size", len(_field(r, "tokenizer.ggml.tokens")))),
+        max_position_embeddings=int(_field(r, a + "context_length", 4096)),
+        rotary_base=float(_field(r, a + "rope.freq_base", 10000.0)),
+        norm_epsilon=float(_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not any(t.name == "output.weight" for t in r.tensors),
+    )
+    if arch == "gemma3":
+        cfg.sliding_window = int(_field(r, a + "attention.sliding_window"))
+        cfg.window_layers = [int((i + 1) % GEMMA3_GLOBAL_EVERY != 0) for i in range(layers)]
+        cfg.local_rotary_base = GEMMA3_LOCAL_ROPE_BASE
+    cfg.validate()
+    return cfg
+
+
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, bytes]]:
     """(config, HF-layout state dict in fp32, tokenizer files by name)."""
     from gguf.quants import dequantize
@@ -62,35 +104,18 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
     path = Path(path)
     r = _open(path)
     arch = _field(r, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-    a = "llama."
-    heads = int(_field(r, a + "attention.head_count"))
-    hidden = int(_field(r, a + "embedding_length"))
-    tokens = _field(r, "tokenizer.ggml.tokens")
-    has_output = any(t.name == "output.weight" for t in r.tensors)
-    cfg = ModelConfig(
-        family="llama",
-        num_layers=int(_field(r, a + "block_count")),
-        hidden_size=hidden,
-        ffn_hidden_size=int(_field(r, a + "feed_forward_length")),
-        num_attention_heads=heads,
-        num_query_groups=int(_field(r, a + "attention.head_count_kv", heads)),
-        kv_channels=int(_field(r, a + "attention.key_length", hidden // heads)),
-        vocab_size=int(_field(r, a + "vocab_size", len(tokens))),
-        max_position_embeddings=int(_field(r, a + "context_length", 4096)),
-        rotary_base=float(_field(r, a + "rope.freq_base", 10000.0)),
-        norm_epsilon=float(_field(r, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings=not has_output,
-    )
-    cfg.validate()
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r} "
+                          f"(supported: {', '.join(ARCHITECTURES)})")
+    cfg = _model_config(r, arch)
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     sd = {}
     for t in r.tensors:
         name = _TENSOR_NAMES.get(t.name)
         if name is None and t.name.startswith("blk."):
             _, i, rest = t.name.split(".", 2)
-            if rest in _LAYER_NAMES:
-                name = f"model.layers.{int(i)}.{_LAYER_NAMES[rest]}"
+            if rest in layer_names:
+                name = f"model.layers.{int(i)}.{layer_names[rest]}"
         if name is None:
             continue  # e.g. rope_freqs: recomputed from rope.freq_base
         try:
@@ -99,32 +124,70 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
             raise ConfigError(f"{path}: tensor {t.name} cannot be read ({e})") from None
         shape = tuple(int(x) for x in reversed(t.shape))
         w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, heads)
-        elif t.name.endswith("attn_k.weight"):
+        if arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's (1 + w) gamma
+        elif arch == "llama" and t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, cfg.num_attention_heads)
+        elif arch == "llama" and t.name.endswith("attn_k.weight"):
             w = unpermute_qk(w, cfg.num_query_groups)
         sd[name] = w
     return cfg, sd, gguf_tokenizer_files(r, path)
 
 
-def gguf_tokenizer_json(r, path: Path) -> str:
-    """Byte-level BPE tokenizer.json built from the GGUF vocabulary and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def _sentencepiece_bpe(r, path: Path):
+    """A sentencepiece BPE (Gemma) rebuilt for `tokenizers`: the file has no merges, so they are
+    derived from the vocabulary, ranked by the merged token's position in the file (its scores
+    do not follow the merge order). Tokens of several spaces are stored as spaces; sentencepiece
+    spells them with U+2581."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
-    model = _field(r, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ConfigError(f"{path}: tokenizer model {model!r} not supported "
-                          "(byte-level BPE 'gpt2' only)")
+    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t
+              for t in _field(r, "tokenizer.ggml.tokens")]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = sorted(((i, -k, left, tok[k:]) for tok, i in vocab.items()
+                     for k in range(1, len(tok)) if (left := tok[:k]) in vocab
+                     and tok[k:] in vocab), key=lambda m: m[:2])
+    unk = _field(r, "tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges],
+                               unk_token=tokens[int(unk)] if unk is not None else None,
+                               fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    return tok, tokens
+
+
+def _byte_level_bpe(r):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     tokens = list(_field(r, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
-    types = list(_field(r, "tokenizer.ggml.token_type", [1] * len(tokens)))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    control = 3
+    return tok, tokens
+
+
+def gguf_tokenizer_json(r, path: Path) -> str:
+    """tokenizer.json from the GGUF vocabulary: byte-level BPE ("gpt2") or sentencepiece BPE
+    ("llama"), with the file's control tokens special and its user-defined tokens whole."""
+    from tokenizers import AddedToken
+
+    model = _field(r, "tokenizer.ggml.model")
+    if model == "gpt2":
+        tok, tokens = _byte_level_bpe(r)
+    elif model == "llama":
+        tok, tokens = _sentencepiece_bpe(r, path)
+    else:
+        raise ConfigError(f"{path}: tokenizer model {model!r} not supported "
+                          "(byte-level BPE 'gpt2' or sentencepiece BPE 'llama')")
+    types = list(_field(r, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    control, user_defined = 3, 4
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types, strict=True) if ty == control])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types, strict=True) if ty == user_defined])
     return tok.to_str()
 
 
@@ -132,8 +195,11 @@ def gguf_tokenizer_files(r, path: Path) -> dict[str, bytes]:
     """tokenizer.json plus a tokenizer_config.json naming the special tokens, for transformers."""
     tok_json = gguf_tokenizer_json(r, path)
     tokens = list(_field(r, "tokenizer.ggml.tokens"))
+    arch = _field(r, "general.architecture")
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-           "model_max_length": int(_field(r, "llama.context_length", 4096))}
+           "model_max_length": int(_field(r, f"{arch}.context_length", 4096)),
+           "add_bos_token": bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
+           "add_eos_token": False}
     for key, name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
         i = _field(r, f"tokenizer.ggml.{key}_token_id")
         if i is not None:
