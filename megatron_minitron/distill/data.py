@@ -91,9 +91,23 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, tok: Tokeni
     return train, valid
 
 
-def microbatches(dataset, start: int, count: int, micro_batch_size: int) -> list[dict]:
-    """Samples [start, start + count) as microbatches of stacked tensors."""
+def with_prefix(sample: dict, prefix: list[int]) -> dict:
+    """GPTDataset's sample (s tokens, s labels) opened by the tokenizer's BOS: shifted right by one
+    so that it still holds s tokens and every text token it holds is a label."""
+    if not prefix:
+        return sample
+    tokens = torch.as_tensor(sample["tokens"])
+    head = torch.tensor(prefix, dtype=tokens.dtype)
+    return {**sample, "tokens": torch.cat([head, tokens[:-1]]), "labels": tokens,
+            "loss_mask": torch.cat([torch.ones(1), torch.as_tensor(sample["loss_mask"])[:-1]])}
+
+
+def microbatches(dataset, start: int, count: int, micro_batch_size: int,
+                 prefix: list[int] | None = None) -> list[dict]:
+    """Samples [start, start + count) as microbatches of stacked tensors, each sample opened by
+    `prefix` (the BOS of tokenizers that add one)."""
     keys = ("tokens", "labels", "loss_mask", "position_ids")
-    items = [dataset[i % len(dataset)] for i in range(start, start + count)]
+    items = [with_prefix(dataset[i % len(dataset)], prefix or [])
+             for i in range(start, start + count)]
     return [{k: torch.stack([torch.as_tensor(it[k]) for it in items[j:j + micro_batch_size]])
              for k in keys} for j in range(0, count, micro_batch_size)]

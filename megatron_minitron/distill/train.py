@@ -185,8 +185,10 @@ class Distiller:
         cfg.validate(self.dp)
         self.save.mkdir(parents=True, exist_ok=True)
         gbs = cfg.global_batch_size
+        tok = load_tokenizer(student)
+        self.prefix = tok.prefix
         self.train_data, self.valid_data = build_datasets(
-            prefixes, weights, load_tokenizer(student), cfg.seq_length, cfg.seed, cfg.split,
+            prefixes, weights, tok, cfg.seq_length, cfg.seed, cfg.split,
             cfg.train_iters * gbs, cfg.eval_iters * gbs, self.save / "data_cache", valid)
         self.teacher = self._frozen_teacher(t_meta, teacher)
         self._build_student(student)
@@ -255,7 +257,7 @@ class Distiller:
 
         per_dp = self.cfg.global_batch_size // self.dp
         start = step * self.cfg.global_batch_size + self.dp_rank * per_dp
-        return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size)
+        return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size, self.prefix)
 
     def _attach_teacher(self, mbs: list[dict], always: bool = False) -> None:
         """Teacher logits (or their top k) and mapped hidden states per microbatch; skipped in

@@ -28,6 +28,9 @@ class MinitronLM(LM):
         self.max_gen_toks = max_gen_toks
 
     def _eot(self) -> int:
+        """lm-eval's prefix token: BOS where the tokenizer adds one, else end-of-text."""
+        if self.tok.prefix:
+            return self.tok.prefix[0]
         if self.tok.eos_id is None:
             raise ConfigError("the checkpoint's tokenizer has no EOS id, needed by lm-eval for "
                               "empty contexts and rolling log-likelihoods")
@@ -65,7 +68,7 @@ class MinitronLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else until
             n = kwargs.get("max_gen_toks", self.max_gen_toks)
-            ids = self.tok.encode(context)[-max(self.seq_length - n, 1):]
+            ids = (self.tok.prefix + self.tok.encode(context))[-max(self.seq_length - n, 1):]
             text = self.tok.decode(greedy(self.chunks, ids, n, self.tok.eos_id))
             for stop in until:
                 text = text.split(stop)[0]

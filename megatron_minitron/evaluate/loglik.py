@@ -29,13 +29,14 @@ class Request:
 
 def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Request:
     """Tokenize as lm-eval's HF models do: the whole string at once, the context's tokens a
-    prefix; trailing spaces of the context move to the continuation. Our tasks and the lm-eval
+    prefix (after BOS where the tokenizer adds one); trailing spaces of the context move to the
+    continuation. Our tasks and the lm-eval
     adapter both use it, so both score the same tokens."""
     n_spaces = len(context) - len(context.rstrip(" "))
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
-    return Request(whole[:len(ctx)], whole[len(ctx):])
+    return Request(tok.prefix + whole[:len(ctx)], whole[len(ctx):])
 
 
 def _window(r: Request, seq_length: int) -> list[int]:

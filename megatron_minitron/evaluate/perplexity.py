@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.calibration import window_count
+from megatron_minitron.data.calibration import window_count, windows
 from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
 from megatron_minitron.runtime.distributed import device
 
@@ -29,21 +30,20 @@ class EvalResult:
 
 
 def token_windows(ids: list[int], seq_length: int, max_windows: int | None = None,
-                  stride: int | None = None) -> torch.Tensor:
+                  stride: int | None = None, prefix: Sequence[int] = ()) -> torch.Tensor:
     """The first `max_windows` windows [n, seq_length + 1] of the text, starting every `stride`
-    tokens (default: seq_length, disjoint windows)."""
+    tokens (default: seq_length, disjoint windows), each opened by `prefix` (BOS)."""
     stride = stride or seq_length
     if not 1 <= stride <= seq_length:
         raise ConfigError(f"stride {stride} must be between 1 and the sequence length "
                           f"{seq_length}")
-    n = window_count(len(ids) - seq_length + stride, stride)
+    n = window_count(len(ids), seq_length, stride, prefix)
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise ConfigError(f"evaluation text has {len(ids)} tokens, fewer than one window of "
                           f"{seq_length + 1}")
-    t = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([t[i * stride: i * stride + seq_length + 1] for i in range(n)])
+    return windows(torch.tensor(ids, dtype=torch.long), seq_length, range(n), stride, prefix)
 
 
 def _token_losses(output: torch.Tensor, mb) -> torch.Tensor:

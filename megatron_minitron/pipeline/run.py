@@ -53,7 +53,8 @@ def _builtin(entry: str) -> list[Path]:
     from megatron_minitron.data import demo
 
     assets = {"shakespeare-train": demo.train_plays, "shakespeare-valid": demo.held_out_plays,
-              "smollm2": lambda: [demo.smollm2_gguf()]}
+              "smollm2": lambda: [demo.smollm2_gguf()],
+              "gemma3-270m": lambda: [demo.gemma3_gguf()]}
     name = entry[len(BUILTIN):]
     if name not in assets:
         raise ConfigError(f"unknown built-in {entry!r} (known: "
