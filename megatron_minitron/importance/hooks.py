@@ -5,7 +5,11 @@ Sites, per transformer layer (Megatron-Core names):
   fused into `linear_qkv` / `linear_fc1`, so the norm is recomputed from the fused module's input
   and `layer_norm_weight`. Under sequence parallelism each TP rank sees s/tp tokens: the token
   sums are all-reduced over TP before the per-sample value is taken.
-- `heads`: input of `linear_proj`, L2 over each head's kv_channels, for this TP rank's heads.
+- `heads`: input of `linear_proj`, L2 over each head's kv_channels, for this TP rank's heads
+  (the paper's activation metric).
+- `heads_out`: each head's contribution to the residual, L2 of W_O[:, head] @ o_head: what the
+  head writes, not how large its input to the projection is (exact per TP rank: each holds its
+  heads' columns of W_O).
 - `ffn`: input of `linear_fc2` (after the activation, and after the gate for SwiGLU), for this TP
   rank's neurons.
 - block influence: 1 - cos(layer input, layer output) per token (ShortGPT), summed.
@@ -21,8 +25,9 @@ from megatron_minitron.importance import stats
 from megatron_minitron.model.norm import apply_norm
 from megatron_minitron.runtime.distributed import device
 
-SITES = ("ln_attn", "ln_mlp", "heads", "ffn")
-TP_SPLIT_SITES = ("heads", "ffn")  # columns are split across TP ranks; the others are replicated
+SITES = ("ln_attn", "ln_mlp", "heads", "heads_out", "ffn")
+# columns split across TP ranks; the others are replicated
+TP_SPLIT_SITES = ("heads", "heads_out", "ffn")
 
 
 def decoder_layers(chunks):
@@ -71,7 +76,7 @@ class ImportanceHooks:
                         lambda m, args, out, i=i, site=site: self._add(i, site, out, True)))
             self._handles += [
                 layer.self_attention.linear_proj.register_forward_pre_hook(
-                    lambda m, args, i=i: self._add_heads(i, args[0])),
+                    lambda m, args, i=i: self._add_heads(i, args[0], m.weight)),
                 layer.mlp.linear_fc2.register_forward_pre_hook(
                     lambda m, args, i=i: self._add(i, "ffn", args[0], False)),
                 layer.register_forward_pre_hook(
@@ -104,9 +109,14 @@ class ImportanceHooks:
                        c.layernorm_epsilon)
         self._add(i, site, y, True)
 
-    def _add_heads(self, i: int, x: torch.Tensor) -> None:
+    def _add_heads(self, i: int, x: torch.Tensor, w_o: torch.Tensor) -> None:
         s, b, _ = x.shape
-        self._add(i, "heads", x.reshape(s, b, -1, self.config.kv_channels).norm(dim=-1), False)
+        d = self.config.kv_channels
+        per_head = x.reshape(s, b, -1, d)
+        self._add(i, "heads", per_head.norm(dim=-1), False)
+        out = torch.stack([(per_head[:, :, j] @ w_o[:, j * d:(j + 1) * d].t()).float().norm(dim=-1)
+                           for j in range(per_head.shape[2])], dim=-1)
+        self._add(i, "heads_out", out, False)
 
     def _keep_input(self, i: int, args, kwargs) -> None:
         self._inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

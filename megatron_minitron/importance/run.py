@@ -67,7 +67,8 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
     per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
     progress = Progress("importance", samples.shape[0] * mine.shape[1])
     widths = {"ln_attn": model.hidden_size, "ln_mlp": model.hidden_size,
-              "heads": model.num_attention_heads, "ffn": model.ffn_hidden_size}
+              "heads": model.num_attention_heads, "heads_out": model.num_attention_heads,
+              "ffn": model.ffn_hidden_size}
     with ImportanceHooks(chunks) as hooks:
         for i in range(0, len(mbs), per_call):
             group = mbs[i:i + per_call]

@@ -3,6 +3,7 @@
 Tensors (L = layers):
   sums.{ln_attn,ln_mlp}  [L, 3, 2, hidden]   see `stats`: any sequence x sample aggregation
   sums.heads             [L, 3, 2, heads]    is derived from these when the file is read,
+  sums.heads_out         [L, 3, 2, heads]    (what each head writes through W_O)
   sums.ffn               [L, 3, 2, ffn]      so one calibration serves every choice and target
   depth.block_influence  [L]                 mean over tokens of 1 - cos(layer in, layer out)
   depth.base_loss        [1]                 LM loss on the depth samples
@@ -24,6 +25,8 @@ from megatron_minitron.importance import stats
 
 FORMAT = "minitron-importance-v1"
 WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")
+# How heads are ranked: the paper's activation norm, or what the head writes through W_O.
+HEAD_METRICS = {"activation": "heads", "output": "heads_out"}
 
 
 @dataclass
@@ -36,9 +39,13 @@ class Scores:
 
     def axis(self, name: str, seq: str | None = None, samples: str | None = None
              ) -> torch.Tensor:
-        """Per-layer scores [L, width] of one width axis (ln_attn, ln_mlp, heads, ffn)."""
-        if name not in WIDTH_AXES:
+        """Per-layer scores [L, width] of one width axis (ln_attn, ln_mlp, heads, heads_out,
+        ffn)."""
+        if name not in (*WIDTH_AXES, *HEAD_METRICS.values()):
             raise ConfigError(f"unknown importance axis {name!r} ({', '.join(WIDTH_AXES)})")
+        if f"sums.{name}" not in self.tensors:
+            raise ConfigError(f"the scores have no {name} sums (made by an older version); "
+                              "rerun `minitron importance`")
         return stats.finalize(self.tensors[f"sums.{name}"], self.meta["samples"],
                               *self._aggs(seq, samples))
 

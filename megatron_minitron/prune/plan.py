@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig
-from megatron_minitron.importance.scores import Scores
+from megatron_minitron.importance.scores import HEAD_METRICS, Scores
 from megatron_minitron.options import option
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
@@ -34,6 +34,11 @@ class PruneTarget:
                                help="how --target-layers picks layers (auto: the contiguous block "
                                     "with the smallest LM-loss rise when the scores have it, "
                                     "else single-layer skip loss)")
+    head_metric: str = option("activation", choices=tuple(HEAD_METRICS),
+                              help="how heads and query groups are ranked: the paper's "
+                                   "activation norm of each head, or the norm of what it writes "
+                                   "through the output projection (better where a norm follows "
+                                   "attention, as in Gemma)")
     norm_rescale: bool = option(True, flag="--no-norm-rescale",
                                 help="slice RMSNorm weights without the sqrt(h/h') rescale that "
                                      "keeps the pruned channels' share of the mean square")
@@ -173,7 +178,8 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         if new.num_attention_heads == cfg.num_attention_heads:
             plan.heads[i] = full(cfg.num_attention_heads)
             continue
-        head_scores = scores.axis("heads")[i].view(cfg.num_query_groups, per_group)
+        head_scores = scores.axis(HEAD_METRICS[target.head_metric])[i].view(
+            cfg.num_query_groups, per_group)
         groups = _top(head_scores.sum(-1), new.num_query_groups)
         plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
                                    for g in groups.tolist()])
