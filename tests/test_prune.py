@@ -196,3 +196,17 @@ def test_hidden_pruned_export_loads_in_transformers(tiny_llama_ckpt, tiny_tokens
     assert (hf_logits(tmp_path / "hf", tiny_tokens) - logits).abs().max() <= 1e-5
     back = converted(tmp_path / "hf", tmp_path / "back")
     assert torch.equal(in_process_logits(back, tiny_tokens), logits)
+
+
+def test_gemma3_with_one_kv_group_prunes_query_heads_only(tmp_path, tiny_tokens):
+    """Gemma 3 270M has one KV group: --target-heads keeps it and drops query heads; the export
+    loads in transformers with our logits."""
+    src = converted(tiny_hf_dir(tmp_path / "hf", "gemma3", seed=4, num_key_value_heads=1),
+                    tmp_path / "src")
+    scores = _scores_dropping(src, tmp_path / "s.safetensors", heads=[torch.tensor([1, 3])] * 4)
+    _prune("--load", str(src), "--scores", str(scores), "--target-heads", "2",
+           "--out", str(tmp_path / "pruned"), "--hf-out", str(tmp_path / "pruned_hf"))
+    cfg = json.loads((tmp_path / "pruned_hf" / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 1)
+    logits = in_process_logits(tmp_path / "pruned", tiny_tokens)
+    assert (hf_logits(tmp_path / "pruned_hf", tiny_tokens) - logits).abs().max() <= 1e-5
