@@ -24,8 +24,10 @@ def _gpu_logits(ckpt, tokens, precision):
     return logits(chunks, tokens, micro_batch_size=tokens.shape[0]).float().cpu()
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron"])
+@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_gpu_logits_match_transformers(family, tmp_path):
+    """Every family through the TE spec (Qwen3's q/k norms, Gemma's post-norms and sliding
+    window in TE's attention) against transformers."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     ckpt = tmp_path / "mcore"
     run_cli("convert", str(hf), str(ckpt))
