@@ -49,8 +49,6 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_minitron.runtime.distributed import shutdown
-
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[minitron] %(message)s")
@@ -60,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError) as e:  # exit 2: bad usage or input; 3: training failed
         print(f"minitron {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, nothing half-done stays
+        print(f"minitron {args.verb}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
     finally:
+        from megatron_minitron.runtime.distributed import shutdown
+
         shutdown()
     return 0
 

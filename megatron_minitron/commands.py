@@ -87,16 +87,18 @@ VERBS: dict[str, Verb] = {
     "distill": Verb(stages.distill, "knowledge-distillation retraining of a student", (
         arg("--teacher", type=Path, required=True, help="teacher checkpoint (frozen)"),
         arg("--student", type=Path, required=True, help="student checkpoint (e.g. pruned)"),
-        arg("--data", nargs="+", required=True, help=DATA_HELP),
-        arg("--valid-data", nargs="+", help="validation prefixes (default: --split)"),
+        arg("--data", "--data-path", nargs="+", required=True, help=DATA_HELP),
+        arg("--valid-data", "--valid-data-path", nargs="+",
+            help="validation prefixes (default: --split)"),
         arg("--save", type=Path, required=True, help="run directory (resumes from its latest)")),
         DistillConfig),
     "search": Verb(search, "candidate shapes at a parameter budget, each pruned and briefly "
                            "distilled, ranked", (
         arg("--load", type=Path, required=True, help="the teacher checkpoint"),
         arg("--scores", type=Path, required=True, help="its importance scores"),
-        arg("--data", nargs="+", required=True, help=DATA_HELP),
-        arg("--valid-data", nargs="+", required=True, help="validation prefixes"),
+        arg("--data", "--data-path", nargs="+", required=True, help=DATA_HELP),
+        arg("--valid-data", "--valid-data-path", nargs="+", required=True,
+            help="validation prefixes"),
         arg("--out", type=Path, required=True, help="search directory (resumes)")),
         SearchConfig),
     "generate": Verb(stages.generate, "greedy continuation of a prompt", (

@@ -246,8 +246,15 @@ class CheckpointMeta:
     def from_file(cls, path: Path) -> CheckpointMeta:
         try:
             d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found: not a megatron-minitron checkpoint") from None
+        except (FileNotFoundError, NotADirectoryError):
+            d = Path(path).parent
+            hint = (f"it is a Hugging Face model: run `minitron convert {d} CKPT` and use CKPT"
+                    if (d / "config.json").is_file() else
+                    f"run `minitron convert {d} CKPT` and use CKPT"
+                    if d.suffix == ".gguf" else
+                    "give a directory written by minitron convert, prune or distill")
+            raise ConfigError(f"{d} is not a megatron-minitron checkpoint ({Path(path).name} "
+                              f"not found); {hint}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         d["model"] = ModelConfig.from_dict(d["model"])

@@ -23,14 +23,17 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None,
            short: str | None = None, choices: tuple | None = None,
            factory: Callable[[], Any] | None = None, parse: Callable[[str], Any] | None = None,
            render: Callable[[Any], str] | None = None, choice_flags: bool = False,
-           metavar: str | None = None, skip: tuple[str, ...] = ()) -> Any:
+           metavar: str | None = None, skip: tuple[str, ...] = (),
+           aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field carrying its command-line face. `flag` defaults to --field-name;
-    `short` is an alias (--tp); `parse`/`render` read and write a value given as one string
-    (e.g. a comma list); `choice_flags` makes each choice a flag of its own (--bf16). A field
+    `short` is an alias (--tp) that command lines are written with; `aliases` are accepted too
+    (Megatron's names where ours differ); `parse`/`render` read and write a value given as one
+    string (e.g. a comma list); `choice_flags` makes each choice a flag of its own (--bf16). A field
     that is itself a settings dataclass contributes its options (but `skip`), with the defaults
     of this field's default instance: search's KD is a DistillConfig."""
     meta = {"help": help, "flag": flag, "short": short, "choices": choices, "parse": parse,
-            "render": render, "choice_flags": choice_flags, "metavar": metavar, "skip": skip}
+            "render": render, "choice_flags": choice_flags, "metavar": metavar, "skip": skip,
+            "aliases": aliases}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"option": meta})
     return dataclasses.field(default=default, metadata={"option": meta})
@@ -94,7 +97,7 @@ def add_options(parser, cls, title: str | None = None, base=None, skip=()) -> No
                         meta["skip"])
             continue
         base_tp, _ = _base(tp)
-        flags = [flag_of(f, meta), *([meta["short"]] if meta["short"] else [])]
+        flags = [flag_of(f, meta), *([meta["short"]] if meta["short"] else []), *meta["aliases"]]
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         if meta["choice_flags"]:
             ex = group.add_mutually_exclusive_group()
@@ -173,3 +176,31 @@ def to_argv(obj, cls=None, base=None, skip=()) -> list[str]:
         else:
             out += [flag, str(v)]
     return out
+
+
+SIZE_SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_size(text: str) -> float:
+    """A parameter budget as people write it: a count (`95M`, `4.5B`, `95e6`, `134515008`) or a
+    fraction of the model (`0.7`, `70%`). Fractions come back as values in (0, 1], counts as
+    values above 1; `fraction_of` resolves either."""
+    t = str(text).strip().upper().replace("_", "").replace(",", "")
+    try:
+        if t.endswith("%"):
+            value = float(t[:-1]) / 100
+        elif t[-1:] in SIZE_SUFFIXES:
+            value = float(t[:-1]) * SIZE_SUFFIXES[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a parameter count (95M, 4.5B, 95e6) or a fraction "
+                         "(0.7, 70%)") from None
+    if not value > 0:
+        raise ValueError(f"{text!r}: a parameter budget must be positive")
+    return value
+
+
+def fraction_of(size: float, total: int) -> float:
+    """A `parse_size` value as a count: fractions (<= 1) of `total`, counts as they are."""
+    return size * total if size <= 1 else size

@@ -102,11 +102,14 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     check_destination(out)
     if hf_out:
         check_destination(Path(hf_out))
+    if not settings.needs_scores() and not settings.drop_layers:
+        raise ConfigError("no pruning target: give --target-hidden, --target-ffn, "
+                          "--target-heads, --target-groups, --target-layers or --drop-layers")
     meta = mcore.read_meta(src)
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1)  # written at this TP
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
-        check_scores(loaded, meta.model, meta.fingerprint)
+        check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
     if hf_out and rt.world_size > 1:
@@ -226,10 +229,13 @@ def generate(load: Path, prompt: str, max_new_tokens: int = 32,
     from megatron_minitron.evaluate.generate import greedy
     from megatron_minitron.model import load_model
 
-    rt, meta, chunks = load_model(Path(load), parallel or ParallelConfig())
     tok = load_tokenizer(Path(load))
-    text = prompt + tok.decode(greedy(chunks, tok.prefix + tok.encode(prompt), max_new_tokens,
-                                      tok.eos_id))
+    ids = tok.prefix + tok.encode(prompt)
+    if not ids:
+        raise ConfigError("the prompt is empty and this tokenizer adds no BOS to start from; "
+                          "give --prompt some text")
+    rt, meta, chunks = load_model(Path(load), parallel or ParallelConfig())
+    text = prompt + tok.decode(greedy(chunks, ids, max_new_tokens, tok.eos_id))
     if rt.is_main:
         print(text)
     return text

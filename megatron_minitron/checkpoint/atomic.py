@@ -11,6 +11,24 @@ from pathlib import Path
 from megatron_minitron.config import ConfigError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give PATH (and, for a directory, everything in it) the modes the user's umask asks for.
+    safetensors writes its files 0600, whatever the umask: colleagues could not read a shared
+    checkpoint or export."""
+    mask = _umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConfigError(f"destination {dst} exists and is not empty; choose a new path")
@@ -39,6 +57,7 @@ def atomic_directory(dst: Path, is_writer: bool = True, barrier=lambda: None):
         yield stage
         barrier()
         if is_writer:
+            honour_umask(stage)
             if dst.exists():
                 dst.rmdir()
             stage.rename(dst)
@@ -58,6 +77,7 @@ def atomic_file(path: Path):
     tmp = staging_path(path)
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

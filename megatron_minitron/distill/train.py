@@ -53,7 +53,7 @@ class DistillConfig:
     seq_length: int = option(512, help="tokens per sequence")
     lr: float = option(1e-4, help="peak learning rate (cosine decay to --min-lr)")
     min_lr: float = option(1e-5, help="final learning rate")
-    warmup_iters: int = option(0, help="linear warm-up steps")
+    warmup_iters: int = option(0, aliases=("--lr-warmup-iters",), help="linear warm-up steps")
     weight_decay: float = option(0.01, help="AdamW weight decay")
     clip_grad: float = option(1.0, help="gradient-norm clip")
     temperature: float = option(1.0, help="softmax temperature of the KD loss")

@@ -19,7 +19,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
-from megatron_minitron.options import default_of
+from megatron_minitron.options import default_of, option, parse_size
 from megatron_minitron.prune.plan import PruneTarget
 from megatron_minitron.search.run import SearchConfig
 
@@ -56,7 +56,8 @@ class SearchSection(SearchConfig):
     """Candidate search instead of a fixed prune target: the winner (after its short KD) is
     the student distillation continues from."""
 
-    target_params: float | None = None  # None: no search, the prune section decides
+    target_params: float | None = option(None, parse=parse_size,
+                                         help="None: no search, the prune section decides")
 
 
 @dataclass
@@ -135,6 +136,12 @@ def from_dict(cls, d, where: str = "", base=None):
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
+        parse = fields[key].metadata.get("parse")
+        if isinstance(value, str) and parse is not None:  # e.g. a budget written "95M" or "70%"
+            try:
+                value = parse(value)
+            except ValueError as e:
+                raise ConfigError(f"{path}: {e}") from None
         kwargs[key] = _convert(value, hints[key], path, default_of(fields[key]))
     if base is not None:
         return dataclasses.replace(base, **kwargs)

@@ -112,15 +112,16 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     return new
 
 
-def check_scores(scores: Scores, cfg: ModelConfig, fingerprint: str) -> None:
+def check_scores(scores: Scores, cfg: ModelConfig, fingerprint: str, load: str = "CKPT") -> None:
+    rerun = f"; rerun `minitron importance --load {load} --out NEW_SCORES`"
     if scores.meta.get("model") != cfg.to_dict():
         raise ConfigError("the scores were computed for a model of another shape "
-                          f"({scores.meta.get('checkpoint', '?')}), not this checkpoint")
+                          f"({scores.meta.get('checkpoint', '?')}), not this checkpoint{rerun}")
     theirs = scores.meta.get("fingerprint", "")
     if theirs and fingerprint and theirs != fingerprint:
         raise ConfigError(f"the scores were computed for checkpoint "
                           f"{scores.meta.get('checkpoint', '?')} (fingerprint {theirs[:12]}), "
-                          f"not this one ({fingerprint[:12]})")
+                          f"not this one ({fingerprint[:12]}){rerun}")
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from megatron_minitron.checkpoint.mcore import is_mcore_dir
 from megatron_minitron.config import ModelConfig, ParallelConfig, prefixed
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.distill.train import DistillConfig, iteration_dir
-from megatron_minitron.options import option
+from megatron_minitron.options import option, parse_size
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
@@ -30,7 +30,10 @@ log = logging.getLogger("minitron")
 
 @dataclass
 class SearchConfig:
-    target_params: float = option(help="parameters of the pruned model")
+    target_params: float = option(parse=parse_size, render=lambda v: f"{v:g}",
+                                  metavar="N|FRACTION",
+                                  help="parameters of the pruned model: a count (95M, 4.5B, "
+                                       "95e6) or a fraction of the teacher's (0.7, 70%%)")
     tolerance: float = option(0.05, help="candidates within this fraction of the target")
     axes: tuple[str, ...] = option(AXES, choices=AXES, help="axes the candidates prune")
     candidates: int = option(4, help="candidates pruned and distilled")

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.options import fraction_of
 from megatron_minitron.prune.plan import PruneTarget
 
 AXES = ("hidden", "ffn", "heads", "layers")
@@ -60,6 +61,7 @@ def enumerate_shapes(teacher: ModelConfig, target_params: float, tolerance: floa
     if not 0 < tolerance < 1 or step < 1:
         raise ConfigError("tolerance must be in (0, 1) and the width step >= 1")
     full = teacher.num_parameters()
+    target_params = fraction_of(target_params, full)
     if not 0 < target_params < full:
         raise ConfigError(f"target {target_params:,.0f} parameters must be below the teacher's "
                           f"{full:,}")

@@ -1,0 +1,108 @@
+"""What a new user meets first: budgets written as people write them, errors that say what to do
+next in one line, Ctrl-C, and files colleagues can read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_minitron.cli import main
+from tests.conftest import ROOT, child_env, tiny_run_config, write_yaml
+
+
+def _fails(capsys, args, *needles) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minitron "), err
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("text, value", [("95M", 95e6), ("4.5B", 4.5e9), ("95e6", 95e6),
+                                         ("134,515,008", 134515008), ("0.7", 0.7), ("70%", 0.7)])
+def test_parameter_budgets_read_as_people_write_them(text, value):
+    from megatron_minitron.options import fraction_of, parse_size
+
+    assert parse_size(text) == pytest.approx(value)
+    assert fraction_of(parse_size(text), 1000) == pytest.approx(value * 1000 if value <= 1
+                                                                else value)
+
+
+def test_a_fractional_search_target_is_a_share_of_the_teacher(tiny_llama_ckpt):
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.search.space import enumerate_shapes
+
+    teacher = mcore.read_meta(tiny_llama_ckpt).model
+    shapes = enumerate_shapes(teacher, 0.7, 0.1, step=16)
+    assert shapes and all(abs(c.params / (0.7 * teacher.num_parameters()) - 1) <= 0.1
+                          for c in shapes)
+    with pytest.raises(ValueError, match="fraction"):
+        from megatron_minitron.options import parse_size
+
+        parse_size("seventy percent")
+
+
+def test_yaml_budget_with_a_suffix(tmp_path, tiny_llama_hf):
+    from megatron_minitron.pipeline.config import load_config
+
+    cfg = tiny_run_config(tmp_path, tiny_llama_hf, search={"target_params": "100K"})
+    del cfg["prune"]
+    assert load_config(write_yaml(tmp_path / "c.yaml", cfg)).search.target_params == 1e5
+
+
+def test_errors_say_what_to_do_next(capsys, tiny_llama_hf, tiny_llama_ckpt, tmp_path):
+    _fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(tmp_path / "p")],
+           "no pruning target", "--target-ffn")
+    assert not (tmp_path / "p").exists()
+    _fails(capsys, ["eval", "--load", str(tiny_llama_hf)], "Hugging Face",
+           f"minitron convert {tiny_llama_hf} CKPT")
+    _fails(capsys, ["generate", "--load", str(tiny_llama_ckpt), "--prompt", ""], "prompt is empty")
+
+
+def test_outputs_honour_the_umask(tiny_llama_ckpt, tmp_path):
+    from megatron_minitron.data.demo import train_plays
+
+    old = os.umask(0o022)
+    try:
+        scores = tmp_path / "s.safetensors"
+        assert main(["importance", "--load", str(tiny_llama_ckpt), "--data",
+                     str(train_plays()[1]), "--samples", "4", "--seq-length", "32",
+                     "--depth-samples", "0", "--out", str(scores)]) == 0
+        assert main(["prune", "--load", str(tiny_llama_ckpt), "--scores", str(scores),
+                     "--target-ffn", "64", "--out", str(tmp_path / "p"), "--hf-out",
+                     str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    for f in (scores, tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json",
+              *(tmp_path / "p").rglob("*")):
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode == (0o755 if f.is_dir() else 0o644), (f, oct(mode))
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_llama_hf):
+    """SIGINT in the middle of distillation (as Ctrl-C sends it): exit 130, one line, no staging
+    directory left."""
+    cfg = tiny_run_config(tmp_path, tiny_llama_hf, distill={"train_iters": 400})
+    cmd = [sys.executable, "-m", "megatron_minitron.cli", "run",
+           str(write_yaml(tmp_path / "c.yaml", cfg))]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if "distill:" in line and "iterations" in line:
+            break
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130, "".join(seen) + rest
+    assert rest.strip().splitlines()[-1].startswith("minitron run: interrupted"), rest
+    assert "Traceback" not in rest, rest
+    assert not [x for x in (tmp_path / "run").rglob(".*.partial")]
