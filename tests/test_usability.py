@@ -106,3 +106,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_llama_hf):
     assert rest.strip().splitlines()[-1].startswith("minitron run: interrupted"), rest
     assert "Traceback" not in rest, rest
     assert not [x for x in (tmp_path / "run").rglob(".*.partial")]
+
+
+def test_megatron_flag_names_are_accepted():
+    from megatron_minitron.cli import build_parser
+
+    a = build_parser().parse_args(["distill", "--teacher", "T", "--student", "S", "--save", "R",
+                                   "--data-path", "0.7", "A", "0.3", "B",
+                                   "--valid-data-path", "V", "--lr-warmup-iters", "5"])
+    assert (a.data, a.valid_data, a.warmup_iters) == (["0.7", "A", "0.3", "B"], ["V"], 5)
