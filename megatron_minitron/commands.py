@@ -83,7 +83,10 @@ VERBS: dict[str, Verb] = {
                                         "--drop-layers)"),
         arg("--out", type=Path, required=True, help="new checkpoint directory"),
         arg("--hf-out", type=Path, help="also export the pruned model as a Hugging Face "
-                                        "directory")), PruneTarget),
+                                        "directory"),
+        arg("--dry-run", action="store_true", help="print the plan (shape, parameters, dropped "
+                                                   "layers, how they were chosen); write nothing")),
+        PruneTarget),
     "distill": Verb(stages.distill, "knowledge-distillation retraining of a student", (
         arg("--teacher", type=Path, required=True, help="teacher checkpoint (frozen)"),
         arg("--student", type=Path, required=True, help="student checkpoint (e.g. pruned)"),

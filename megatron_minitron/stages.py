@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from megatron_minitron.config import ConfigError, ParallelConfig
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
@@ -86,8 +86,18 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
     return out
 
 
+def prune_summary(src: ModelConfig, plan) -> list[str]:
+    """What a prune does, in lines: shape, parameters, dropped layers, how choices were made."""
+    before, after = src.num_parameters(), plan.model.num_parameters()
+    dropped = sorted(set(range(src.num_layers)) - set(plan.layers))
+    return [plan.summary(),
+            f"parameters {before:,} -> {after:,} ({after / before:.1%}); non-embedding "
+            f"{src.num_parameters(False):,} -> {plan.model.num_parameters(False):,}",
+            *([f"dropped layers {dropped}"] if dropped else []), *plan.notes]
+
+
 def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
-          scores: Path | None = None, hf_out: Path | None = None) -> Path:
+          scores: Path | None = None, hf_out: Path | None = None, dry_run: bool = False) -> Path:
     import torch.distributed as dist
 
     from megatron_minitron.checkpoint import mcore
@@ -111,6 +121,11 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
+    summary = prune_summary(meta.model, plan)
+    if dry_run:
+        print("\n".join([f"plan for {src} (nothing written):", *(f"  {x}" for x in summary)]))
+        return out
+    log.info("pruning %s: %s", src, "; ".join(summary))
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
     if hf_out and rt.world_size > 1:
         raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
@@ -126,12 +141,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
 
         export_hf(new, plan.model, out, Path(hf_out))
     if rt.is_main:
-        before, after = meta.model.num_parameters(), plan.model.num_parameters()
-        print(f"{out}: {plan.summary()}\n  parameters {before:,} -> {after:,} "
-              f"({after / before:.1%}); non-embedding "
-              f"{meta.model.num_parameters(False):,} -> {plan.model.num_parameters(False):,}")
-        for n in plan.notes:
-            print(f"  {n}")
+        print("\n".join([f"{out}:", *(f"  {x}" for x in summary)]))
     if dist.is_initialized():
         dist.barrier()
     return out

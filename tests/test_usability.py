@@ -115,3 +115,28 @@ def test_megatron_flag_names_are_accepted():
                                    "--data-path", "0.7", "A", "0.3", "B",
                                    "--valid-data-path", "V", "--lr-warmup-iters", "5"])
     assert (a.data, a.valid_data, a.warmup_iters) == (["0.7", "A", "0.3", "B"], ["V"], 5)
+
+
+def test_prune_to_a_share_of_the_parameters_shows_its_plan_first(tiny_llama_ckpt, tmp_path,
+                                                                capsys):
+    """`--target-params 0.8 --dry-run` prints the shape it would write (hidden and MLP by one
+    ratio) and writes nothing; without --dry-run it writes exactly that shape."""
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.demo import train_plays
+
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "2",
+                 "--out", str(scores)]) == 0
+    capsys.readouterr()
+    args = ["prune", "--load", str(tiny_llama_ckpt), "--scores", str(scores),
+            "--target-params", "80%", "--target-layers", "3", "--out", str(tmp_path / "p")]
+    assert main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "nothing written" in plan and "one ratio" in plan, plan
+    assert not (tmp_path / "p").exists()
+    assert main(args) == 0
+    teacher, pruned = mcore.read_meta(tiny_llama_ckpt).model, mcore.read_meta(tmp_path / "p").model
+    assert abs(pruned.num_parameters() / (0.8 * teacher.num_parameters()) - 1) <= 0.05
+    assert pruned.hidden_size < teacher.hidden_size and pruned.num_layers == 3
+    assert f"hidden {teacher.hidden_size} -> {pruned.hidden_size}" in plan, plan

@@ -245,8 +245,8 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
     if searching and (cfg.prune.needs_scores() or cfg.prune.drop_layers):
         raise ConfigError("prune and search: give a prune target or a search, not both")
     if not searching and not cfg.prune.needs_scores() and not cfg.prune.drop_layers:
-        raise ConfigError("prune: no target given (hidden, ffn, heads, groups, layers or "
-                          "drop_layers), and no search.target_params")
+        raise ConfigError("prune: no target given (params, hidden, ffn, heads, groups, layers "
+                          "or drop_layers), and no search.target_params")
     teacher = teacher_model(cfg, dry_run)
     teacher.check_parallel(p.tp, p.pp)
     for section in ("importance", "prune", "search", "distill", "correction", "eval"):

@@ -13,13 +13,19 @@ import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.importance.scores import HEAD_METRICS, Scores
-from megatron_minitron.options import option
+from megatron_minitron.options import fraction_of, option, parse_size
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
 
 
 @dataclass
 class PruneTarget:
+    params: float | None = option(
+        None, flag="--target-params", parse=parse_size, render=lambda v: f"{v:g}",
+        metavar="N|FRACTION",
+        help="parameters of the pruned model, a count (95M, 4.5B) or a fraction (0.7, 70%%): "
+             "hidden and MLP shrunk by one ratio, as the papers' Minitron-8B and MN-Minitron-8B "
+             "(with --target-layers/--drop-layers/--target-heads/--target-groups as given)")
     hidden: int | None = option(None, flag="--target-hidden", help="embedding channels kept")
     ffn: int | None = option(None, flag="--target-ffn", help="MLP neurons kept per layer")
     heads: int | None = option(None, flag="--target-heads", help="attention heads kept per layer")
@@ -44,8 +50,8 @@ class PruneTarget:
                                      "keeps the pruned channels' share of the mean square")
 
     def needs_scores(self) -> bool:
-        return any(v is not None for v in (self.hidden, self.ffn, self.heads, self.groups,
-                                           self.layers))
+        return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
+                                           self.groups, self.layers))
 
 
 @dataclass
@@ -100,8 +106,15 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     if heads // groups > per_group:
         raise ConfigError(f"target {heads} heads in {groups} groups needs {heads // groups} heads "
                           f"per group; the model has {per_group}")
-    new = dataclasses.replace(cfg, num_layers=layers, hidden_size=t.hidden or cfg.hidden_size,
-                              ffn_hidden_size=t.ffn or cfg.ffn_hidden_size,
+    hidden, ffn = t.hidden or cfg.hidden_size, t.ffn or cfg.ffn_hidden_size
+    if t.params is not None:
+        if t.hidden or t.ffn:
+            raise ConfigError("give --target-params or --target-hidden/--target-ffn, not both")
+        shape = dataclasses.replace(cfg, num_layers=layers, num_attention_heads=heads,
+                                    num_query_groups=groups)
+        hidden, ffn = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
+    new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
+                              ffn_hidden_size=ffn,
                               num_attention_heads=heads, num_query_groups=groups,
                               # which layers slide is known once they are chosen (make_plan)
                               window_layers=cfg.window_layers if layers == cfg.num_layers
@@ -110,6 +123,25 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
         new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
     new.validate()
     return new
+
+
+def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
+    """(hidden, ffn) shrunk by one ratio whose parameter count is nearest `target`, widths in
+    steps of 64 (8 for models narrower than 512), so any usual TP size divides them."""
+    step = 64 if min(cfg.hidden_size, cfg.ffn_hidden_size) >= 512 else 8
+    if target >= cfg.num_parameters():
+        raise ConfigError(f"target {target:,.0f} parameters is not below the model's "
+                          f"{cfg.num_parameters():,} at this depth and head count")
+    best = None
+    for hidden in range(step, cfg.hidden_size + 1, step):
+        ffn = max(step, round(cfg.ffn_hidden_size * hidden / cfg.hidden_size / step) * step)
+        n = dataclasses.replace(cfg, hidden_size=hidden, ffn_hidden_size=ffn).num_parameters()
+        if best is None or abs(n - target) < best[0]:
+            best = (abs(n - target), hidden, ffn)
+    if best[0] > 0.05 * target:
+        raise ConfigError(f"no width reaches {target:,.0f} parameters within 5% (the embedding "
+                          "alone may be larger); lower the target or prune depth too")
+    return best[1], best[2]
 
 
 def check_scores(scores: Scores, cfg: ModelConfig, fingerprint: str, load: str = "CKPT") -> None:
@@ -140,6 +172,10 @@ def _kept_layers(cfg: ModelConfig, t: PruneTarget, scores: Scores | None,
         have = f"depth.skip_loss.k{drop}" in scores.tensors
         metric = "block" if have else "skip_loss" if "depth.skip_loss.k1" in scores.tensors \
             else "block_influence"
+        if not have:
+            notes.append(f"depth: the scores have no LM loss for blocks of {drop} layers, so "
+                         f"layers are chosen one by one by {metric}; for the contiguous block, "
+                         f"rerun importance with --block-sizes {drop} (or pass --depth-metric)")
     if metric == "block":
         rise = scores.layers("skip_loss", block=drop)
         start = int(rise.argmin())
@@ -158,6 +194,12 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     if scores is None and target.needs_scores():
         raise ConfigError("width targets and --target-layers need a scores file (--scores)")
     notes: list[str] = []
+    if target.params is not None:
+        want = fraction_of(target.params, cfg.num_parameters())
+        notes.append(f"target {want:,.0f} parameters: hidden {cfg.hidden_size} -> "
+                     f"{new.hidden_size} and MLP {cfg.ffn_hidden_size} -> {new.ffn_hidden_size}, "
+                     f"one ratio (width, as the papers' 8B models; depth only when asked), "
+                     f"{new.num_parameters() / want - 1:+.1%} from the target")
     layers = _kept_layers(cfg, target, scores, notes)
     if cfg.window_layers is not None:  # a kept layer keeps its attention type
         new.window_layers = [cfg.window_layers[i] for i in layers]
