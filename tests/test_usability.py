@@ -140,3 +140,11 @@ def test_prune_to_a_share_of_the_parameters_shows_its_plan_first(tiny_llama_ckpt
     assert abs(pruned.num_parameters() / (0.8 * teacher.num_parameters()) - 1) <= 0.05
     assert pruned.hidden_size < teacher.hidden_size and pruned.num_layers == 3
     assert f"hidden {teacher.hidden_size} -> {pruned.hidden_size}" in plan, plan
+
+
+def test_dry_run_states_the_data_parallel_batch(capsys):
+    cfg = ROOT / "configs" / "nemotron4-15b-to-minitron-8b.yaml"
+    assert main(["run", str(cfg), "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "world 128 = tp 8 x pp 1 x data-parallel 16" in out, out
+    assert "global batch 1152 = 16 data-parallel x micro-batch 1 x 72 accumulated" in out, out

@@ -324,7 +324,7 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
     stages = build_stages(cfg, world, missing)
     teacher, student = validate(cfg, world, dry_run)
     if dry_run:
-        return _print_plan(cfg, stages, teacher, student, missing)
+        return _print_plan(cfg, stages, teacher, student, missing, world)
     assign_keys(stages)
     with directory_lock(cfg.directory, is_holder=launch_env()[0] == 0):
         return _run_stages(cfg, stages, world)
@@ -355,8 +355,17 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], world: int) -> dict:
     return write_report(cfg, checkpoints, seconds) if is_main_rank() else {}
 
 
+def _batch_line(name: str, d, dp: int) -> str:
+    """How a training stage's global batch is made at this world size."""
+    accumulation = d.global_batch_size // (dp * d.micro_batch_size)
+    tokens = d.global_batch_size * d.seq_length
+    return (f"  {name}: global batch {d.global_batch_size} = {dp} data-parallel x micro-batch "
+            f"{d.micro_batch_size} x {accumulation} accumulated; {tokens:,} tokens per step, "
+            f"{d.train_iters:,} steps = {tokens * d.train_iters:,} tokens")
+
+
 def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
-                student: ModelConfig, missing: list[str]) -> dict:
+                student: ModelConfig, missing: list[str], world: int) -> dict:
     t, s = teacher.num_parameters(), student.num_parameters()
     lines = [f"config {cfg.name}: valid",
              f"  teacher  {_shape(teacher)}: {t / 1e9:.3f} B parameters",
@@ -370,6 +379,12 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
         lines.append("  search candidates (the student above is the first):")
         lines += [f"    {c.name:<24} {c.params / 1e9:.3f} B"
                   for c in plan(teacher, cfg.search, cfg.parallel.tp)]
+    dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+    lines.append(f"  world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x "
+                 f"data-parallel {dp}")
+    names = {st.name for st in stages}
+    lines += [_batch_line(n, getattr(cfg, n), dp) for n in ("correction", "distill")
+              if n in names]
     lines.append("  stages:")
     lines += [f"    {st.name:<15} minitron {_short(st.command)}" for st in stages]
     lines += [f"  not found here (needed where it runs): {m}" for m in missing]
