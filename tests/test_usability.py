@@ -148,3 +148,37 @@ def test_dry_run_states_the_data_parallel_batch(capsys):
     out = capsys.readouterr().out
     assert "world 128 = tp 8 x pp 1 x data-parallel 16" in out, out
     assert "global batch 1152 = 16 data-parallel x micro-batch 1 x 72 accumulated" in out, out
+
+
+@pytest.mark.xdist_group("smollm2_scores")
+def test_readme_recipe_on_smollm2(smol_gguf, tmp_path, capsys):
+    """The README's "Prune your own model" commands, run as written on SmolLM2 (smaller
+    calibration): a 70 % model, its HF export, and its held-out loss."""
+    import json
+    import shlex
+
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    text = (ROOT / "README.md").read_text().split("## Prune your own model")[1].split("\n## ")[0]
+    lines = [ln.split("  # ")[0] for ln in text.split("```bash")[1].split("```")[0].splitlines()
+             if ln.startswith("minitron ")]
+    assert [ln.split()[1] for ln in lines] == ["convert", "importance", "prune", "prune", "eval"]
+    sub = {"MODEL": str(smol_gguf), "TEXT": str(train_plays()[0]),
+           "HELD_OUT": str(held_out_plays()[0]), "ckpt/": f"{tmp_path}/ckpt/",
+           "hf/": f"{tmp_path}/hf/", "--samples 64": "--samples 8",
+           "--max-windows 16": "--max-windows 2 --out " + str(tmp_path / "eval.json")}
+    for line in lines:
+        for k, v in sub.items():
+            line = line.replace(k, v)
+        start = time.time()
+        assert main(shlex.split(line)[1:]) == 0, line
+        print(f"{line.split()[1]}: {time.time() - start:.0f} s")
+    teacher = json.loads((tmp_path / "ckpt/teacher/minitron.json").read_text())["model"]
+    pruned = json.loads((tmp_path / "ckpt/pruned/minitron.json").read_text())["model"]
+    from megatron_minitron.config import ModelConfig
+
+    ratio = (ModelConfig.from_dict(pruned).num_parameters()
+             / ModelConfig.from_dict(teacher).num_parameters())
+    assert abs(ratio - 0.7) <= 0.035, ratio
+    assert (tmp_path / "hf/pruned/model.safetensors").is_file()
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] < 8
