@@ -39,6 +39,10 @@ def arg(*flags: str, **kw) -> Arg:
     return Arg(flags, kw)
 
 
+JSON_OUT = arg("--json", dest="json_out", type=Path, metavar="FILE",
+               help="also write what the command reports (shapes, counts, choices) as JSON")
+
+
 @dataclass(frozen=True)
 class Verb:
     func: Callable
@@ -56,7 +60,7 @@ VERBS: dict[str, Verb] = {
         arg("src", type=Path, help="HF directory, .gguf file or minitron checkpoint"),
         arg("dst", type=Path, help="new directory"),
         arg("--to", choices=("mcore", "hf"), default="mcore",
-            help="write a minitron (Megatron dist) checkpoint or a HF directory"))),
+            help="write a minitron (Megatron dist) checkpoint or a HF directory"), JSON_OUT)),
     "eval": Verb(stages.evaluate, "perplexity, cloze and multiple-choice tasks", (
         CKPT,
         arg("--data", type=Path, nargs="*", help="perplexity text files (default: held-out "
@@ -75,7 +79,7 @@ VERBS: dict[str, Verb] = {
                                                   "prefixes (default: the Shakespeare training "
                                                   "plays)"),
         arg("--json-key", default="text", help="text field of JSONL documents"),
-        arg("--out", type=Path, required=True, help="scores file (.safetensors)")),
+        arg("--out", type=Path, required=True, help="scores file (.safetensors)"), JSON_OUT),
         ImportanceConfig),
     "prune": Verb(stages.prune, "prune to a target shape; writes a new checkpoint", (
         CKPT,
@@ -85,8 +89,8 @@ VERBS: dict[str, Verb] = {
         arg("--hf-out", type=Path, help="also export the pruned model as a Hugging Face "
                                         "directory"),
         arg("--dry-run", action="store_true", help="print the plan (shape, parameters, dropped "
-                                                   "layers, how they were chosen); write nothing")),
-        PruneTarget),
+                                                   "layers, how they were chosen); write nothing"),
+        JSON_OUT), PruneTarget),
     "distill": Verb(stages.distill, "knowledge-distillation retraining of a student", (
         arg("--teacher", type=Path, required=True, help="teacher checkpoint (frozen)"),
         arg("--student", type=Path, required=True, help="student checkpoint (e.g. pruned)"),

@@ -31,12 +31,26 @@ def locked(directory: Path):
     return directory_lock(directory, is_holder=launch_env()[0] == 0)
 
 
-def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
-            ) -> Path:
+def write_json(path: Path | None, record: dict) -> None:
+    """`--json FILE`: what a command reported, for scripts (first rank, written atomically)."""
+    from megatron_minitron.checkpoint.atomic import write_text
+    from megatron_minitron.runtime.distributed import is_main_rank
+
+    if path is not None and is_main_rank():
+        write_text(Path(path), json.dumps(record, indent=2, default=str))
+
+
+def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
+            json_out: Path | None = None) -> Path:
+    from megatron_minitron.checkpoint import mcore
     from megatron_minitron.checkpoint.convert import convert as convert_checkpoint
 
     out = convert_checkpoint(Path(src), Path(dst), to=to, parallel=parallel)
     log.info("converted %s -> %s (%s)", src, out, to)
+    if json_out is not None:
+        model = mcore.read_meta(out if to == "mcore" else Path(src)).model
+        write_json(json_out, {"src": str(src), "dst": str(out), "to": to,
+                              "model": model.to_dict(), "parameters": model.num_parameters()})
     return out
 
 
@@ -55,7 +69,7 @@ def preprocess(input: list[Path], tokenizer: Path, output_prefix: str, json_key:
 
 def importance(load: Path, out: Path, settings: ImportanceConfig,
                parallel: ParallelConfig | None = None, data: list[Path] | None = None,
-               json_key: str = "text") -> Path:
+               json_key: str = "text", json_out: Path | None = None) -> Path:
     from megatron_minitron.checkpoint import mcore
     from megatron_minitron.data.calibration import sample_windows, token_stream
     from megatron_minitron.data.demo import train_plays
@@ -83,6 +97,7 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
         secs = scores.meta["seconds"]
         print(f"{out}: {cfg.samples} samples x {cfg.seq_length} tokens; activations "
               f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s")
+        write_json(json_out, {"out": str(out), **scores.meta})
     return out
 
 
@@ -97,7 +112,8 @@ def prune_summary(src: ModelConfig, plan) -> list[str]:
 
 
 def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
-          scores: Path | None = None, hf_out: Path | None = None, dry_run: bool = False) -> Path:
+          scores: Path | None = None, hf_out: Path | None = None, dry_run: bool = False,
+          json_out: Path | None = None) -> Path:
     import torch.distributed as dist
 
     from megatron_minitron.checkpoint import mcore
@@ -122,8 +138,15 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
     summary = prune_summary(meta.model, plan)
+    record = {"load": str(src), "out": str(out), "written": not dry_run,
+              "source": meta.model.to_dict(), "model": plan.model.to_dict(),
+              "parameters": [meta.model.num_parameters(), plan.model.num_parameters()],
+              "non_embedding": [meta.model.num_parameters(False),
+                                plan.model.num_parameters(False)],
+              "kept_layers": plan.layers, "notes": plan.notes}
     if dry_run:
         print("\n".join([f"plan for {src} (nothing written):", *(f"  {x}" for x in summary)]))
+        write_json(json_out, record)
         return out
     log.info("pruning %s: %s", src, "; ".join(summary))
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
@@ -142,6 +165,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         export_hf(new, plan.model, out, Path(hf_out))
     if rt.is_main:
         print("\n".join([f"{out}:", *(f"  {x}" for x in summary)]))
+        write_json(json_out, record)
     if dist.is_initialized():
         dist.barrier()
     return out

@@ -182,3 +182,23 @@ def test_readme_recipe_on_smollm2(smol_gguf, tmp_path, capsys):
     assert abs(ratio - 0.7) <= 0.035, ratio
     assert (tmp_path / "hf/pruned/model.safetensors").is_file()
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] < 8
+
+
+def test_json_reports_for_scripts(tiny_llama_hf, tmp_path):
+    import json
+
+    from megatron_minitron.data.demo import train_plays
+
+    ck, scores = tmp_path / "ck", tmp_path / "s.safetensors"
+    assert main(["convert", str(tiny_llama_hf), str(ck), "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["model"]["hidden_size"] == 64
+    assert main(["importance", "--load", str(ck), "--data", str(train_plays()[1]), "--samples",
+                 "4", "--seq-length", "32", "--depth-samples", "2", "--out", str(scores),
+                 "--json", str(tmp_path / "i.json")]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["samples"] == 4
+    assert main(["prune", "--load", str(ck), "--scores", str(scores), "--target-layers", "3",
+                 "--target-ffn", "64", "--out", str(tmp_path / "p"), "--json",
+                 str(tmp_path / "p.json")]) == 0
+    rec = json.loads((tmp_path / "p.json").read_text())
+    assert rec["written"] and len(rec["kept_layers"]) == 3 and rec["model"]["ffn_hidden_size"] == 64
+    assert rec["parameters"][1] < rec["parameters"][0]
