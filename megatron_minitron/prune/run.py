@@ -23,6 +23,7 @@ from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.prune.plan import PrunePlan
 from megatron_minitron.prune.slicing import slice_layer_tensor, slice_model_tensor
+from megatron_minitron.runtime.progress import Progress
 
 # Sliced along the hidden (unsplit) dimension only: this rank's vocabulary shard stays its shard.
 VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
@@ -94,10 +95,12 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
                              layers_per_stage=layers_per_stage(plan, src, parallel))
     src_layers = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
     new_layers = {layer.layer_number - 1: layer for layer in decoder_layers(new_chunks)}
+    progress = Progress("prune", len(plan.layers), unit="layers")
     for new_i, src_i in enumerate(plan.layers):
         if src_i in src_layers:
             _copy(src_layers[src_i], new_layers[new_i], src,
                   lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i))
+        progress.update(1)
     for old, new in zip(chunks, new_chunks, strict=True):
         for path in ("embedding", "output_layer", "decoder.final_layernorm"):
             parent, _, attr = path.rpartition(".")
