@@ -26,7 +26,9 @@ class Progress:
     def update(self, n: int) -> None:
         self.done += n
         now = time.time()
-        if self.quiet or (now - self.last < self.every_s and self.done < self.total):
+        # A line every `every_s`, and a last one only for loops long enough to have had one.
+        if self.quiet or now - self.last < self.every_s and (
+                self.done < self.total or now - self.start < self.every_s):
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
