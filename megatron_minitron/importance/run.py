@@ -65,7 +65,8 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
     mbs = [{"tokens": t.contiguous()} for t in torch.split(mine, micro_batch_size)]
     # Several microbatches per schedule call keep the pipeline full; between calls we report.
     per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
-    progress = Progress("importance", samples.shape[0] * mine.shape[1])
+    progress = Progress("importance", samples.shape[0] * mine.shape[1],
+                        hint="pass --samples / --seq-length for a shorter calibration")
     widths = {"ln_attn": model.hidden_size, "ln_mlp": model.hidden_size,
               "heads": model.num_attention_heads, "heads_out": model.num_attention_heads,
               "ffn": model.ffn_hidden_size}

@@ -17,8 +17,13 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, what: str, total: int, unit: str = "tokens", every_s: float = 10.0):
+    """`hint` is said once, with the first line, when the whole loop will take over
+    `long_s`: how to ask for less (expensive defaults, e.g. importance's 1024 x 4096 tokens)."""
+
+    def __init__(self, what: str, total: int, unit: str = "tokens", every_s: float = 10.0,
+                 hint: str | None = None, long_s: float = 600.0):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.hint, self.long_s = hint, long_s
         self.done = 0
         self.start = self.last = time.time()
         self.quiet = dist.is_initialized() and dist.get_rank() != 0
@@ -35,3 +40,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         log.info("%s: %d/%d %s (%.3g %s/s, ETA %s)", self.what, self.done, self.total,
                  self.unit, rate, self.unit, _duration(eta))
+        if self.hint and eta > self.long_s:
+            log.info("%s: %d %s take about %s at this rate; %s", self.what, self.total,
+                     self.unit, _duration(self.total / rate), self.hint)
+            self.hint = None
