@@ -148,6 +148,9 @@ def test_dry_run_states_the_data_parallel_batch(capsys):
     out = capsys.readouterr().out
     assert "world 128 = tp 8 x pp 1 x data-parallel 16" in out, out
     assert "global batch 1152 = 16 data-parallel x micro-batch 1 x 72 accumulated" in out, out
+    # held-out text absent on the planning machine is still planned as text, not a prefix
+    evals = [ln for ln in out.splitlines() if "minitron eval" in ln]
+    assert evals and all("--data /data/heldout/wiki.txt --out" in ln for ln in evals), evals
 
 
 @pytest.mark.xdist_group("smollm2_scores")

@@ -62,10 +62,14 @@ def _builtin(entry: str) -> list[Path]:
     return assets[name]()
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl")
+
+
 def _split_data(entries: list[str], where: str, missing: list[str] | None
                 ) -> tuple[list[Path], list[str]]:
     """(text/JSONL files, indexed-dataset prefixes). Every entry must exist, unless `missing`
-    collects the absent ones (planning a run for another machine: they count as prefixes)."""
+    collects the absent ones (planning a run for another machine: a name ending in .txt, .md,
+    .json or .jsonl counts as a text file, any other as a prefix)."""
     from megatron_minitron.data.calibration import indexed_prefix
 
     if not entries:
@@ -78,9 +82,10 @@ def _split_data(entries: list[str], where: str, missing: list[str] | None
             prefixes.append(prefix)
         elif Path(e).is_file():
             files.append(Path(e))
-        elif missing is not None:
+        elif missing is not None:  # planned as what its name says it is
             missing.append(f"{where}: {e}")
-            prefixes.append(e)
+            (files if Path(e).suffix in TEXT_SUFFIXES else prefixes).append(
+                Path(e) if Path(e).suffix in TEXT_SUFFIXES else e)
         else:
             raise ConfigError(f"{where}: {e} is neither a file nor an indexed-dataset prefix")
     return files, prefixes
