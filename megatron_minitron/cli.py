@@ -25,7 +25,7 @@ def cmd_run(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitron", description="Minitron pruning and distillation "
                                 "for Megatron-Core models (`minitron VERB --help` for a verb)")
-    p.add_argument("-v", "--verbose", action="store_true",
+    p.add_argument("-v", "--verbose", "--debug", action="store_true",
                    help="debug logging, including the full cause of a failed load")
     sub = p.add_subparsers(dest="verb", required=True)
     add_verbs(sub)
