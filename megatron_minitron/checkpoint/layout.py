@@ -8,7 +8,11 @@ Facts encoded here:
 - `linear_proj` input columns are head-major (head h = columns h*d .. (h+1)*d);
 - local spec norms are `input_layernorm` / `pre_mlp_layernorm`; TE fuses them into
   `linear_qkv.layer_norm_*` / `linear_fc1.layer_norm_*`;
-- Nemotron's LayerNorm1P stores zero-centred gamma in both formats, so norms copy unchanged.
+- Nemotron's LayerNorm1P and Gemma's (1 + w) RMSNorm store zero-centred gamma in both formats,
+  so norms copy unchanged;
+- Gemma's HF `post_attention_layernorm` is a post-norm (Megatron: `linear_proj.post_layernorm`),
+  its pre-MLP norm `pre_feedforward_layernorm`; Llama's `post_attention_layernorm` is the pre-MLP
+  norm.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # Norm parameters under both specs: local `input_layernorm.weight`, TE `layer_norm_weight`.
 NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
-QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3)
+QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3, Gemma 3)
 
 
 def norm_names(te: bool) -> tuple[str, str]:
@@ -151,8 +155,7 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
         if cfg.traits.qk_norm:
             out += [Rule(m + f"self_attention.{x}_layernorm.weight",
                          (s + f"self_attn.{x}_norm.weight",)) for x in "qk"]
-        out += [
-                Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)),
+        out += [Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)),
                 Rule(m + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",))]
         if cfg.traits.gated:  # linear_fc1 = [gate; up]
             out.append(Rule(m + "mlp.linear_fc1.weight",
