@@ -27,6 +27,18 @@ def run_cli(*args: str, nproc: int = 1, check: bool = True, env: dict | None = N
     return _run(cmd, check, env)
 
 
+def fails(capsys, args: list[str], *needles: str) -> str:
+    """`minitron ARGS` in this process exits 2 with one stderr line holding every needle."""
+    from megatron_minitron.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minitron "), err
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
 def converted(src: Path, dst: Path) -> Path:
     """`minitron convert SRC DST` in a fresh process; returns DST."""
     run_cli("convert", str(src), str(dst))
@@ -132,19 +144,25 @@ def nothing_outlives_the_suite():
     assert not described, "processes outlived the tests: " + "; ".join(described)
 
 
-@pytest.fixture(scope="session")
-def smol_gguf() -> Path:
-    """The shipped SmolLM2. `make setup` installs it, so its absence fails the suite, except on
-    a lent GPU box, which gets only the wheels that fit the carry limit: there it skips."""
+def _asset(find) -> Path:
+    """A model shipped as a PyPI package. `make setup` installs it, so its absence fails the
+    suite, except on a lent GPU box, which gets only the wheels that fit the carry limit: there
+    it skips."""
     from megatron_minitron.config import ConfigError
-    from megatron_minitron.data.demo import smollm2_gguf
 
     try:
-        return smollm2_gguf()
+        return find()
     except ConfigError as e:
         if torch.cuda.is_available():
             pytest.skip(str(e))
         raise
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from megatron_minitron.data.demo import smollm2_gguf
+
+    return _asset(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -167,16 +185,10 @@ def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_gguf() -> Path:
-    """Gemma 3 270M, joined from its PyPI chunk packages (`make setup`); skips like SmolLM2."""
-    from megatron_minitron.config import ConfigError
+    """Gemma 3 270M, joined from its PyPI chunk packages."""
     from megatron_minitron.data.demo import gemma3_gguf
 
-    try:
-        return gemma3_gguf()
-    except ConfigError as e:
-        if torch.cuda.is_available():
-            pytest.skip(str(e))
-        raise
+    return _asset(gemma3_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_minitron.cli import main
-from tests.conftest import run_cli
-
-
-def _fails(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minitron "), err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+from tests.conftest import fails, run_cli
 
 
 def _nothing_at(dst):
@@ -26,7 +17,7 @@ def _nothing_at(dst):
 
 
 def test_missing_source(capsys, tmp_path):
-    _fails(capsys, ["convert", str(tmp_path / "nope"), str(tmp_path / "dst")], "does not exist")
+    fails(capsys, ["convert", str(tmp_path / "nope"), str(tmp_path / "dst")], "does not exist")
     _nothing_at(tmp_path / "dst")
 
 
@@ -35,7 +26,7 @@ def test_truncated_safetensors(capsys, tiny_llama_hf, tmp_path):
     shutil.copytree(tiny_llama_hf, bad)
     f = bad / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "model.safetensors")
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "model.safetensors")
     _nothing_at(tmp_path / "dst")
 
 
@@ -43,7 +34,7 @@ def test_truncated_gguf(capsys, smol_gguf, tmp_path):
     bad = tmp_path / "cut.gguf"
     with open(smol_gguf, "rb") as src:
         bad.write_bytes(src.read(smol_gguf.stat().st_size // 3))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "cut.gguf")
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "cut.gguf")
     _nothing_at(tmp_path / "dst")
 
 
@@ -53,7 +44,7 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM",
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM",
            "Qwen3ForCausalLM")  # the supported list
     _nothing_at(tmp_path / "dst")
     # fields that would change the network are refused, not dropped
@@ -63,13 +54,13 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
                          ("hidden_act", "gelu")):
         (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"],
                                                      field: value}))
-        _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], field.split("_")[0])
+        fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], field.split("_")[0])
         _nothing_at(tmp_path / "dst")
 
 
 @pytest.mark.parametrize("tp,what", [("3", "num_attention_heads=4"), ("4", "num_query_groups=2")])
 def test_tp_must_divide_heads_and_groups(capsys, tiny_llama_hf, tmp_path, tp, what):
-    _fails(capsys, ["convert", str(tiny_llama_hf), str(tmp_path / "dst"), "--tp", tp], what)
+    fails(capsys, ["convert", str(tiny_llama_hf), str(tmp_path / "dst"), "--tp", tp], what)
     _nothing_at(tmp_path / "dst")
 
 
@@ -77,7 +68,7 @@ def test_non_empty_destination_is_left_alone(capsys, tiny_llama_hf, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
-    _fails(capsys, ["convert", str(tiny_llama_hf), str(dst)], "not empty")
+    fails(capsys, ["convert", str(tiny_llama_hf), str(dst)], "not empty")
     assert [p.name for p in dst.iterdir()] == ["precious.txt"]
 
 
@@ -87,7 +78,7 @@ def test_nan_weights_are_refused(capsys, tiny_llama_hf, tmp_path):
     sd = load_file(str(bad / "model.safetensors"))
     sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, str(bad / "model.safetensors"))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "NaN", "down_proj")
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "NaN", "down_proj")
     _nothing_at(tmp_path / "dst")
 
 
@@ -97,11 +88,11 @@ def test_shape_mismatch_is_named(capsys, tiny_llama_hf, tmp_path):
     sd = load_file(str(bad / "model.safetensors"))
     sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
     save_file(sd, str(bad / "model.safetensors"))
-    _fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "up_proj", "shape")
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "up_proj", "shape")
 
 
 def test_eval_of_missing_checkpoint(capsys, tmp_path):
-    _fails(capsys, ["eval", "--load", str(tmp_path / "none")], "does not exist")
+    fails(capsys, ["eval", "--load", str(tmp_path / "none")], "does not exist")
 
 
 def test_real_process_exit_code(tmp_path):
@@ -131,18 +122,18 @@ def test_importance_bad_data(capsys, tiny_llama_ckpt, tmp_path):
     out = tmp_path / "s.safetensors"
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _fails(capsys, _importance(tiny_llama_ckpt, [empty], out), "holds no text")
+    fails(capsys, _importance(tiny_llama_ckpt, [empty], out), "holds no text")
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be, that is the question.")
-    _fails(capsys, _importance(tiny_llama_ckpt, [short], out), "fewer than 4 samples x 16")
+    fails(capsys, _importance(tiny_llama_ckpt, [short], out), "fewer than 4 samples x 16")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
-    _fails(capsys, _importance(tiny_llama_ckpt, [bad], out), f"{bad}:2", "malformed JSON")
+    fails(capsys, _importance(tiny_llama_ckpt, [bad], out), f"{bad}:2", "malformed JSON")
     foreign = _indexed(tmp_path / "foreign", [[1, 2, 3, 500] * 40])
-    _fails(capsys, _importance(tiny_llama_ckpt, [foreign], out), "token id 500",
+    fails(capsys, _importance(tiny_llama_ckpt, [foreign], out), "token id 500",
            "another tokenizer")
-    _fails(capsys, _importance(tiny_llama_ckpt, [tmp_path / "nope.txt"], out), "not found")
-    _fails(capsys, _importance(tiny_llama_ckpt, [short], out, "--block-sizes", "4"),
+    fails(capsys, _importance(tiny_llama_ckpt, [tmp_path / "nope.txt"], out), "not found")
+    fails(capsys, _importance(tiny_llama_ckpt, [short], out, "--block-sizes", "4"),
            "block size 4")
     assert not out.exists() and not any(p.name.startswith(".s.") for p in tmp_path.iterdir())
 
@@ -156,10 +147,10 @@ def test_importance_foreign_tokenizer_and_existing_output(capsys, tiny_llama_ckp
     shutil.rmtree(wrong / "tokenizer")
     shutil.copytree(smol_ckpt / "tokenizer", wrong / "tokenizer")
     out = tmp_path / "s.safetensors"
-    _fails(capsys, _importance(wrong, held_out_plays(), out), "49152 tokens",
+    fails(capsys, _importance(wrong, held_out_plays(), out), "49152 tokens",
            "not this checkpoint's tokenizer")
     out.write_text("keep me")
-    _fails(capsys, _importance(tiny_llama_ckpt, held_out_plays(), out), "exists")
+    fails(capsys, _importance(tiny_llama_ckpt, held_out_plays(), out), "exists")
     assert out.read_text() == "keep me"
 
 
@@ -194,7 +185,7 @@ def test_corrupt_scores_file(tmp_path):
 ])
 def test_prune_impossible_targets(capsys, tiny_llama_ckpt, tmp_path, flags, needle):
     out = tmp_path / "out"
-    _fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), *flags], needle)
+    fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), *flags], needle)
     _nothing_at(out)
 
 
@@ -202,8 +193,8 @@ def test_prune_impossible_targets(capsys, tiny_llama_ckpt, tmp_path, flags, need
 def test_prune_needs_matching_scores(capsys, tiny_llama_ckpt, smol_scores, tmp_path):
     out = tmp_path / "out"
     args = ["prune", "--load", str(tiny_llama_ckpt), "--out", str(out), "--target-ffn", "64"]
-    _fails(capsys, args, "need a scores file")
-    _fails(capsys, [*args, "--scores", str(smol_scores)], "another shape")
+    fails(capsys, args, "need a scores file")
+    fails(capsys, [*args, "--scores", str(smol_scores)], "another shape")
     other = tmp_path / "other"
     shutil.copytree(tiny_llama_ckpt, other)
     meta = json.loads((other / "minitron.json").read_text())
@@ -216,8 +207,8 @@ def test_prune_needs_matching_scores(capsys, tiny_llama_ckpt, smol_scores, tmp_p
     Scores({f"sums.{a}": torch.ones(4, 3, 2, widths[a], dtype=torch.float64) for a in WIDTH_AXES},
            {"format": FORMAT, "model": meta["model"], "fingerprint": "0" * 32, "samples": 1,
             "seq_agg": "mean", "sample_agg": "l2", "checkpoint": str(other)}).save(scores)
-    _fails(capsys, [*args, "--scores", str(scores)], "computed for checkpoint", "not this one")
-    _fails(capsys, [*args, "--scores", str(tmp_path / "missing")], "not found")
+    fails(capsys, [*args, "--scores", str(scores)], "computed for checkpoint", "not this one")
+    fails(capsys, [*args, "--scores", str(tmp_path / "missing")], "not found")
     _nothing_at(out)
 
 
@@ -258,7 +249,7 @@ def test_sequence_parallel_needs_a_divisible_sequence(verb, capsys, tiny_llama_c
             "--seq-length", "33"]
     if verb == "importance":
         args += ["--samples", "2", "--out", str(tmp_path / "s.safetensors")]
-    _fails(capsys, args, "--seq-length 33", "tensor parallel size 2")
+    fails(capsys, args, "--seq-length 33", "tensor parallel size 2")
     assert not (tmp_path / "s.safetensors").exists()
 
 
@@ -301,9 +292,9 @@ def test_damaged_checkpoint_is_one_line_and_nothing_is_written(damage, needle, c
         shutil.rmtree(ckpt / "tokenizer")
     load = ["--load", str(ckpt)]
     if damage == "tokenizer":
-        _fails(capsys, ["eval", *load, "--seq-length", "32"], needle)
+        fails(capsys, ["eval", *load, "--seq-length", "32"], needle)
     else:
-        _fails(capsys, ["prune", *load, "--drop-layers", "1", "--out", str(tmp_path / "out")],
+        fails(capsys, ["prune", *load, "--drop-layers", "1", "--out", str(tmp_path / "out")],
                needle)
         _nothing_at(tmp_path / "out")
 

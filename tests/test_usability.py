@@ -13,16 +13,7 @@ import time
 import pytest
 
 from megatron_minitron.cli import main
-from tests.conftest import ROOT, child_env, tiny_run_config, write_yaml
-
-
-def _fails(capsys, args, *needles) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minitron "), err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+from tests.conftest import ROOT, child_env, fails, tiny_run_config, write_yaml
 
 
 @pytest.mark.parametrize("text, value", [("95M", 95e6), ("4.5B", 4.5e9), ("95e6", 95e6),
@@ -58,12 +49,12 @@ def test_yaml_budget_with_a_suffix(tmp_path, tiny_llama_hf):
 
 
 def test_errors_say_what_to_do_next(capsys, tiny_llama_hf, tiny_llama_ckpt, tmp_path):
-    _fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(tmp_path / "p")],
+    fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--out", str(tmp_path / "p")],
            "no pruning target", "--target-ffn")
     assert not (tmp_path / "p").exists()
-    _fails(capsys, ["eval", "--load", str(tiny_llama_hf)], "Hugging Face",
+    fails(capsys, ["eval", "--load", str(tiny_llama_hf)], "Hugging Face",
            f"minitron convert {tiny_llama_hf} CKPT")
-    _fails(capsys, ["generate", "--load", str(tiny_llama_ckpt), "--prompt", ""], "prompt is empty")
+    fails(capsys, ["generate", "--load", str(tiny_llama_ckpt), "--prompt", ""], "prompt is empty")
 
 
 def test_outputs_honour_the_umask(tiny_llama_ckpt, tmp_path):
