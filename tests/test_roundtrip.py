@@ -64,8 +64,11 @@ def test_mistral_sliding_window_is_honoured(tmp_path, tiny_tokens):
     assert (in_process_logits(tmp_path / "mcore", tiny_tokens) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_tokens):
+    """The families whose layers add shared parameters (q/k norms; Gemma's post-norms and
+    sliding layers) at TP2+SP and PP2. Qwen2's TP-split QKV biases are covered by pruning the
+    same checkpoint at TP2 (test_prune)."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     run_cli("convert", str(hf), str(tmp_path / "mcore"))
     ref = hf_logits(hf, tiny_tokens)

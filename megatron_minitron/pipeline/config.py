@@ -136,7 +136,7 @@ def from_dict(cls, d, where: str = "", base=None):
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
-        parse = fields[key].metadata.get("parse")
+        parse = fields[key].metadata.get("option", {}).get("parse")
         if isinstance(value, str) and parse is not None:  # e.g. a budget written "95M" or "70%"
             try:
                 value = parse(value)
