@@ -88,8 +88,9 @@ VERBS: dict[str, Verb] = {
         arg("--out", type=Path, required=True, help="new checkpoint directory"),
         arg("--hf-out", type=Path, help="also export the pruned model as a Hugging Face "
                                         "directory"),
-        arg("--dry-run", action="store_true", help="print the plan (shape, parameters, dropped "
-                                                   "layers, how they were chosen); write nothing"),
+        arg("--dry-run", action="store_true", default=False,
+            help="print the plan (shape, parameters, dropped layers, how they were chosen); "
+                 "write nothing"),
         JSON_OUT), PruneTarget),
     "distill": Verb(stages.distill, "knowledge-distillation retraining of a student", (
         arg("--teacher", type=Path, required=True, help="teacher checkpoint (frozen)"),

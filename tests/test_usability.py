@@ -104,13 +104,14 @@ def test_megatron_flag_names_are_accepted():
 
     a = build_parser().parse_args(["distill", "--teacher", "T", "--student", "S", "--save", "R",
                                    "--data-path", "0.7", "A", "0.3", "B",
-                                   "--valid-data-path", "V", "--lr-warmup-iters", "5"])
+                                   "--valid-data-path", "V", "--lr-warmup-iters", "5",
+                                   "--train-iters", "10"])
     assert (a.data, a.valid_data, a.warmup_iters) == (["0.7", "A", "0.3", "B"], ["V"], 5)
 
 
 def test_prune_to_a_share_of_the_parameters_shows_its_plan_first(tiny_llama_ckpt, tmp_path,
                                                                 capsys):
-    """`--target-params 0.8 --dry-run` prints the shape it would write (hidden and MLP by one
+    """`--target-params 70% --dry-run` prints the shape it would write (hidden and MLP by one
     ratio) and writes nothing; without --dry-run it writes exactly that shape."""
     from megatron_minitron.checkpoint import mcore
     from megatron_minitron.data.demo import train_plays
@@ -121,14 +122,14 @@ def test_prune_to_a_share_of_the_parameters_shows_its_plan_first(tiny_llama_ckpt
                  "--out", str(scores)]) == 0
     capsys.readouterr()
     args = ["prune", "--load", str(tiny_llama_ckpt), "--scores", str(scores),
-            "--target-params", "80%", "--target-layers", "3", "--out", str(tmp_path / "p")]
+            "--target-params", "70%", "--target-layers", "3", "--out", str(tmp_path / "p")]
     assert main([*args, "--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "nothing written" in plan and "one ratio" in plan, plan
     assert not (tmp_path / "p").exists()
     assert main(args) == 0
     teacher, pruned = mcore.read_meta(tiny_llama_ckpt).model, mcore.read_meta(tmp_path / "p").model
-    assert abs(pruned.num_parameters() / (0.8 * teacher.num_parameters()) - 1) <= 0.05
+    assert abs(pruned.num_parameters() / (0.7 * teacher.num_parameters()) - 1) <= 0.05
     assert pruned.hidden_size < teacher.hidden_size and pruned.num_layers == 3
     assert f"hidden {teacher.hidden_size} -> {pruned.hidden_size}" in plan, plan
 
@@ -196,3 +197,13 @@ def test_json_reports_for_scripts(tiny_llama_hf, tmp_path):
     rec = json.loads((tmp_path / "p.json").read_text())
     assert rec["written"] and len(rec["kept_layers"]) == 3 and rec["model"]["ffn_hidden_size"] == 64
     assert rec["parameters"][1] < rec["parameters"][0]
+
+
+def test_the_budget_rule_finds_the_papers_shapes():
+    """The --target-params rule, given the published sizes, picks the published widths:
+    Minitron-8B from Nemotron-4 15B (hidden 4096, MLP 16384)."""
+    from megatron_minitron.config import ModelConfig
+    from megatron_minitron.prune.plan import width_for_params
+
+    nemotron = ModelConfig("nemotron", 32, 6144, 24576, 48, 8, 128, 256000, rotary_percent=0.5)
+    assert width_for_params(nemotron, 8.27e9) == (4096, 16384)

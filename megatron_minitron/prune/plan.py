@@ -21,10 +21,11 @@ DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
 @dataclass
 class PruneTarget:
     params: float | None = option(
-        None, flag="--target-params", parse=parse_size, render=lambda v: f"{v:g}",
+        None, flag="--target-params", parse=parse_size, render=repr,
         metavar="N|FRACTION",
         help="parameters of the pruned model, a count (95M, 4.5B) or a fraction (0.7, 70%%): "
-             "hidden and MLP shrunk by one ratio, as the papers' Minitron-8B and MN-Minitron-8B "
+             "hidden and MLP shrunk by about one ratio (hidden by it, the MLP to meet the count), "
+             "as the papers' Minitron-8B and MN-Minitron-8B "
              "(with --target-layers/--drop-layers/--target-heads/--target-groups as given)")
     hidden: int | None = option(None, flag="--target-hidden", help="embedding channels kept")
     ffn: int | None = option(None, flag="--target-ffn", help="MLP neurons kept per layer")
@@ -126,22 +127,31 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
 
 
 def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
-    """(hidden, ffn) shrunk by one ratio whose parameter count is nearest `target`, widths in
-    steps of 64 (8 for models narrower than 512), so any usual TP size divides them."""
+    """(hidden, ffn) for a parameter budget: hidden shrunk by the ratio that would bring both
+    widths to the budget together, then the MLP set to meet the count; widths in steps of 64 (8
+    for models narrower than 512), so any usual TP size divides them."""
     step = 64 if min(cfg.hidden_size, cfg.ffn_hidden_size) >= 512 else 8
+
+    def count(h: float, f: float) -> int:
+        return dataclasses.replace(cfg, hidden_size=max(1, round(h)),
+                                   ffn_hidden_size=max(1, round(f))).num_parameters()
+
     if target >= cfg.num_parameters():
         raise ConfigError(f"target {target:,.0f} parameters is not below the model's "
                           f"{cfg.num_parameters():,} at this depth and head count")
-    best = None
-    for hidden in range(step, cfg.hidden_size + 1, step):
-        ffn = max(step, round(cfg.ffn_hidden_size * hidden / cfg.hidden_size / step) * step)
-        n = dataclasses.replace(cfg, hidden_size=hidden, ffn_hidden_size=ffn).num_parameters()
-        if best is None or abs(n - target) < best[0]:
-            best = (abs(n - target), hidden, ffn)
-    if best[0] > 0.05 * target:
+    lo, hi = 0.0, 1.0  # the common ratio, by bisection (the count grows with it)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(cfg.hidden_size * mid, cfg.ffn_hidden_size * mid) < target \
+            else (lo, mid)
+    hidden = min(cfg.hidden_size, max(step, round(cfg.hidden_size * lo / step) * step))
+    per_neuron = count(hidden, 2) - count(hidden, 1)
+    ffn = (target - count(hidden, 0)) / per_neuron
+    ffn = min(cfg.ffn_hidden_size, max(step, round(ffn / step) * step))
+    if abs(count(hidden, ffn) / target - 1) > 0.05:
         raise ConfigError(f"no width reaches {target:,.0f} parameters within 5% (the embedding "
                           "alone may be larger); lower the target or prune depth too")
-    return best[1], best[2]
+    return hidden, ffn
 
 
 def check_scores(scores: Scores, cfg: ModelConfig, fingerprint: str, load: str = "CKPT") -> None:
@@ -198,7 +208,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         want = fraction_of(target.params, cfg.num_parameters())
         notes.append(f"target {want:,.0f} parameters: hidden {cfg.hidden_size} -> "
                      f"{new.hidden_size} and MLP {cfg.ffn_hidden_size} -> {new.ffn_hidden_size}, "
-                     f"one ratio (width, as the papers' 8B models; depth only when asked), "
+                     f"about one ratio (width, as the papers' 8B models; depth only when asked), "
                      f"{new.num_parameters() / want - 1:+.1%} from the target")
     layers = _kept_layers(cfg, target, scores, notes)
     if cfg.window_layers is not None:  # a kept layer keeps its attention type

@@ -30,7 +30,7 @@ log = logging.getLogger("minitron")
 
 @dataclass
 class SearchConfig:
-    target_params: float = option(parse=parse_size, render=lambda v: f"{v:g}",
+    target_params: float = option(parse=parse_size, render=repr,
                                   metavar="N|FRACTION",
                                   help="parameters of the pruned model: a count (95M, 4.5B, "
                                        "95e6) or a fraction of the teacher's (0.7, 70%%)")
