@@ -84,7 +84,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_llama_hf):
     cfg = tiny_run_config(tmp_path, tiny_llama_hf, distill={"train_iters": 400})
     cmd = [sys.executable, "-m", "megatron_minitron.cli", "run",
            str(write_yaml(tmp_path / "c.yaml", cfg))]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and a process
+    # that inherits SIG_IGN keeps it; the default disposition is what a terminal user has.
+    p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
         seen.append(line)
