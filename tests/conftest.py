@@ -158,6 +158,16 @@ def _asset(find) -> Path:
         raise
 
 
+def _scores(ckpt: Path, tmp_path_factory, *flags: str) -> Path:
+    """A scores file of `ckpt` from the training plays, 128-token samples (`flags` add more)."""
+    from megatron_minitron.cli import main
+
+    out = tmp_path_factory.mktemp("scores") / "scores.safetensors"
+    assert main(["importance", "--load", str(ckpt), "--seq-length", "128", "--micro-batch-size",
+                 "4", *flags, "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     from megatron_minitron.data.demo import smollm2_gguf
@@ -174,13 +184,8 @@ def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
 def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
     """Importance of SmolLM2 on 32 x 128 training-play tokens; depth from 2 samples, blocks of 1
     and 6 layers."""
-    from megatron_minitron.cli import main
-
-    out = tmp_path_factory.mktemp("smol_scores") / "scores.safetensors"
-    assert main(["importance", "--load", str(smol_ckpt), "--samples", "32", "--seq-length", "128",
-                 "--depth-samples", "2", "--block-sizes", "1", "6", "--micro-batch-size", "4",
-                 "--out", str(out)]) == 0
-    return out
+    return _scores(smol_ckpt, tmp_path_factory, "--samples", "32", "--depth-samples", "2",
+                   "--block-sizes", "1", "6")
 
 
 @pytest.fixture(scope="session")
@@ -199,13 +204,7 @@ def gemma_ckpt(gemma_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gemma_scores(gemma_ckpt, tmp_path_factory) -> Path:
     """Importance of Gemma 3 270M on 16 x 128 training-play tokens (BOS first); depth from 1."""
-    from megatron_minitron.cli import main
-
-    out = tmp_path_factory.mktemp("gemma_scores") / "scores.safetensors"
-    assert main(["importance", "--load", str(gemma_ckpt), "--samples", "16", "--seq-length",
-                 "128", "--depth-samples", "1", "--micro-batch-size", "4", "--out",
-                 str(out)]) == 0
-    return out
+    return _scores(gemma_ckpt, tmp_path_factory, "--samples", "16", "--depth-samples", "1")
 
 
 @pytest.fixture(scope="session")

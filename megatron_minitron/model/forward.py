@@ -49,6 +49,21 @@ def forward_microbatches(chunks, microbatches: list[dict[str, torch.Tensor]],
             micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
 
 
+def forward_with_progress(chunks, microbatches: list[dict], collect, progress) -> list:
+    """`forward_microbatches` a few schedule calls at a time (enough microbatches per call to keep
+    the pipeline full), reporting the tokens of every data-parallel rank between calls."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    per_call = max(8, 2 * parallel_state.get_pipeline_model_parallel_world_size())
+    out = []
+    for i in range(0, len(microbatches), per_call):
+        group = microbatches[i:i + per_call]
+        out += forward_microbatches(chunks, group, collect)
+        progress.update(sum(m["tokens"].numel() for m in group) * dp)
+    return out
+
+
 def gather_logits(output: torch.Tensor, _mb=None) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V] from this TP rank's vocabulary shard."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
