@@ -134,7 +134,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
     return cfg, sd, gguf_tokenizer_files(r, path)
 
 
-def _sentencepiece_bpe(r, path: Path):
+def _sentencepiece_bpe(r):
     """A sentencepiece BPE (Gemma) rebuilt for `tokenizers`: the file has no merges, so they are
     derived from the vocabulary, ranked by the merged token's position in the file (its scores
     do not follow the merge order). Tokens of several spaces are stored as spaces; sentencepiece
@@ -178,7 +178,7 @@ def gguf_tokenizer_json(r, path: Path) -> str:
     if model == "gpt2":
         tok, tokens = _byte_level_bpe(r)
     elif model == "llama":
-        tok, tokens = _sentencepiece_bpe(r, path)
+        tok, tokens = _sentencepiece_bpe(r)
     else:
         raise ConfigError(f"{path}: tokenizer model {model!r} not supported "
                           "(byte-level BPE 'gpt2' or sentencepiece BPE 'llama')")
