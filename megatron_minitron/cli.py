@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megatron_minitron.commands import add_verbs
 from megatron_minitron.config import ConfigError, TrainingError
+from megatron_minitron.runtime import interrupt
 
 log = logging.getLogger("minitron")
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[minitron] %(message)s")
     _quiet_third_party()
+    interrupt.install()
     try:
         args.call(args)
     except (ConfigError, TrainingError) as e:  # exit 2: bad usage or input; 3: training failed

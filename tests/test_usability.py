@@ -102,6 +102,26 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_llama_hf):
     assert not [x for x in (tmp_path / "run").rglob(".*.partial")]
 
 
+def test_an_interrupt_swallowed_by_a_callback_stops_the_next_progress_tick():
+    """Ctrl-C landing in a callback Python only prints (logging's at-fork hook, run when the
+    checkpoint writer forks: seen in CI) is not lost: the loop's next tick raises it."""
+    from megatron_minitron.runtime import interrupt
+    from megatron_minitron.runtime.progress import Progress
+
+    class SwallowsExceptions:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupt.install()
+        SwallowsExceptions()
+        with pytest.raises(KeyboardInterrupt):
+            Progress("loop", 3).update(1)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_megatron_flag_names_are_accepted():
     from megatron_minitron.cli import build_parser
 

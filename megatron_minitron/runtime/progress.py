@@ -7,6 +7,8 @@ import time
 
 import torch.distributed as dist
 
+from megatron_minitron.runtime.interrupt import raise_if_interrupted
+
 log = logging.getLogger("minitron")
 
 
@@ -29,6 +31,7 @@ class Progress:
         self.quiet = dist.is_initialized() and dist.get_rank() != 0
 
     def update(self, n: int) -> None:
+        raise_if_interrupted()
         self.done += n
         now = time.time()
         # A line every `every_s`, and a last one only for loops long enough to have had one.
