@@ -60,7 +60,7 @@ def tiny_scores(tiny_llama_ckpt):
     model, chunks = load_in_process(tiny_llama_ckpt)
     samples = torch.randint(0, 128, (6, 33), generator=torch.Generator().manual_seed(1))
     cfg = ImportanceConfig(samples=6, seq_length=32, block_sizes=(1, 2), depth_samples=4,
-                           micro_batch_size=4)
+                           head_samples=3, micro_batch_size=4)
     return model, chunks, samples, compute_importance(chunks, model, samples, cfg)
 
 
@@ -78,9 +78,7 @@ def test_every_axis_and_aggregation_matches_naive_reference(tiny_scores):
     ref_hidden = _reference(sum((acts[(a, i)] for a in ("ln_attn", "ln_mlp")
                                  for i in range(model.num_layers)), []), "mean", "l2")
     np.testing.assert_allclose(scores.hidden().numpy(), ref_hidden, rtol=1e-5)
-    heads = scores.axis("heads").numpy()
-    np.testing.assert_allclose(scores.groups(model.num_query_groups).numpy(),
-                               heads.reshape(model.num_layers, model.num_query_groups, -1).sum(-1))
+    np.testing.assert_array_equal(scores.heads("activation").numpy(), scores.axis("heads"))
     for i in range(model.num_layers):
         x_in, x_out = np.stack(acts[("in", i)]), np.stack(acts[("out", i)])
         norms = np.linalg.norm(x_in, axis=-1) * np.linalg.norm(x_out, axis=-1)
@@ -114,9 +112,31 @@ def test_skip_loss_equals_the_loss_of_an_identity_layer(tiny_scores):
             assert rises[start].item() == pytest.approx(rise, abs=1e-6)
 
 
+def test_head_mask_loss_equals_the_loss_without_that_heads_output(tiny_scores):
+    """Masking head h in the batched pass costs what zeroing h's columns of W_O costs."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+
+    model, chunks, samples, scores = tiny_scores
+    rises = scores.heads("loss")
+    assert rises.shape == (model.num_layers, model.num_attention_heads)
+    base = evaluate_windows(chunks, samples[:3]).loss
+    d = model.kv_channels
+    for i, layer in enumerate(chunks[0].decoder.layers):
+        w = layer.self_attention.linear_proj.weight
+        for h in range(model.num_attention_heads):
+            saved = w.detach().clone()
+            with torch.no_grad():
+                w[:, h * d:(h + 1) * d] = 0
+            rise = evaluate_windows(chunks, samples[:3]).loss - base
+            with torch.no_grad():
+                w.copy_(saved)
+            assert rises[i, h].item() == pytest.approx(rise, abs=1e-6), (i, h)
+
+
 def _importance_args(ckpt: Path, data: Path, out: Path) -> list[str]:
     return ["importance", "--load", str(ckpt), "--data", str(data), "--samples", "8",
             "--seq-length", "32", "--depth-samples", "4", "--block-sizes", "1", "2",
+            "--head-samples", "2",
             "--micro-batch-size", "2", "--out", str(out)]
 
 
@@ -138,7 +158,7 @@ def test_scores_are_identical_under_tp_sp_pp_and_dp(tiny_llama_ckpt, play, tmp_p
         got = load_scores(out)
         assert got.tensors.keys() == ref.tensors.keys()
         for k, v in ref.tensors.items():
-            if k.startswith("depth.") and k != "depth.block_influence":  # losses and their rises
+            if k.startswith(("depth.", "heads.")) and k != "depth.block_influence":  # losses
                 torch.testing.assert_close(got.tensors[k], v, rtol=0, atol=1e-6, msg=f"{name} {k}")
             else:
                 torch.testing.assert_close(got.tensors[k], v, rtol=1e-5, atol=1e-12,

@@ -11,6 +11,7 @@ import torch
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.importance import stats
 from megatron_minitron.importance.depth import skip_losses
+from megatron_minitron.importance.head_loss import head_mask_losses
 from megatron_minitron.importance.hooks import ImportanceHooks
 from megatron_minitron.importance.scores import FORMAT, Scores
 from megatron_minitron.model.forward import forward_with_progress
@@ -31,6 +32,9 @@ class ImportanceConfig:
                                                      "every contiguous block of K layers")
     depth_samples: int = option(128, help="samples for the layer-skip losses (0: block "
                                           "influence only)")
+    head_samples: int = option(0, help="samples for the head-masking LM loss (--head-metric "
+                                       "loss): one pass per layer over heads + 1 copies of "
+                                       "each; 0: not measured")
     micro_batch_size: int = option(1, help="samples per forward pass")
     seed: int = option(1234, help="which windows of the data are sampled")
 
@@ -45,8 +49,8 @@ class ImportanceConfig:
             if not 1 <= k < num_layers:
                 raise ConfigError(f"block size {k} must be between 1 and {num_layers - 1} "
                                   f"(the model has {num_layers} layers)")
-        if self.depth_samples < 0 or self.micro_batch_size < 1:
-            raise ConfigError("depth samples must be >= 0 and micro batch size >= 1")
+        if min(self.depth_samples, self.head_samples) < 0 or self.micro_batch_size < 1:
+            raise ConfigError("depth and head samples must be >= 0 and micro batch size >= 1")
 
 
 def discard_output(_output, _mb) -> None:
@@ -86,9 +90,16 @@ def compute_importance(chunks, model: ModelConfig, samples: torch.Tensor, cfg: I
         tensors.update(skip_losses(chunks, model.num_layers, samples[:cfg.depth_samples],
                                    cfg.block_sizes, cfg.micro_batch_size))
         seconds["depth"] = time.time() - t
+    if cfg.head_samples:
+        t = time.time()
+        tensors["heads.mask_loss"] = head_mask_losses(
+            chunks, model.num_layers, model.num_attention_heads, model.kv_channels,
+            samples[:cfg.head_samples])
+        seconds["heads"] = time.time() - t
     info = {"format": FORMAT, "model": model.to_dict(), "samples": int(samples.shape[0]),
             "seq_length": int(samples.shape[1] - 1), "seq_agg": cfg.seq_agg,
             "sample_agg": cfg.sample_agg, "block_sizes": list(cfg.block_sizes),
-            "depth_samples": min(cfg.depth_samples, int(samples.shape[0])), "seed": cfg.seed,
+            "depth_samples": min(cfg.depth_samples, int(samples.shape[0])),
+            "head_samples": min(cfg.head_samples, int(samples.shape[0])), "seed": cfg.seed,
             "seconds": seconds, **(meta or {})}
     return Scores(tensors, info)

@@ -8,6 +8,7 @@ Tensors (L = layers):
   depth.block_influence  [L]                 mean over tokens of 1 - cos(layer in, layer out)
   depth.base_loss        [1]                 LM loss on the depth samples
   depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
+  heads.mask_loss        [L, heads]          LM-loss increase when one head is masked (optional)
 Metadata: model shape, checkpoint path and fingerprint, data, samples, seq length, default
 aggregations, timings.
 """
@@ -25,8 +26,9 @@ from megatron_minitron.importance import stats
 
 FORMAT = "minitron-importance-v1"
 WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")
-# How heads are ranked: the paper's activation norm, or what the head writes through W_O.
-HEAD_METRICS = {"activation": "heads", "output": "heads_out"}
+# How heads are ranked: the paper's activation norm, what the head writes through W_O, or the
+# LM-loss rise when it alone is masked.
+HEAD_METRICS = {"activation": "heads", "output": "heads_out", "loss": "mask_loss"}
 
 
 @dataclass
@@ -58,11 +60,16 @@ class Scores:
                               self.axis("ln_mlp", seq, samples)])
         return per_site.pow(2).sum(0).sqrt() if samples == "l2" else per_site.sum(0)
 
-    def groups(self, num_query_groups: int, seq: str | None = None, samples: str | None = None
-               ) -> torch.Tensor:
-        """Query-group scores [L, groups]: the sum of each group's head scores."""
-        heads = self.axis("heads", seq, samples)
-        return heads.view(heads.shape[0], num_query_groups, -1).sum(-1)
+    def heads(self, metric: str = "activation") -> torch.Tensor:
+        """Head scores [L, heads] by one of HEAD_METRICS; a group scores the sum of its heads."""
+        if metric not in HEAD_METRICS:
+            raise ConfigError(f"unknown head metric {metric!r} ({', '.join(HEAD_METRICS)})")
+        if metric != "loss":
+            return self.axis(HEAD_METRICS[metric])
+        if "heads.mask_loss" not in self.tensors:
+            raise ConfigError("the scores have no head-masking losses; rerun importance with "
+                              "--head-samples N (e.g. 8)")
+        return self.tensors["heads.mask_loss"]
 
     def layers(self, metric: str = "skip_loss", block: int = 1) -> torch.Tensor:
         """Depth scores, higher = more important: `block_influence` [L] or `skip_loss` (LM-loss

@@ -43,9 +43,10 @@ class PruneTarget:
                                     "else single-layer skip loss)")
     head_metric: str = option("activation", choices=tuple(HEAD_METRICS),
                               help="how heads and query groups are ranked: the paper's "
-                                   "activation norm of each head, or the norm of what it writes "
+                                   "activation norm of each head, the norm of what it writes "
                                    "through the output projection (better where a norm follows "
-                                   "attention, as in Gemma)")
+                                   "attention, as in Gemma), or the LM-loss rise when it is "
+                                   "masked (importance --head-samples)")
     norm_rescale: bool = option(True, flag="--no-norm-rescale",
                                 help="slice RMSNorm weights without the sqrt(h/h') rescale that "
                                      "keeps the pruned channels' share of the mean square")
@@ -231,7 +232,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         if new.num_attention_heads == cfg.num_attention_heads:
             plan.heads[i] = full(cfg.num_attention_heads)
             continue
-        head_scores = scores.axis(HEAD_METRICS[target.head_metric])[i].view(
+        head_scores = scores.heads(target.head_metric)[i].view(
             cfg.num_query_groups, per_group)
         groups = _top(head_scores.sum(-1), new.num_query_groups)
         plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
