@@ -91,7 +91,7 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
     rt, meta, chunks = load_model(load, parallel)
     scores = compute_importance(chunks, meta.model, samples, cfg, {
         "checkpoint": str(load.resolve()), "fingerprint": meta.fingerprint,
-        "data": [str(f) for f in files], "data_tokens": len(ids)})
+        "data": [str(f) for f in files], "json_key": json_key, "data_tokens": len(ids)})
     if rt.is_main:
         scores.save(out)
         secs = scores.meta["seconds"]
@@ -109,6 +109,20 @@ def prune_summary(src: ModelConfig, plan) -> list[str]:
             f"parameters {before:,} -> {after:,} ({after / before:.1%}); non-embedding "
             f"{src.num_parameters(False):,} -> {plan.model.num_parameters(False):,}",
             *([f"dropped layers {dropped}"] if dropped else []), *plan.notes]
+
+
+def candidate_lines(table: list[dict]) -> list[str]:
+    return [f"  {r['loss']:8.4f}  {r['parameters']:>14,}  {r['strategy']}" for r in
+            sorted(table, key=lambda r: r["loss"])]
+
+
+def _prune_record(src: Path, out: Path, model: ModelConfig, plan, written: bool,
+                  candidates: list[dict] = ()) -> dict:
+    return {"load": str(src), "out": str(out), "written": written,
+            "source": model.to_dict(), "model": plan.model.to_dict(),
+            "parameters": [model.num_parameters(), plan.model.num_parameters()],
+            "non_embedding": [model.num_parameters(False), plan.model.num_parameters(False)],
+            "kept_layers": plan.layers, "notes": plan.notes, "candidates": list(candidates)}
 
 
 def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
@@ -137,22 +151,33 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
-    summary = prune_summary(meta.model, plan)
-    record = {"load": str(src), "out": str(out), "written": not dry_run,
-              "source": meta.model.to_dict(), "model": plan.model.to_dict(),
-              "parameters": [meta.model.num_parameters(), plan.model.num_parameters()],
-              "non_embedding": [meta.model.num_parameters(False),
-                                plan.model.num_parameters(False)],
-              "kept_layers": plan.layers, "notes": plan.notes}
+    rechoose = settings.strategy == "auto" or settings.order != "joint"
+    if rechoose and loaded is None:
+        raise ConfigError("--strategy auto and --order re-score on calibration data: they need "
+                          "--scores")
     if dry_run:
-        print("\n".join([f"plan for {src} (nothing written):", *(f"  {x}" for x in summary)]))
-        write_json(json_out, record)
+        if rechoose:
+            plan.notes.append(f"strategy {settings.strategy}, order {settings.order}: units (and "
+                              "with auto, whole groups) are chosen when the model is loaded")
+        print("\n".join([f"plan for {src} (nothing written):",
+                         *(f"  {x}" for x in prune_summary(meta.model, plan))]))
+        write_json(json_out, _prune_record(src, out, meta.model, plan, written=False))
         return out
-    log.info("pruning %s: %s", src, "; ".join(summary))
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
     if hf_out and rt.world_size > 1:
         raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
                           "`minitron convert OUT HF --to hf` afterwards")
+    table = []
+    if rechoose:
+        from megatron_minitron.prune.strategy import calibration, choose_plan, ordered_plan
+
+        cal = calibration(src, loaded.meta, settings.select_samples)
+        if settings.strategy == "auto":
+            plan, table = choose_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
+        else:
+            plan = ordered_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
+    summary = prune_summary(meta.model, plan)
+    log.info("pruning %s: %s", src, "; ".join(summary))
     new = prune_model(chunks, meta.model, plan, rt.parallel)
     history = [*meta.history, f"pruned to {plan.summary()}", *plan.notes]
     mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
@@ -164,8 +189,8 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
 
         export_hf(new, plan.model, out, Path(hf_out))
     if rt.is_main:
-        print("\n".join([f"{out}:", *(f"  {x}" for x in summary)]))
-        write_json(json_out, record)
+        print("\n".join([f"{out}:", *(f"  {x}" for x in summary), *candidate_lines(table)]))
+        write_json(json_out, _prune_record(src, out, meta.model, plan, True, table))
     if dist.is_initialized():
         dist.barrier()
     return out

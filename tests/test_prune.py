@@ -210,3 +210,69 @@ def test_gemma3_with_one_kv_group_prunes_query_heads_only(tmp_path, tiny_tokens)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 1)
     logits = in_process_logits(tmp_path / "pruned", tiny_tokens)
     assert (hf_logits(tmp_path / "pruned_hf", tiny_tokens) - logits).abs().max() <= 1e-5
+
+
+def test_a_composed_plan_prunes_as_the_two_steps_do(tiny_llama_ckpt, tiny_tokens, tmp_path):
+    """depth-first / width-first write one plan over the source: pruning with it must equal
+    pruning twice (second plan made on the first's result), norm rescale included."""
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.importance.run import ImportanceConfig, compute_importance
+    from megatron_minitron.model.forward import logits
+    from megatron_minitron.prune import PruneTarget, make_plan, prune_model
+    from megatron_minitron.prune.strategy import compose, split_target
+
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "2",
+                 "--out", str(scores)]) == 0
+    scores = load_scores(scores)
+    cfg, chunks = load_in_process(tiny_llama_ckpt)
+    par = ParallelConfig()
+    target = PruneTarget(hidden=48, ffn=64, heads=2, layers=3, depth_metric="skip_loss")
+    samples = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(3))
+    depth, width = split_target(cfg, target)
+    for first_t, second_t in ((depth, width), (width, depth)):
+        first = make_plan(cfg, first_t, scores)
+        step = prune_model(chunks, cfg, first, par)
+        second = make_plan(first.model, second_t, compute_importance(
+            step, first.model, samples, ImportanceConfig(samples=4, seq_length=32,
+                                                         depth_samples=2)))
+        two_steps = logits(prune_model(step, first.model, second, par), tiny_tokens, 2)
+        one_step = logits(prune_model(chunks, cfg, compose(first, second), par), tiny_tokens, 2)
+        torch.testing.assert_close(one_step, two_steps, rtol=0, atol=1e-6)
+        assert compose(first, second).model.num_layers == 3
+
+
+def test_strategy_auto_makes_the_same_choice_at_tp2_sp_and_pp2(tmp_path):
+    """--strategy auto at TP1, TP2+SP and PP2: the same candidates, losses equal to 1e-5, the
+    same winner and the same written shape; the winner has the lowest calibration loss."""
+    from megatron_minitron.data.demo import train_plays
+
+    src = converted(tiny_hf_dir(tmp_path / "hf", num_attention_heads=8, num_key_value_heads=4),
+                    tmp_path / "src")
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(src), "--data", str(train_plays()[1]),
+                 "--samples", "6", "--seq-length", "32", "--depth-samples", "3",
+                 "--block-sizes", "1", "--head-samples", "2", "--out", str(scores)]) == 0
+    args = ("prune", "--load", str(src), "--scores", str(scores), "--strategy", "auto",
+            "--select-samples", "4", "--target-hidden", "48", "--target-ffn", "64",
+            "--target-heads", "4", "--target-layers", "3")
+    assert main([*args, "--out", str(tmp_path / "tp1"),
+                 "--json", str(tmp_path / "tp1.json")]) == 0
+    run_cli(*args, "--out", str(tmp_path / "tp2"), "--json", str(tmp_path / "tp2.json"),
+            "--tp", "2", "--sequence-parallel", nproc=2)
+    run_cli(*args, "--out", str(tmp_path / "pp2"), "--json", str(tmp_path / "pp2.json"),
+            "--pp", "2", nproc=2)
+    ref = json.loads((tmp_path / "tp1.json").read_text())
+    table = ref["candidates"]
+    assert len(table) == 3 * 2 * 2 + 2  # head metrics x grouping x rescale, then the 2 orders
+    assert min(r["loss"] for r in table) == pytest.approx(
+        float(ref["notes"][-1].split("(")[-1].split(")")[0]), abs=1e-4)
+    for name in ("tp2", "pp2"):
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [r["strategy"] for r in got["candidates"]] == [r["strategy"] for r in table]
+        for a, b in zip(got["candidates"], table, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (name, a["strategy"])
+        assert (got["model"], got["kept_layers"]) == (ref["model"], ref["kept_layers"]), name

@@ -92,16 +92,17 @@ def windows(ids: torch.Tensor, seq_length: int, starts: Sequence[int],
 
 
 def sample_windows(ids: torch.Tensor, n: int, seq_length: int, seed: int,
-                   prefix: Sequence[int] = ()) -> torch.Tensor:
+                   prefix: Sequence[int] = (), skip: int = 0) -> torch.Tensor:
     """n windows drawn without replacement (kept in stream order), the same for every seed
-    holder on every rank."""
+    holder on every rank; `skip` passes over the first draws (another n' windows of the same seed
+    are then disjoint from these)."""
     have = window_count(len(ids), seq_length, prefix=prefix)
     if n < 1 or seq_length < 1:
         raise ConfigError(f"need at least one sample of at least one token (got {n} x "
                           f"{seq_length})")
-    if have < n:
-        raise ConfigError(f"data has {len(ids)} tokens: fewer than {n} samples x {seq_length} "
-                          f"tokens (+1); pass more data or fewer/shorter samples")
+    if have < n + skip:
+        raise ConfigError(f"data has {len(ids)} tokens: fewer than {n + skip} samples x "
+                          f"{seq_length} tokens (+1); pass more data or fewer/shorter samples")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(have, generator=g)[:n].sort().values.tolist()
+    starts = torch.randperm(have, generator=g)[skip:skip + n].sort().values.tolist()
     return windows(ids, seq_length, starts, prefix=prefix)

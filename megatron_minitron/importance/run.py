@@ -101,5 +101,6 @@ def compute_importance(chunks, model: ModelConfig, samples: torch.Tensor, cfg: I
             "sample_agg": cfg.sample_agg, "block_sizes": list(cfg.block_sizes),
             "depth_samples": min(cfg.depth_samples, int(samples.shape[0])),
             "head_samples": min(cfg.head_samples, int(samples.shape[0])), "seed": cfg.seed,
+            "micro_batch_size": cfg.micro_batch_size,
             "seconds": seconds, **(meta or {})}
     return Scores(tensors, info)

@@ -16,6 +16,8 @@ from megatron_minitron.importance.scores import HEAD_METRICS, Scores
 from megatron_minitron.options import fraction_of, option, parse_size
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
+ORDERS = ("joint", "depth-first", "width-first")  # see prune/strategy.py
+STRATEGIES = ("given", "auto")
 
 
 @dataclass
@@ -50,6 +52,17 @@ class PruneTarget:
     norm_rescale: bool = option(True, flag="--no-norm-rescale",
                                 help="slice RMSNorm weights without the sqrt(h/h') rescale that "
                                      "keeps the pruned channels' share of the mean square")
+    order: str = option("joint", choices=ORDERS,
+                        help="joint: rank every axis on the unpruned model (the paper); "
+                             "depth-first: cut layers, re-score width on the shallower model; "
+                             "width-first: cut width, pick layers by LM loss on the narrower one")
+    strategy: str = option("given", choices=STRATEGIES,
+                           help="given: prune as the flags say; auto: prune candidate strategies "
+                                "(head metric, heads in groups or whole groups, norm rescale, "
+                                "order) in memory and keep the lowest LM loss on calibration "
+                                "windows importance did not use")
+    select_samples: int = option(8, help="with --strategy auto: calibration windows that score "
+                                         "each candidate (drawn after importance's, disjoint)")
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,

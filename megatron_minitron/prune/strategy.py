@@ -1,0 +1,196 @@
+"""How the axes are pruned together, and the choice of a strategy on calibration data.
+
+`--order`: the paper ranks every axis on the unpruned model and cuts them at once (`joint`).
+`depth-first` cuts the layers, recomputes the width scores on the shallower model and then cuts
+width; `width-first` cuts width, then picks the layers by LM loss on the narrower model. Both are
+composed into one plan over the source model, so the pruned checkpoint is still written by one
+`prune_model` from the original weights.
+
+`--strategy auto`: a few candidate plans (head metric, heads inside groups or as whole groups,
+norm rescale on/off, then the order) are pruned in memory and scored by LM loss on calibration
+windows that importance did not use; the lowest wins. Nothing is tuned on evaluation text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_minitron.importance.scores import HEAD_METRICS, Scores
+from megatron_minitron.options import fraction_of
+from megatron_minitron.prune.plan import ORDERS, PrunePlan, PruneTarget, make_plan, pruned_config
+from megatron_minitron.prune.run import prune_model
+
+log = logging.getLogger("minitron")
+
+
+def split_target(cfg: ModelConfig, t: PruneTarget) -> tuple[PruneTarget, PruneTarget]:
+    """(depth only, width only): the width target in absolute sizes of the final shape, so a
+    parameter budget means the same whichever is cut first."""
+    final = pruned_config(cfg, t)
+    depth = dataclasses.replace(t, params=None, hidden=None, ffn=None, heads=None, groups=None)
+    width = dataclasses.replace(t, params=None, layers=None, drop_layers=None,
+                                hidden=final.hidden_size, ffn=final.ffn_hidden_size,
+                                heads=final.num_attention_heads, groups=final.num_query_groups)
+    return depth, width
+
+
+def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
+    """`second` (made on `first.model`) expressed over `first`'s source."""
+    layers = [first.layers[j] for j in second.layers]
+    return PrunePlan(second.model, layers, first.hidden[second.hidden],
+                     heads={i: first.heads[i][second.heads[j]]
+                            for i, j in zip(layers, second.layers, strict=True)},
+                     ffn={i: first.ffn[i][second.ffn[j]]
+                          for i, j in zip(layers, second.layers, strict=True)},
+                     notes=first.notes + second.notes)
+
+
+@dataclass
+class Calibration:
+    """What re-scoring and candidate selection run on: the importance windows (as the scores
+    file records them) and, after them in the same seeded draw, windows importance never saw."""
+    samples: torch.Tensor  # [N, L+1], the importance samples
+    select: torch.Tensor  # [M, L+1], disjoint from `samples`
+    scores_meta: dict
+    micro_batch_size: int = 1
+
+
+def calibration(load, scores_meta: dict, select: int) -> Calibration:
+    """The importance windows of `scores_meta` again, and `select` more from the same draw."""
+    from megatron_minitron.data.calibration import sample_windows, token_stream
+    from megatron_minitron.data.tokenizer import load_tokenizer
+
+    m = scores_meta
+    tok = load_tokenizer(Path(load))
+    ids = token_stream([Path(f) for f in m["data"]], tok, m["model"]["vocab_size"],
+                       m.get("json_key", "text"))
+    draw = dict(seq_length=m["seq_length"], seed=m["seed"], prefix=tok.prefix)
+    if select < 1:
+        raise ConfigError("--select-samples must be >= 1")
+    return Calibration(sample_windows(ids, m["samples"], **draw),
+                       sample_windows(ids, select, skip=m["samples"], **draw), m,
+                       m.get("micro_batch_size", 1))
+
+
+def _rescore(chunks, model: ModelConfig, cal: Calibration, depth_blocks: tuple[int, ...]
+             ) -> Scores:
+    """Importance of a partly pruned model: width sums (and head losses if the scores had them)
+    when `depth_blocks` is empty, else only the depth losses on the depth samples."""
+    from megatron_minitron.importance.run import ImportanceConfig, compute_importance
+
+    m = cal.scores_meta
+    if depth_blocks:
+        n = max(1, m.get("depth_samples", 0))
+        cfg = ImportanceConfig(samples=n, seq_length=m["seq_length"], depth_samples=n,
+                               block_sizes=depth_blocks, micro_batch_size=cal.micro_batch_size)
+        return compute_importance(chunks, model, cal.samples[:n], cfg)
+    cfg = ImportanceConfig(samples=m["samples"], seq_length=m["seq_length"], depth_samples=0,
+                           head_samples=m.get("head_samples", 0),
+                           micro_batch_size=cal.micro_batch_size)
+    return compute_importance(chunks, model, cal.samples, cfg)
+
+
+def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: Calibration | None,
+                 parallel: ParallelConfig) -> PrunePlan:
+    """The plan for `t.order`; depth-first and width-first prune the first step in memory and
+    re-score it (their cost is logged as calibration passes)."""
+    depth, width = split_target(cfg, t)
+    layers = pruned_config(cfg, depth).num_layers
+    cuts_width = pruned_config(cfg, width).num_parameters() < cfg.num_parameters()
+    if t.order == "joint" or layers == cfg.num_layers or not cuts_width or (
+            t.order == "width-first" and t.drop_layers):  # fixed layers: nothing to re-choose
+        return make_plan(cfg, t, scores)
+    if cal is None:
+        raise ConfigError(f"--order {t.order} re-scores the partly pruned model: it needs the "
+                          "model loaded (not --dry-run)")
+    first_t, second_t = (depth, width) if t.order == "depth-first" else (width, depth)
+    first = make_plan(cfg, first_t, scores)
+    start = time.time()
+    partial = prune_model(chunks, cfg, first, parallel)
+    # depth-first: width sums on the shallower model; width-first: the skip losses the depth
+    # metric reads (single layers and the block of the dropped size) on the narrower one
+    blocks = () if t.order == "depth-first" else tuple(sorted({1, cfg.num_layers - layers}))
+    rescored = _rescore(partial, first.model, cal, blocks)
+    del partial
+    gc.collect()
+    second = make_plan(first.model, second_t, rescored)
+    plan = compose(first, second)
+    plan.notes.append(f"order {t.order}: re-scored the {'narrower' if blocks else 'shallower'} "
+                      f"model in {time.time() - start:.1f} s")
+    return plan
+
+
+def candidate_targets(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[PruneTarget]:
+    """The width variants auto tries (under `t.order`): every head metric the scores hold, heads
+    kept inside groups or as whole groups, norm rescale on and off; only where the target
+    prunes that axis."""
+    new = pruned_config(cfg, t)
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    metrics, groupings, rescales = [t.head_metric], [t.groups], [t.norm_rescale]
+    if new.num_attention_heads < cfg.num_attention_heads:
+        metrics = [m for m in HEAD_METRICS if m != "loss" or "heads.mask_loss" in scores.tensors]
+        whole = new.num_attention_heads // per_group
+        if t.groups is None and new.num_attention_heads % per_group == 0 and \
+                whole < cfg.num_query_groups:
+            groupings = [None, whole]
+    if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
+        rescales = [True, False]
+    return [dataclasses.replace(t, head_metric=m, groups=g,
+                                heads=None if g else t.heads, norm_rescale=r)
+            for m, g, r in itertools.product(metrics, groupings, rescales)]
+
+
+def describe(t: PruneTarget) -> str:
+    grouping = f"{t.groups} whole groups" if t.groups else "heads in groups"
+    return (f"order {t.order}, head metric {t.head_metric}, {grouping}, norm rescale "
+            f"{'on' if t.norm_rescale else 'off'}")
+
+
+def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: Calibration,
+                parallel: ParallelConfig) -> tuple[PrunePlan, list[dict]]:
+    """`--strategy auto`: the width variants under the given order, then the other orders with
+    the best variant; each pruned in memory and scored on `cal.select`. Returns the winning
+    plan and the table of every candidate."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+
+    if t.params is not None:  # a fraction would change meaning once groups change the count
+        t = dataclasses.replace(t, params=fraction_of(t.params, cfg.num_parameters()))
+    table: list[dict] = []
+    best: tuple[float, PrunePlan, PruneTarget] | None = None
+
+    def score(target: PruneTarget) -> None:
+        nonlocal best
+        plan = ordered_plan(chunks, cfg, target, scores, cal, parallel)
+        pruned = prune_model(chunks, cfg, plan, parallel)
+        loss = evaluate_windows(pruned, cal.select, cal.micro_batch_size).loss
+        del pruned
+        gc.collect()
+        table.append({"strategy": describe(target), "parameters": plan.model.num_parameters(),
+                      "shape": plan.summary(), "loss": loss})
+        log.info("auto: %s: calibration loss %.4f", describe(target), loss)
+        if best is None or loss < best[0]:
+            best = (loss, plan, target)
+
+    for target in candidate_targets(cfg, t, scores):
+        try:
+            pruned_config(cfg, target).check_parallel(parallel.tp, 1)
+        except ConfigError:  # e.g. whole groups that this TP size does not divide
+            continue
+        score(target)
+    for order in ORDERS:
+        if order != best[2].order:
+            score(dataclasses.replace(best[2], order=order))
+    loss, plan, winner = best
+    plan.notes.append(f"strategy auto: {describe(winner)} had the lowest LM loss ({loss:.4f}) on "
+                      f"{len(cal.select)} calibration windows importance did not use, of "
+                      f"{len(table)} candidates")
+    return plan, table
