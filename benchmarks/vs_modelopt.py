@@ -4,7 +4,10 @@
     python benchmarks/vs_modelopt.py [--load CKPT] [--samples 32] [--seq-length 128]
 
 Same model (SmolLM2-135M, TP=1), same calibration samples, same targets; prints the held-out loss
-right after pruning (no retraining) per axis and combined. The peer only knows Megatron's own norm
+right after pruning (no retraining) per axis and combined: ours as the paper does it (joint,
+activation head metric) and with `--strategy auto` (chosen on calibration windows drawn after the
+importance samples; the held-out plays are never looked at), and the heads row against random
+heads kept in every group. The peer only knows Megatron's own norm
 classes (apex / TE), so its generic dynamic LayerNorm is registered for our local-spec norm: that
 slices the weights exactly as its own norms would.
 """
@@ -54,6 +57,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--depth-samples", type=int, default=8)
+    p.add_argument("--head-samples", type=int, default=8)
+    p.add_argument("--select-samples", type=int, default=8)
+    p.add_argument("--random-draws", type=int, default=5)
     a = p.parse_args()
 
     import torch
@@ -70,6 +76,7 @@ def main() -> None:
     from megatron_minitron.model import build_model
     from megatron_minitron.model.forward import forward_microbatches
     from megatron_minitron.prune import PruneTarget, make_plan, prune_model
+    from megatron_minitron.prune.strategy import Calibration, choose_plan
     from megatron_minitron.runtime import init_runtime
 
     _quiet_third_party()
@@ -77,8 +84,9 @@ def main() -> None:
     meta = mcore.read_meta(ckpt)
     rt = init_runtime(ParallelConfig())
     tok = load_tokenizer(ckpt)
-    samples = sample_windows(token_stream(train_plays(), tok, meta.model.vocab_size),
-                             a.samples, a.seq_length, seed=1234)
+    ids = token_stream(train_plays(), tok, meta.model.vocab_size)
+    samples = sample_windows(ids, a.samples, a.seq_length, seed=1234)
+    select = sample_windows(ids, a.select_samples, a.seq_length, seed=1234, skip=a.samples)
     text = "\n\n".join(p.read_text() for p in held_out_plays())
     held_out = token_windows(tok.encode(text), 256, 8)
 
@@ -92,17 +100,37 @@ def main() -> None:
     t = time.time()
     scores = compute_importance(chunks, meta.model, samples, ImportanceConfig(
         samples=a.samples, seq_length=a.seq_length, block_sizes=(1, 6),
-        depth_samples=a.depth_samples, micro_batch_size=4))
-    print(f"ours: importance in {time.time() - t:.0f} s")
-    ours = {}
+        depth_samples=a.depth_samples, head_samples=a.head_samples, micro_batch_size=4))
+    print(f"ours: importance in {time.time() - t:.0f} s ({scores.meta['seconds']})")
+    cal = Calibration(samples, select, scores.meta, micro_batch_size=4)
+
+    def held_out_loss(plan) -> float:
+        return evaluate_windows(prune_model(chunks, meta.model, plan, rt.parallel), held_out,
+                                4).loss
+
+    ours, auto, chosen = {}, {}, {}
     for row, exp in [*ROWS.items(), GROUPS_ROW]:
         target = PruneTarget(hidden=exp.get("hidden_size"), ffn=exp.get("ffn_hidden_size"),
                              heads=exp.get("num_attention_heads"),
                              groups=exp.get("num_query_groups"), layers=exp.get("num_layers"))
-        plan = make_plan(meta.model, target, scores)
-        ours[row] = evaluate_windows(prune_model(chunks, meta.model, plan, rt.parallel),
-                                     held_out, 4).loss
-
+        ours[row] = held_out_loss(make_plan(meta.model, target, scores))
+        t = time.time()
+        plan, table = choose_plan(chunks, meta.model, target, scores, cal, rt.parallel)
+        auto[row] = held_out_loss(plan)
+        chosen[row] = (plan.notes[-1].split("auto: ")[-1].split(" had")[0],
+                       plan.model.num_parameters(), len(table), time.time() - t)
+    heads_row = "heads 9 -> 6"
+    random_losses = []
+    for seed in range(a.random_draws):
+        g = torch.Generator().manual_seed(seed)
+        plan = make_plan(meta.model, PruneTarget(heads=6), scores)
+        per_group = meta.model.num_attention_heads // meta.model.num_query_groups
+        for i in plan.heads:
+            plan.heads[i] = torch.cat([q * per_group + torch.randperm(per_group, generator=g)[:2]
+                                       .sort().values for q in range(meta.model.num_query_groups)])
+        random_losses.append(held_out_loss(plan))
+    loss_metric = held_out_loss(make_plan(meta.model, PruneTarget(heads=6, head_metric="loss"),
+                                          scores))
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
@@ -122,13 +150,19 @@ def main() -> None:
         print(f"modelopt: {row} pruned in {time.time() - t:.0f} s")
 
     print(f"\nSmolLM2-135M, calibration {a.samples} x {a.seq_length} training-play tokens (same "
-          f"for both), held-out loss over {held_out.numel() - len(held_out)} tokens; "
-          f"teacher {teacher:.4f}")
-    print(f"{'pruned':<28}{'megatron-minitron':>20}{'modelopt 0.43.0':>18}")
-    for row in ROWS:
-        mark = "<=" if ours[row] <= theirs[row] + 1e-6 else "> "
-        print(f"{row:<28}{ours[row]:>20.4f}{theirs[row]:>18.4f}   ours {mark} theirs")
-    print(f"{GROUPS_ROW[0]:<28}{ours[GROUPS_ROW[0]]:>20.4f}{'(cannot)':>18}")
+          f"for both; auto chooses on {a.select_samples} more), held-out loss over "
+          f"{held_out.numel() - len(held_out)} tokens; teacher {teacher:.4f}")
+    print("| pruned | ours, paper default | ours, --strategy auto | modelopt 0.43.0 |")
+    print("|---|---|---|---|")
+    for row in [*ROWS, GROUPS_ROW[0]]:
+        peer = f"{theirs[row]:.4f}" if row in theirs else "(cannot)"
+        print(f"| {row} | {ours[row]:.4f} | {auto[row]:.4f} | {peer} |")
+    print("\nauto chose:")
+    for row, (what, params, n, secs) in chosen.items():
+        print(f"  {row}: {what} ({params:,} parameters; {n} candidates in {secs:.0f} s)")
+    print(f"\n{heads_row} inside the 3 groups: activation {ours[heads_row]:.4f}, LM-loss masking "
+          f"{loss_metric:.4f}, random heads mean {sum(random_losses) / len(random_losses):.4f} "
+          f"(range {min(random_losses):.4f}-{max(random_losses):.4f}, {len(random_losses)} draws)")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,10 @@ def prune_summary(src: ModelConfig, plan) -> list[str]:
 
 
 def candidate_lines(table: list[dict]) -> list[str]:
-    return [f"  {r['loss']:8.4f}  {r['parameters']:>14,}  {r['strategy']}" for r in
+    """--strategy auto's candidates, best first."""
+    rows = [f"    {r['loss']:8.4f}  {r['parameters']:>14,}  {r['strategy']}" for r in
             sorted(table, key=lambda r: r["loss"])]
+    return ["  candidates (calibration loss, parameters, strategy):", *rows] if rows else []
 
 
 def _prune_record(src: Path, out: Path, model: ModelConfig, plan, written: bool,

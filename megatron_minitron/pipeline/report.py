@@ -11,6 +11,7 @@ from megatron_minitron.pipeline.config import RunConfig
 from megatron_minitron.plots import pyplot, save
 
 MODELS = ("original", "teacher", "pruned", "distilled")  # original: before teacher correction
+PRUNE_RECORD = "pruned.json"  # the prune stage's --json: how units were chosen, auto's candidates
 
 
 def plot_importance(scores_file: Path, png: Path) -> Path | None:
@@ -79,7 +80,10 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
                                            d / "importance.png")}
     loss_png = d / "distill" / "loss.png"
     plots["distill_loss"] = loss_png if loss_png.is_file() else None
-    report = {"name": cfg.name, "models": rows, "stage_seconds": seconds,
+    record = d / PRUNE_RECORD
+    pruning = {k: v for k, v in json.loads(record.read_text()).items()
+               if k in ("notes", "candidates")} if record.is_file() else {}
+    report = {"name": cfg.name, "models": rows, "pruning": pruning, "stage_seconds": seconds,
               "total_seconds": sum(seconds.values()),
               "plots": {k: str(v.relative_to(d)) for k, v in plots.items() if v is not None}}
     write_text(d / "report.json", json.dumps(report, indent=2))
@@ -119,6 +123,14 @@ def _markdown(report: dict) -> str:
         out += [f"| {name} | " + " | ".join(
             f"{r['tasks'][t]['acc']:.3f}" if t in r.get("tasks", {}) else "-" for t in tasks)
             + " |" for name, r in report["models"].items()]
+    pruning = report.get("pruning", {})
+    if pruning.get("notes"):
+        out += ["", "## How the pruned model was chosen", "", *(f"- {n}" for n in pruning["notes"])]
+    if pruning.get("candidates"):
+        out += ["", "| strategy (--strategy auto) | parameters | calibration loss |",
+                "|---|---|---|"]
+        out += [f"| {c['strategy']} | {c['parameters']:,} | {c['loss']:.4f} |"
+                for c in sorted(pruning["candidates"], key=lambda c: c["loss"])]
     out += ["", "| stage | seconds |", "|---|---|"]
     out += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
     out += ["", *(f"![{k}]({v})" for k, v in report["plots"].items())]

@@ -25,6 +25,7 @@ from megatron_minitron.commands import VERBS, canonical, command_line, complete,
 from megatron_minitron.config import ConfigError, ModelConfig, prefixed
 from megatron_minitron.distill.train import iteration_dir
 from megatron_minitron.pipeline.config import BUILTIN, RunConfig
+from megatron_minitron.pipeline.report import PRUNE_RECORD
 from megatron_minitron.runtime.distributed import barrier, is_main_rank, launch_env
 
 log = logging.getLogger("minitron")
@@ -188,7 +189,7 @@ class _Plan:
                      out=d / "search", settings=cfg.search)
             return d / "search" / "best_pruned", d / "search" / "best", "search"
         self.add("prune", "prune", d / "pruned", reads, load=teacher, out=d / "pruned",
-                 settings=cfg.prune, scores=scores)
+                 settings=cfg.prune, scores=scores, json_out=d / PRUNE_RECORD)
         return d / "pruned", d / "pruned", "prune"
 
 

@@ -20,6 +20,15 @@ ORDERS = ("joint", "depth-first", "width-first")  # see prune/strategy.py
 STRATEGIES = ("given", "auto")
 
 
+def strategy_option():
+    """--strategy, for prune and for every search candidate."""
+    return option("given", choices=STRATEGIES,
+                  help="given: prune as the flags say; auto: prune candidate strategies (head "
+                       "metric, heads in groups or whole groups, norm rescale, order) in memory "
+                       "and keep the lowest LM loss on calibration windows importance did not "
+                       "use")
+
+
 @dataclass
 class PruneTarget:
     params: float | None = option(
@@ -56,11 +65,7 @@ class PruneTarget:
                         help="joint: rank every axis on the unpruned model (the paper); "
                              "depth-first: cut layers, re-score width on the shallower model; "
                              "width-first: cut width, pick layers by LM loss on the narrower one")
-    strategy: str = option("given", choices=STRATEGIES,
-                           help="given: prune as the flags say; auto: prune candidate strategies "
-                                "(head metric, heads in groups or whole groups, norm rescale, "
-                                "order) in memory and keep the lowest LM loss on calibration "
-                                "windows importance did not use")
+    strategy: str = strategy_option()
     select_samples: int = option(8, help="with --strategy auto: calibration windows that score "
                                          "each candidate (drawn after importance's, disjoint)")
 

@@ -22,6 +22,7 @@ from megatron_minitron.config import ModelConfig, ParallelConfig, prefixed
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.distill.train import DistillConfig, iteration_dir
 from megatron_minitron.options import option, parse_size
+from megatron_minitron.prune.plan import strategy_option
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
 
@@ -37,6 +38,7 @@ class SearchConfig:
     tolerance: float = option(0.05, help="candidates within this fraction of the target")
     axes: tuple[str, ...] = option(AXES, choices=AXES, help="axes the candidates prune")
     candidates: int = option(4, help="candidates pruned and distilled")
+    strategy: str = strategy_option()
     step: int = option(64, help="width granularity (hidden, ffn)")
     kd_tokens: int = option(65536, help="distillation tokens per candidate")
     kd: DistillConfig = option(
@@ -76,7 +78,8 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
     barrier()
     with prefixed(f"search: candidate {c.name}"):
         if not is_mcore_dir(pruned):
-            stages.prune(teacher, pruned, c.target(t), parallel, scores=scores)
+            target = dataclasses.replace(c.target(t), strategy=cfg.strategy)
+            stages.prune(teacher, pruned, target, parallel, scores=scores)
         stages.distill(teacher, pruned, data, d / "distill", kd_config(cfg), parallel, valid)
     before, after = val_lm_first_last(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
