@@ -3,9 +3,14 @@ for every head of every layer: forward only, one pass per layer.
 
 Batched over heads: each sample is repeated once per head of the layer plus once unmasked, in the
 same microbatch, and replica r masks head r, so one forward scores all of a layer's heads against
-a baseline on the very same tokens. Exact under every parallelism: the rank that holds a head (its
-TP shard of the layer's heads, on the pipeline stage that holds the layer) zeros it; the loss is
-Megatron's vocabulary-parallel one, summed on the last stage and over data-parallel ranks.
+a baseline on the very same tokens. The layers before the masked one see the same input in every
+copy, so without pipeline parallelism the copies are made only where that layer starts (its input
+repeated along the batch; labels come repeated): about half the work of repeating the tokens.
+Pipeline stages exchange tensors of one fixed shape, so under PP the tokens are repeated.
+
+Exact under every parallelism: the rank that holds a head (its TP shard of the layer's heads, on
+the pipeline stage that holds the layer) zeros it; the loss is Megatron's vocabulary-parallel
+one, summed on the last stage and over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ def replica_masks(heads: int, samples: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def masking_heads(chunks, layer: int, heads: int, kv_channels: int):
-    """While active, global layer `layer` masks heads row by row as `replica_masks` says."""
+def masking_heads(chunks, layer: int, heads: int, kv_channels: int, copies_here: bool):
+    """While active, global layer `layer` masks heads row by row as `replica_masks` says (and,
+    with `copies_here`, first repeats its input heads + 1 times along the batch)."""
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -43,8 +49,19 @@ def masking_heads(chunks, layer: int, heads: int, kv_channels: int):
         m = m.to(device=x.device, dtype=x.dtype).view(1, b, local, 1)
         return (x.view(s, b, local, kv_channels) * m).view_as(x), *args[1:]
 
-    handles = [lay.self_attention.linear_proj.register_forward_pre_hook(mask)
-               for lay in decoder_layers(chunks) if lay.layer_number - 1 == layer]
+    def replicate(_module, args, kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = kwargs["hidden_states"].repeat_interleave(heads + 1, dim=1)
+        else:
+            args = (args[0].repeat_interleave(heads + 1, dim=1), *args[1:])
+        return args, kwargs
+
+    handles = []
+    for lay in decoder_layers(chunks):
+        if lay.layer_number - 1 == layer:
+            handles.append(lay.self_attention.linear_proj.register_forward_pre_hook(mask))
+            if copies_here:
+                handles.append(lay.register_forward_pre_hook(replicate, with_kwargs=True))
     try:
         yield
     finally:
@@ -61,8 +78,9 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
                    parallel_state.get_data_parallel_rank())
     mine = samples[dp_rank::dp]
-    mbs = [{"tokens": w[:-1].repeat(heads + 1, 1), "labels": w[1:].repeat(heads + 1, 1)}
-           for w in mine]
+    late_copies = parallel_state.get_pipeline_model_parallel_world_size() == 1
+    mbs = [{"tokens": w[None, :-1] if late_copies else w[:-1].repeat(heads + 1, 1),
+            "labels": w[1:].repeat(heads + 1, 1)} for w in mine]
 
     def per_replica(output: torch.Tensor, _mb) -> torch.Tensor:  # losses [heads + 1, s]
         return output.detach().double().sum(-1)
@@ -71,7 +89,7 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
                         hint="pass --head-samples lower (or 0) for a shorter calibration")
     rows = torch.zeros(num_layers, heads + 1, dtype=torch.float64, device=device())
     for i in range(num_layers):
-        with masking_heads(chunks, i, heads, kv_channels):
+        with masking_heads(chunks, i, heads, kv_channels, late_copies):
             outs = forward_microbatches(chunks, mbs, per_replica)
         if outs:
             rows[i] = torch.stack(outs).sum(0)

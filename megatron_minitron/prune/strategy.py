@@ -81,10 +81,11 @@ def calibration(load, scores_meta: dict, select: int) -> Calibration:
                        m.get("micro_batch_size", 1))
 
 
-def _rescore(chunks, model: ModelConfig, cal: Calibration, depth_blocks: tuple[int, ...]
-             ) -> Scores:
-    """Importance of a partly pruned model: width sums (and head losses if the scores had them)
-    when `depth_blocks` is empty, else only the depth losses on the depth samples."""
+def _rescore(chunks, model: ModelConfig, cal: Calibration, depth_blocks: tuple[int, ...],
+             head_losses: bool) -> Scores:
+    """Importance of a partly pruned model: width sums (and the head-masking losses when heads
+    are ranked by them) when `depth_blocks` is empty, else only the depth losses on the depth
+    samples."""
     from megatron_minitron.importance.run import ImportanceConfig, compute_importance
 
     m = cal.scores_meta
@@ -94,7 +95,7 @@ def _rescore(chunks, model: ModelConfig, cal: Calibration, depth_blocks: tuple[i
                                block_sizes=depth_blocks, micro_batch_size=cal.micro_batch_size)
         return compute_importance(chunks, model, cal.samples[:n], cfg)
     cfg = ImportanceConfig(samples=m["samples"], seq_length=m["seq_length"], depth_samples=0,
-                           head_samples=m.get("head_samples", 0),
+                           head_samples=m.get("head_samples", 0) if head_losses else 0,
                            micro_batch_size=cal.micro_batch_size)
     return compute_importance(chunks, model, cal.samples, cfg)
 
@@ -119,7 +120,7 @@ def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: 
     # depth-first: width sums on the shallower model; width-first: the skip losses the depth
     # metric reads (single layers and the block of the dropped size) on the narrower one
     blocks = () if t.order == "depth-first" else tuple(sorted({1, cfg.num_layers - layers}))
-    rescored = _rescore(partial, first.model, cal, blocks)
+    rescored = _rescore(partial, first.model, cal, blocks, t.head_metric == "loss")
     del partial
     gc.collect()
     second = make_plan(first.model, second_t, rescored)
