@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -130,24 +129,26 @@ def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: 
     return plan
 
 
-def candidate_targets(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[PruneTarget]:
-    """The width variants auto tries (under `t.order`): every head metric the scores hold, heads
-    kept inside groups or as whole groups, norm rescale on and off; only where the target
-    prunes that axis."""
+def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]]:
+    """What auto may change, one list of alternatives per choice, only where the target prunes
+    that axis: the head metric (those the scores hold), heads inside groups or as whole groups,
+    the norm rescale, the order."""
     new = pruned_config(cfg, t)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
-    metrics, groupings, rescales = [t.head_metric], [t.groups], [t.norm_rescale]
+    out = []
     if new.num_attention_heads < cfg.num_attention_heads:
-        metrics = [m for m in HEAD_METRICS if m != "loss" or "heads.mask_loss" in scores.tensors]
+        out.append([{"head_metric": m} for m in HEAD_METRICS
+                    if m != "loss" or "heads.mask_loss" in scores.tensors])
         whole = new.num_attention_heads // per_group
         if t.groups is None and new.num_attention_heads % per_group == 0 and \
                 whole < cfg.num_query_groups:
-            groupings = [None, whole]
+            out.append([{"groups": None, "heads": t.heads}, {"groups": whole, "heads": None}])
     if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
-        rescales = [True, False]
-    return [dataclasses.replace(t, head_metric=m, groups=g,
-                                heads=None if g else t.heads, norm_rescale=r)
-            for m, g, r in itertools.product(metrics, groupings, rescales)]
+        out.append([{"norm_rescale": True}, {"norm_rescale": False}])
+    width = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+    if new.num_layers < cfg.num_layers and any(getattr(new, k) != getattr(cfg, k) for k in width):
+        out.append([{"order": o} for o in ORDERS])
+    return out
 
 
 def describe(t: PruneTarget) -> str:
@@ -158,9 +159,10 @@ def describe(t: PruneTarget) -> str:
 
 def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: Calibration,
                 parallel: ParallelConfig) -> tuple[PrunePlan, list[dict]]:
-    """`--strategy auto`: the width variants under the given order, then the other orders with
-    the best variant; each pruned in memory and scored on `cal.select`. Returns the winning
-    plan and the table of every candidate."""
+    """`--strategy auto`: the flags as given, then one choice at a time (coordinate descent: each
+    alternative with the others at the best so far), so the candidates grow with the sum, not
+    the product, of the alternatives. Each is pruned in memory and scored on `cal.select`.
+    Returns the winning plan and the table of every candidate."""
     from megatron_minitron.evaluate.perplexity import evaluate_windows
 
     if t.params is not None:  # a fraction would change meaning once groups change the count
@@ -181,15 +183,16 @@ def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: C
         if best is None or loss < best[0]:
             best = (loss, plan, target)
 
-    for target in candidate_targets(cfg, t, scores):
-        try:
-            pruned_config(cfg, target).check_parallel(parallel.tp, 1)
-        except ConfigError:  # e.g. whole groups that this TP size does not divide
-            continue
-        score(target)
-    for order in ORDERS:
-        if order != best[2].order:
-            score(dataclasses.replace(best[2], order=order))
+    score(t)
+    for alternatives in choices(cfg, t, scores):
+        for change in alternatives:
+            target = dataclasses.replace(best[2], **change)
+            try:
+                pruned_config(cfg, target).check_parallel(parallel.tp, 1)
+            except ConfigError:  # e.g. whole groups that this TP size does not divide
+                continue
+            if describe(target) not in {r["strategy"] for r in table}:
+                score(target)
     loss, plan, winner = best
     plan.notes.append(f"strategy auto: {describe(winner)} had the lowest LM loss ({loss:.4f}) on "
                       f"{len(cal.select)} calibration windows importance did not use, of "
