@@ -119,6 +119,8 @@ def main() -> None:
         auto[row] = held_out_loss(plan)
         chosen[row] = (plan.notes[-1].split("auto: ")[-1].split(" had")[0],
                        plan.model.num_parameters(), len(table), time.time() - t)
+        print(f"auto, {row}:", *(f"  {c['loss']:.4f} {c['parameters']:,} {c['strategy']}"
+                                 for c in table), sep="\n")
     heads_row = "heads 9 -> 6"
     random_losses = []
     for seed in range(a.random_draws):

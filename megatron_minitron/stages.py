@@ -96,7 +96,8 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
         scores.save(out)
         secs = scores.meta["seconds"]
         print(f"{out}: {cfg.samples} samples x {cfg.seq_length} tokens; activations "
-              f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s")
+              f"{secs['activations']:.1f} s, depth {secs.get('depth', 0):.1f} s"
+              + (f", head masking {secs['heads']:.1f} s" if "heads" in secs else ""))
         write_json(json_out, {"out": str(out), **scores.meta})
     return out
 

@@ -183,9 +183,9 @@ def smol_ckpt(smol_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smol_scores(smol_ckpt, tmp_path_factory) -> Path:
     """Importance of SmolLM2 on 32 x 128 training-play tokens; depth from 2 samples, blocks of 1
-    and 6 layers; head-masking losses from 4 samples."""
+    and 6 layers; head-masking losses from 1 sample."""
     return _scores(smol_ckpt, tmp_path_factory, "--samples", "32", "--depth-samples", "2",
-                   "--block-sizes", "1", "6", "--head-samples", "4")
+                   "--block-sizes", "1", "6", "--head-samples", "1")
 
 
 @pytest.fixture(scope="session")
