@@ -55,12 +55,13 @@ def test_gpu_smollm2_parity(smol_ckpt, smol_hf_model, shakespeare_tokens):
 
 def test_gpu_importance_matches_cpu(tiny_llama_ckpt, tmp_path):
     """TE fuses the norms into linear_qkv / linear_fc1: the recomputed norm outputs must give the
-    scores the local spec gives on CPU."""
+    scores the local spec gives on CPU (head masking on TE's linear_proj too)."""
     from megatron_minitron.data.demo import train_plays
     from megatron_minitron.importance import load_scores
 
     args = ["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
-            "--samples", "8", "--seq-length", "64", "--depth-samples", "4", "--fp32"]
+            "--samples", "8", "--seq-length", "64", "--depth-samples", "4", "--head-samples", "2",
+            "--fp32"]
     run_cli(*args, "--out", str(tmp_path / "gpu.safetensors"), env={"NVIDIA_TF32_OVERRIDE": "0"})
     run_cli(*args, "--out", str(tmp_path / "cpu.safetensors"), env={"CUDA_VISIBLE_DEVICES": ""})
     gpu, cpu = (load_scores(tmp_path / f"{n}.safetensors") for n in ("gpu", "cpu"))
@@ -81,7 +82,7 @@ def test_every_verb_end_to_end_in_bf16(tiny_llama_hf, tmp_path):
     run_cli("importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "8",
             "--seq-length", "64", "--depth-samples", "2", "--out", str(scores))
     run_cli("prune", "--load", str(ckpt), "--scores", str(scores), "--out", str(student),
-            "--target-ffn", "64")
+            "--target-ffn", "64", "--strategy", "auto")
     for name, play in (("train", train_plays()[1]), ("valid", held_out_plays()[0])):
         run_cli("preprocess", "--input", str(play), "--tokenizer", str(ckpt), "--output-prefix",
                 str(tmp_path / name))
