@@ -36,6 +36,17 @@ def load_teacher(load: str | None):
     return ckpt, meta, rt, chunks
 
 
+def with_random_heads(plan, model, seed: int):
+    """`plan` with the heads it keeps in every group and layer drawn at random instead."""
+    g = torch.Generator().manual_seed(seed)
+    per_group = model.num_attention_heads // model.num_query_groups
+    keep = plan.model.num_attention_heads // plan.model.num_query_groups
+    for i in plan.heads:
+        plan.heads[i] = torch.cat([q * per_group + torch.randperm(per_group, generator=g)[:keep]
+                                   .sort().values for q in range(model.num_query_groups)])
+    return plan
+
+
 def calibration_samples(ckpt: Path, vocab_size: int, n: int, seq_length: int) -> torch.Tensor:
     """n windows from the first training plays (seed 0)."""
     from megatron_minitron.data.calibration import sample_windows, token_stream

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import teacher_checkpoint  # noqa: E402
+from benchmarks.common import teacher_checkpoint, with_random_heads  # noqa: E402
 
 ROWS = {  # the peer's export_config names
     "ffn 1536 -> 1024": {"ffn_hidden_size": 1024},
@@ -122,15 +122,9 @@ def main() -> None:
         print(f"auto, {row}:", *(f"  {c['loss']:.4f} {c['parameters']:,} {c['strategy']}"
                                  for c in table), sep="\n")
     heads_row = "heads 9 -> 6"
-    random_losses = []
-    for seed in range(a.random_draws):
-        g = torch.Generator().manual_seed(seed)
-        plan = make_plan(meta.model, PruneTarget(heads=6), scores)
-        per_group = meta.model.num_attention_heads // meta.model.num_query_groups
-        for i in plan.heads:
-            plan.heads[i] = torch.cat([q * per_group + torch.randperm(per_group, generator=g)[:2]
-                                       .sort().values for q in range(meta.model.num_query_groups)])
-        random_losses.append(held_out_loss(plan))
+    random_losses = [held_out_loss(with_random_heads(
+        make_plan(meta.model, PruneTarget(heads=6), scores), meta.model, seed))
+        for seed in range(a.random_draws)]
     loss_metric = held_out_loss(make_plan(meta.model, PruneTarget(heads=6, head_metric="loss"),
                                           scores))
     import modelopt.torch.prune as mtp
