@@ -102,7 +102,7 @@ def _rescore(chunks, model: ModelConfig, cal: Calibration, depth_blocks: tuple[i
 def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: Calibration | None,
                  parallel: ParallelConfig) -> PrunePlan:
     """The plan for `t.order`; depth-first and width-first prune the first step in memory and
-    re-score it (their cost is logged as calibration passes)."""
+    re-score it (the seconds that took go into the plan's notes)."""
     depth, width = split_target(cfg, t)
     layers = pruned_config(cfg, depth).num_layers
     cuts_width = pruned_config(cfg, width).num_parameters() < cfg.num_parameters()
