@@ -122,6 +122,40 @@ def test_an_interrupt_swallowed_by_a_callback_stops_the_next_progress_tick():
         signal.signal(signal.SIGINT, before)
 
 
+def test_ctrl_c_during_a_checkpoint_write_is_raised_when_the_writer_is_done(
+        tiny_llama_ckpt, tmp_path, monkeypatch, capfd):
+    """The writer forks, and a Ctrl-C then lands in logging's at-fork hook, which prints a
+    traceback and drops it (seen in CI). It is held until the write ends, then raised; the
+    staging directory goes with it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.config import CheckpointMeta
+    from megatron_minitron.runtime import interrupt
+    from tests.conftest import load_in_process
+
+    model, chunks = load_in_process(tiny_llama_ckpt)
+    real_save, written = dist_checkpointing.save, []
+
+    def save_with_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        written.append(real_save(*args, **kwargs))
+
+    monkeypatch.setattr(dist_checkpointing, "save", save_with_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    dst = tmp_path / "ckpt"
+    try:
+        interrupt.install()
+        with pytest.raises(KeyboardInterrupt):
+            mcore.save_checkpoint(chunks, CheckpointMeta(model=model), dst,
+                                  mcore.tokenizer_files(tiny_llama_ckpt))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert written, "the interrupt cut the write short"
+    assert not dst.exists() and not list(tmp_path.iterdir())
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_megatron_flag_names_are_accepted():
     from megatron_minitron.cli import build_parser
 

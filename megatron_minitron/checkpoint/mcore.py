@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron_minitron.checkpoint.atomic import atomic_directory
 from megatron_minitron.checkpoint.layout import OUTPUT_LAYER
 from megatron_minitron.config import CheckpointMeta, ConfigError
+from megatron_minitron.runtime import interrupt
 
 log = logging.getLogger("minitron")
 META_FILE = "minitron.json"
@@ -70,9 +71,10 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
             if _rank() == 0:
                 (stage / WEIGHTS_DIR).mkdir()
             _barrier()
-            dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
-            if extra is not None:  # more state in the same atomic directory (training: optimizer)
-                extra(stage)
+            with interrupt.deferred():  # the writer forks: see runtime/interrupt.py
+                dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+                if extra is not None:  # more state in the same directory (training: optimizer)
+                    extra(stage)
             if _rank() == 0:
                 tok = stage / TOKENIZER_DIR
                 tok.mkdir()

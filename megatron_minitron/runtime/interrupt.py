@@ -3,21 +3,39 @@
 Python raises KeyboardInterrupt wherever the main thread happens to be. When that is inside a
 callback whose exceptions Python only prints ("Exception ignored in ..."): logging's at-fork hook,
 which runs each time the checkpoint writer forks, or a `__del__`, the interrupt vanishes and the
-command runs on. The handler therefore also records the signal, and every progress tick of a long
-loop raises a recorded one again.
+command runs on, after Python prints a traceback. So the handler records the signal, every
+progress tick of a long loop raises a recorded one again, and code that forks (checkpoint writes)
+runs `deferred()`: the handler only records, and the interrupt is raised when the block ends.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _pending = False
+_deferring = 0
 
 
 def _on_sigint(signum, frame) -> None:
     global _pending
     _pending = True
-    raise KeyboardInterrupt
+    if not _deferring:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A Ctrl-C inside the block is raised when it ends (the block runs to completion)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        raise_if_interrupted()
 
 
 def install() -> None:
