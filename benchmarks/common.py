@@ -24,6 +24,19 @@ def teacher_checkpoint(load: str | None) -> Path:
     return convert(smollm2_gguf(), Path(tempfile.mkdtemp()) / "smollm2")
 
 
+def kd_data(teacher: Path, work: Path, train_files: int | None = None) -> tuple[Path, Path]:
+    """Indexed datasets WORK/train (the training plays, the first `train_files` of them) and
+    WORK/valid (the first held-out play: all of them with `train_files` None), for KD runs."""
+    from megatron_minitron.cli import main as cli
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    valid = held_out_plays() if train_files is None else held_out_plays()[:1]
+    for name, files in (("train", train_plays()[:train_files]), ("valid", valid)):
+        assert cli(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                    "--output-prefix", str(work / name)]) == 0
+    return work / "train", work / "valid"
+
+
 def load_teacher(load: str | None):
     """(checkpoint path, meta, runtime, chunks) at TP=1 in this process, third-party noise off."""
     from megatron_minitron.cli import _quiet_third_party

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, teacher_checkpoint  # noqa: E402
+from benchmarks.common import alternate, kd_data, teacher_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,6 @@ def main() -> None:
     from megatron_minitron.cli import _quiet_third_party
     from megatron_minitron.cli import main as cli
     from megatron_minitron.config import ParallelConfig
-    from megatron_minitron.data.demo import held_out_plays, train_plays
     from megatron_minitron.distill.train import DistillConfig, Distiller
 
     _quiet_third_party()
@@ -42,9 +41,7 @@ def main() -> None:
     drop = ",".join(str(i) for i in range(12, 18))
     assert cli(["prune", "--load", str(teacher), "--drop-layers", drop,
                 "--out", str(work / "student")]) == 0
-    for name, files in (("train", train_plays()[:4]), ("valid", held_out_plays()[:1])):
-        assert cli(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
-                    "--output-prefix", str(work / name)]) == 0
+    kd_data(teacher, work, 4)
     cfg = DistillConfig(train_iters=1000, global_batch_size=a.global_batch_size,
                         micro_batch_size=a.micro_batch_size, seq_length=a.seq_length)
     d = Distiller(teacher, work / "student", [str(work / "train")], work / "run", cfg,
@@ -60,7 +57,7 @@ def main() -> None:
         d.train_step()
 
     def teacher_forward():
-        d._attach_teacher(mbs, always=True)
+        d._attach_teacher(mbs, "train", 0, always=True)
 
     kd_step()  # warm-up
     res = alternate({"kd": kd_step, "student": student_step, "teacher": teacher_forward,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import teacher_checkpoint  # noqa: E402
+from benchmarks.common import kd_data, teacher_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -32,14 +32,11 @@ def main() -> None:
     a = p.parse_args()
 
     from megatron_minitron.cli import main as cli
-    from megatron_minitron.data.demo import held_out_plays, train_plays
     from megatron_minitron.distill.report import val_lm_first_last
 
     teacher = teacher_checkpoint(a.teacher)
     work = Path(tempfile.mkdtemp())
-    for name, files in (("train", train_plays()), ("valid", held_out_plays())):
-        assert cli(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
-                    "--output-prefix", str(work / name)]) == 0
+    kd_data(teacher, work)
     assert cli(["prune", "--load", str(teacher), "--drop-layers", "12,13,14,15,16,17",
                 "--out", str(work / "student")]) == 0
     common = ["--data", str(work / "train"), "--valid-data", str(work / "valid"),

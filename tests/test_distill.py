@@ -229,3 +229,60 @@ def test_disk_failure_while_saving_keeps_the_last_checkpoint(error, tiny_setup, 
         ["iter_0000001", "iter_0000002"]
     assert main(["eval", "--load", str(save / "iter_0000002"), "--seq-length", "32",
                  "--max-windows", "2"]) == 0
+
+
+def _val_losses(save: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_kd"] for r in rows if "val_kd" in r]
+
+
+def test_teacher_cache_gives_live_top_k_losses_and_needs_no_teacher_once_full(
+        tiny_setup, tmp_path):
+    """The first run fills the cache with what live top-k KD computes; a second run, and one
+    at DP=2, read it back and follow the same trajectory without the teacher's weights."""
+    import shutil
+
+    teacher, d = tiny_setup
+    cache = tmp_path / "cache"
+    args = lambda save: _distill_args(tiny_setup, save, 3, "--top-k", "16")  # noqa: E731
+    assert main(args(tmp_path / "live")) == 0
+    assert main([*args(tmp_path / "fill"), "--teacher-cache", str(cache)]) == 0
+    assert len(list((cache / "train").rglob("*.safetensors"))) == 3 * 4
+    # A teacher without its weight shards: loading it would fail; a full cache never loads it.
+    hollow = tmp_path / "hollow_teacher"
+    shutil.copytree(teacher, hollow, ignore=shutil.ignore_patterns("*.distcp"))
+    hollow_args = lambda save: [  # noqa: E731
+        *[str(hollow) if a == str(teacher) else a for a in args(save)],
+        "--teacher-cache", str(cache)]
+    assert main(hollow_args(tmp_path / "read")) == 0
+    run_cli(*hollow_args(tmp_path / "read_dp2"), nproc=2)
+    ref, ref_val = _losses(tmp_path / "live"), _val_losses(tmp_path / "live")
+    for name in ("fill", "read", "read_dp2"):
+        tol = 1e-6 if name != "read_dp2" else 1e-5  # DP=2 sums the batch in another order
+        for (i, a, _), (_, b, _) in zip(ref, _losses(tmp_path / name), strict=True):
+            assert abs(a - b) <= tol, (name, i, a, b)
+        for a, b in zip(ref_val, _val_losses(tmp_path / name), strict=True):
+            assert abs(a - b) <= tol, (name, a, b)
+
+
+def test_teacher_cache_for_other_settings_or_data_is_refused(tiny_setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import fails
+
+    cache = tmp_path / "cache"
+    args = lambda save, *x: _distill_args(tiny_setup, save, 1, "--top-k", "16",  # noqa: E731
+                                          "--teacher-cache", str(cache), *x)
+    fails(capsys, _distill_args(tiny_setup, tmp_path / "a", 1, "--teacher-cache", str(cache)),
+          "--top-k")
+    assert main(args(tmp_path / "fill")) == 0
+    fails(capsys, [*args(tmp_path / "k8"), "--top-k", "8"], str(cache), "top_k", "--teacher-cache")
+    fails(capsys, [*args(tmp_path / "seq"), "--seq-length", "16"], "seq_length", "data")
+    first = next((cache / "train").rglob("*.safetensors"))
+    entry = load_file(first)
+    entry["tokens"] = entry["tokens"].flip(0).contiguous()
+    save_file(entry, str(first))
+    fails(capsys, args(tmp_path / "tokens"), "holds other tokens")
+    first.write_bytes(b"not a safetensors file")
+    fails(capsys, args(tmp_path / "corrupt"), str(first), "unreadable")
+    assert not (tmp_path / "corrupt" / "latest").exists()

@@ -88,8 +88,10 @@ def test_every_axis_and_aggregation_matches_naive_reference(tiny_scores):
 
 
 def test_skip_loss_equals_the_loss_of_an_identity_layer(tiny_scores):
-    """Skipping a block must cost exactly what zeroing its output projections costs."""
+    """Skipping a block must cost exactly what zeroing its output projections costs, and the
+    prefix-reusing pass must give what a whole pass with the block skipped gives."""
     from megatron_minitron.evaluate.perplexity import evaluate_windows
+    from megatron_minitron.importance.depth import skipped
 
     model, chunks, samples, scores = tiny_scores
     depth = samples[:4]
@@ -110,6 +112,9 @@ def test_skip_loss_equals_the_loss_of_an_identity_layer(tiny_scores):
                 for lin, w in saved.items():
                     lin.weight.copy_(w)
             assert rises[start].item() == pytest.approx(rise, abs=1e-6)
+            with skipped(chunks, set(range(start, start + k))):
+                whole_pass = evaluate_windows(chunks, depth).loss - base
+            assert rises[start].item() == pytest.approx(whole_pass, abs=1e-12)
 
 
 def test_head_mask_loss_equals_the_loss_without_that_heads_output(tiny_scores):

@@ -3,6 +3,7 @@ GPTDataset / BlendedMegatronDatasetBuilder (blends with weights, train/valid spl
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, tok: Tokeni
     cfg = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, **blend,
         path_to_cache=str(cache_dir), mmap_bin_files=True, create_attention_mask=False,
-        tokenizer=_DatasetTokenizer(tok.vocab_size, tok.eos_id,
-                                    {"class": "minitron", "path": str(tok.path)}),
+        # Named by content, not path: the student checkpoints of search candidates, each with
+        # its own copy of one tokenizer, then share the dataset (and its teacher cache).
+        tokenizer=_DatasetTokenizer(tok.vocab_size, tok.eos_id, {
+            "class": "minitron", "sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, cfg).build()

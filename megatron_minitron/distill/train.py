@@ -65,6 +65,10 @@ class DistillConfig:
                                             "pruning kept")
     top_k: int = option(0, help="KD over the teacher's k largest logits only (0: the whole "
                                 "vocabulary); a step holds k logits per token")
+    teacher_cache: str | None = option(None, metavar="DIR", help="keep the teacher's top-k "
+                                       "logits of every sample in DIR and read them back in "
+                                       "later runs on the same data (search candidates, "
+                                       "reruns); needs --top-k")
     eval_interval: int = option(0, help="validate every N steps (0: at the end only)")
     eval_iters: int = option(2, help="validation global batches")
     save_interval: int = option(0, help="checkpoint every N steps (0: at the end only)")
@@ -93,6 +97,11 @@ class DistillConfig:
             raise ConfigError("top-k must be >= 0 (0: the whole vocabulary)")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")
+        if self.teacher_cache and not self.top_k:
+            raise ConfigError("the teacher cache holds top-k logits: pass --top-k K as well")
+        if self.teacher_cache and self.hidden_weight > 0:
+            raise ConfigError("the teacher cache holds logits only; --hidden-weight needs the "
+                              "teacher's hidden states, computed live (drop --teacher-cache)")
 
 
 def _tp_group():
@@ -190,12 +199,39 @@ class Distiller:
         self.train_data, self.valid_data = build_datasets(
             prefixes, weights, tok, cfg.seq_length, cfg.seed, cfg.split,
             cfg.train_iters * gbs, cfg.eval_iters * gbs, self.save / "data_cache", valid)
-        self.teacher = self._frozen_teacher(t_meta, teacher)
+        self.cache = self._teacher_cache(t_meta) if cfg.teacher_cache else None
+        # A cache holding every sample of the run: the teacher is never loaded.
+        self.teacher = None if self._all_cached() else self._frozen_teacher(t_meta, teacher)
         self._build_student(student)
         self.hidden = None  # (teacher hook, student hook, teacher channels) with a hidden loss
         if cfg.hidden_weight > 0:
             self.hidden = (FinalHidden(self.teacher[-1]), FinalHidden(self.modules[-1]),
                            hidden_map(t_meta, self.s_meta))
+
+    def _teacher_cache(self, meta: CheckpointMeta):
+        from megatron.core import parallel_state
+
+        from megatron_minitron.distill.teacher_cache import TeacherCache, cache_key
+
+        data = {"train": self.train_data.unique_description_hash,
+                "valid": self.valid_data.unique_description_hash if self.valid_data else ""}
+        key = cache_key(meta.fingerprint, self.rt.parallel.dtype(), self.cfg.top_k,
+                        self.cfg.seq_length, data)
+        writer = (parallel_state.get_tensor_model_parallel_rank() == 0
+                  and parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+        return TeacherCache(Path(self.cfg.teacher_cache), key, writer)
+
+    def _all_cached(self) -> bool:
+        """Every sample this run will read is in the cache, on every rank."""
+        if self.cache is None:
+            return False
+        cfg = self.cfg
+        here = all(self.cache.has(split, [i for ix in self._sample_indices(step) for i in ix])
+                   for split, steps in (("train", cfg.train_iters), ("valid", cfg.eval_iters))
+                   for step in range(steps))
+        flag = torch.tensor([int(here)], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _frozen_teacher(self, meta: CheckpointMeta, path: Path):
         from megatron_minitron.model import load_chunks
@@ -252,20 +288,55 @@ class Distiller:
 
     # --- one step ------------------------------------------------------------------------------
 
+    def _first_sample(self, step: int) -> int:
+        per_dp = self.cfg.global_batch_size // self.dp
+        return step * self.cfg.global_batch_size + self.dp_rank * per_dp
+
+    def _sample_indices(self, step: int) -> list[list[int]]:
+        """The dataset indices of each of this rank's microbatches of global batch `step`."""
+        start, mbs = self._first_sample(step), self.cfg.micro_batch_size
+        return [list(range(start + j, start + j + mbs))
+                for j in range(0, self.cfg.global_batch_size // self.dp, mbs)]
+
     def _microbatches(self, dataset, step: int) -> list[dict]:
         from megatron_minitron.distill.data import microbatches
 
-        per_dp = self.cfg.global_batch_size // self.dp
-        start = step * self.cfg.global_batch_size + self.dp_rank * per_dp
-        return microbatches(dataset, start, per_dp, self.cfg.micro_batch_size, self.prefix)
+        return microbatches(dataset, self._first_sample(step), self.cfg.global_batch_size //
+                            self.dp, self.cfg.micro_batch_size, self.prefix)
 
-    def _attach_teacher(self, mbs: list[dict], always: bool = False) -> None:
+    def _cached_teacher(self, mbs: list[dict], split: str, step: int) -> bool:
+        """Attach the cached top k when the whole batch is cached; the model-parallel ranks
+        agree, since they run the teacher forward together or not at all."""
+        from megatron.core import parallel_state
+
+        from megatron_minitron.model.forward import is_last_stage
+
+        indices = self._sample_indices(step)
+        flag = torch.tensor([int(all(self.cache.has(split, ix) for ix in indices))],
+                            device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN,
+                        group=parallel_state.get_model_parallel_group())
+        if not flag.item():
+            if self.teacher is None:
+                raise ConfigError(f"teacher cache {self.cache.root} lost {split} samples of "
+                                  f"batch {step} during the run; rerun to recompute them")
+            return False
+        if is_last_stage():
+            for mb, ix in zip(mbs, indices, strict=True):
+                top = self.cache.read(split, ix, mb["tokens"])
+                mb["teacher"] = type(top)(top.values.to(device()), top.ids.to(device()))
+        return True
+
+    def _attach_teacher(self, mbs: list[dict], split: str, step: int,
+                        always: bool = False) -> None:
         """Teacher logits (or their top k) and mapped hidden states per microbatch; skipped in
         training when only the LM loss counts (plain CE)."""
         from megatron_minitron.model.forward import forward_microbatches
 
         cfg = self.cfg
         if cfg.kd_weight <= 0 and cfg.hidden_weight <= 0 and not always:
+            return
+        if self.cache is not None and self._cached_teacher(mbs, split, step):
             return
 
         def collect(logits: torch.Tensor, _mb) -> dict:
@@ -279,6 +350,9 @@ class Distiller:
         out = forward_microbatches(self.teacher, mbs, collect, loss_in_model=False)
         for mb, teacher in zip(mbs, out, strict=False):  # last stage only; others get []
             mb.update(teacher)
+        if self.cache is not None:
+            for mb, ix, teacher in zip(mbs, self._sample_indices(step), out, strict=False):
+                self.cache.write(split, ix, mb["tokens"], teacher["teacher"])
 
     def _student_hidden(self) -> torch.Tensor | None:
         return self.hidden[1].pop() if self.hidden is not None else None
@@ -288,7 +362,7 @@ class Distiller:
 
         cfg, sp = self.cfg, self.rt.parallel.sequence_parallel
         mbs = self._microbatches(self.train_data, self.iteration)
-        self._attach_teacher(mbs)
+        self._attach_teacher(mbs, "train", self.iteration)
         for m in self.student:
             m.train()
             m.zero_grad_buffer()
@@ -324,7 +398,7 @@ class Distiller:
         reports = []
         for b in range(self.cfg.eval_iters):
             mbs = self._microbatches(self.valid_data, b)
-            self._attach_teacher(mbs, always=True)  # val KD is reported either way
+            self._attach_teacher(mbs, "valid", b, always=True)  # val KD reported either way
             reports += forward_microbatches(
                 self.modules, mbs,
                 lambda logits, mb: _loss_func(mb, self.cfg, logits, True, self._student_hidden(),
