@@ -26,6 +26,17 @@ from megatron_minitron.config import ModelConfig
 from megatron_minitron.prune.plan import PrunePlan
 
 
+def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """t[rows][:, cols] by `index_select`, rows first: a third of the time of advanced indexing
+    on CPU, and no index tensor broadcast."""
+    if rows is not None:
+        t = t.index_select(0, rows.to(t.device))
+    if cols is not None:
+        t = t.index_select(1, cols.to(t.device))
+    return t
+
+
 def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
     if src.traits.normalization != "RMSNorm" or plan.model.norm_epsilon == src.norm_epsilon:
         return 1.0  # LayerNorm, no hidden pruning, or rescaling switched off
@@ -34,7 +45,7 @@ def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
 
 def _norm(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan, extra: float = 1.0
           ) -> torch.Tensor:
-    t = t[plan.hidden]
+    t = take(t, plan.hidden)
     scale = norm_scale(src, plan) * extra
     if name.endswith("bias") or scale == 1.0:
         return t  # exact: no arithmetic on the stored (possibly bf16) values
@@ -70,9 +81,9 @@ def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
         extra = 1 / c if src.tie_embeddings and name.endswith("weight") else 1.0
         return _norm(name, t, src, plan, extra)
     if name == EMBEDDING and c != 1.0:
-        return (t[:, plan.hidden].float() * c).to(t.dtype)
+        return (take(t, cols=plan.hidden).float() * c).to(t.dtype)
     if name in (EMBEDDING, OUTPUT_LAYER):
-        return t[:, plan.hidden]
+        return take(t, cols=plan.hidden)
     raise KeyError(f"no pruning rule for {name}")
 
 
@@ -85,13 +96,13 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
         return _norm(name, t, src, plan)
     heads, ffn, hidden = plan.heads[layer], plan.ffn[layer], plan.hidden
     if name.endswith("linear_qkv.weight"):
-        return _scale_qk(t, src, plan)[qkv_rows(src, heads)][:, hidden]
+        return take(_scale_qk(t, src, plan), qkv_rows(src, heads), hidden)
     if name.endswith("linear_qkv.bias"):
-        return _scale_qk(t, src, plan)[qkv_rows(src, heads)]
+        return take(_scale_qk(t, src, plan), qkv_rows(src, heads))
     if name.endswith("linear_proj.weight"):
-        return t[hidden][:, head_columns(src, heads)]
+        return take(t, hidden, head_columns(src, heads))
     if name.endswith("linear_fc1.weight"):
-        return t[fc1_rows(src, ffn)][:, hidden]
+        return take(t, fc1_rows(src, ffn), hidden)
     if name.endswith("linear_fc2.weight"):
-        return t[hidden][:, ffn]
+        return take(t, hidden, ffn)
     raise KeyError(f"no pruning rule for layer tensor {name}")
