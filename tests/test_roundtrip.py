@@ -98,3 +98,29 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tiny_llama_ckpt, tiny_toke
 def test_virtual_pipeline_logits_match(tiny_llama_hf, tiny_llama_ckpt, tiny_tokens, tmp_path):
     ours = torchrun_logits(tiny_llama_ckpt, tiny_tokens, tmp_path, 2, "--pp", "2", "--vpp", "2")
     assert (ours - hf_logits(tiny_llama_hf, tiny_tokens)).abs().max() <= 1e-5
+
+
+def test_a_checkpoint_written_by_megatron_core_0_15_loads(tiny_llama_ckpt, tiny_tokens, tmp_path):
+    """megatron-core 0.15 pickles its own MCoreMetadata (with MCoreSavePlan entries) into the
+    dist checkpoint's .metadata; the safe metadata reader accepts those data-only classes, by
+    the names later releases keep for them, and the weights load unchanged."""
+    import pickle
+    import shutil
+
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    old = tmp_path / "written_by_0_15"
+    shutil.copytree(tiny_llama_ckpt, old)
+    path = old / "weights" / ".metadata"
+    with path.open("rb") as f:
+        plain = pickle.load(f)  # noqa: S301 - the suite's own checkpoint
+    as_015 = mcore_torch.MCoreMetadata()
+    as_015.__dict__.update(vars(plain))
+    plan = mcore_torch.MCoreSavePlan()
+    plan.__dict__.update(items=[], storage_data=None, planner_data=None, usable=True)
+    as_015.all_local_plans = [plan]
+    with path.open("wb") as f:
+        pickle.dump(as_015, f)
+    assert b"MCoreMetadata" in path.read_bytes()
+    assert torch.equal(in_process_logits(old, tiny_tokens),
+                       in_process_logits(tiny_llama_ckpt, tiny_tokens))

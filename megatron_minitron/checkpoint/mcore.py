@@ -145,6 +145,10 @@ _SAFE_GLOBALS = {
     ("torch", "preserve_format"), ("torch", "channels_last"), ("collections", "OrderedDict"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
     ("torch.serialization", "_get_layout"),
+    # megatron-core 0.15 writes its own Metadata / SavePlan subclasses (data only); later
+    # releases keep empty stand-ins under these names so that such checkpoints still load.
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
 }
 
 
