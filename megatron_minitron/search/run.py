@@ -21,7 +21,7 @@ from megatron_minitron.checkpoint.mcore import is_mcore_dir
 from megatron_minitron.config import ModelConfig, ParallelConfig, prefixed
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.distill.train import DistillConfig, iteration_dir
-from megatron_minitron.options import option, parse_size
+from megatron_minitron.options import fraction_of, option, parse_size
 from megatron_minitron.prune.plan import strategy_option
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
 from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
@@ -111,8 +111,9 @@ def _search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], val
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "plan.json", json.dumps([asdict(c) | {"name": c.name}
                                                   for c in candidates], indent=2))
-    log.info("search: %d candidates of %d parameters +/- %.0f%%: %s", len(candidates),
-             cfg.target_params, cfg.tolerance * 100, ", ".join(c.name for c in candidates))
+    target = fraction_of(cfg.target_params, t.num_parameters())  # 0.7 is 70% of the teacher
+    log.info("search: %d candidates of %s parameters +/- %.0f%%: %s", len(candidates),
+             f"{target:,.0f}", cfg.tolerance * 100, ", ".join(c.name for c in candidates))
     results = [run_candidate(c, teacher, scores, t, cfg, data, valid, out, parallel)
                for c in candidates]
     results.sort(key=lambda r: (r["loss_kd"], r["name"]))
