@@ -7,7 +7,9 @@ autograd through collectives is needed.
 
 Top-k: the teacher's distribution is renormalised over its k largest logits (found across the
 vocabulary shards), the student's stays over the whole vocabulary; a step then holds k values and
-ids per token instead of V/tp logits.
+ids per token instead of V/tp logits. The teacher is zero outside its top k, so the KL needs the
+student only at those k ids and through its normaliser: no vocabulary-sized teacher tensor is
+built (the loss costs about what the cross-entropy costs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-# Stands in for the logits outside the teacher's top k: exp() of it is exactly 0, and unlike -inf
-# it keeps 0 * log p finite, so the KL needs no mask.
-_FLOOR = -1e30
 
 
 @dataclass
@@ -68,16 +66,6 @@ def top_k_logits(logits: torch.Tensor, k: int, group=None) -> TopK:
     return TopK(values, ids)
 
 
-def _dense_shard(top: TopK, width: int, group, dtype: torch.dtype) -> torch.Tensor:
-    """This rank's [..., width] logit shard with the top-k values in place and _FLOOR elsewhere."""
-    start = _rank(group) * width
-    here = (top.ids >= start) & (top.ids < start + width)
-    out = torch.full((*top.ids.shape[:-1], width), _FLOOR, dtype=dtype, device=top.ids.device)
-    # ids of other ranks' entries are clamped onto this shard with value _FLOOR: amax ignores them.
-    return out.scatter_reduce(-1, (top.ids - start).clamp(0, width - 1),
-                              torch.where(here, top.values.to(dtype), _FLOOR), "amax")
-
-
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, group):
@@ -99,12 +87,49 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad_student.to(ctx.input_dtype), None, None, None
 
 
+def _log_normaliser(x: torch.Tensor, group) -> torch.Tensor:
+    """log sum exp over the full vocabulary [..., 1], from this rank's shard x [..., V/tp]."""
+    m = _all_reduce(x.max(-1, keepdim=True).values, dist.ReduceOp.MAX, group)
+    z = _all_reduce((x - m).exp_().sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
+    return m + z.log()
+
+
+class _VocabParallelTopKL(torch.autograd.Function):
+    """KL(teacher over its top k || student) from the student's shard and the k (values, ids):
+    sum_k p_t (log p_t - x_id + lse(x)); gradient (p_s - p_t scattered at the ids) * T."""
+
+    @staticmethod
+    def forward(ctx, student, values, ids, temperature: float, group):
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        x = student.to(dtype) * (1.0 / temperature) if temperature != 1.0 else student.to(dtype)
+        width = x.shape[-1]
+        local = ids - _rank(group) * width
+        here = (local >= 0) & (local < width)
+        local = local.clamp(0, width - 1)
+        lse = _log_normaliser(x, group)
+        x_ids = _all_reduce(x.gather(-1, local) * here, dist.ReduceOp.SUM, group)
+        log_pt = torch.log_softmax(values.to(dtype) * (1.0 / temperature), -1)
+        pt = log_pt.exp()
+        kl = torch.linalg.vecdot(pt, log_pt - x_ids + lse)
+        ctx.save_for_backward(student, lse, pt * here, local)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        return kl * temperature ** 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, lse, pt_here, local = ctx.saved_tensors
+        t = ctx.temperature
+        x = student.to(ctx.dtype) * (1.0 / t) if t != 1.0 else student.to(ctx.dtype, copy=True)
+        ps = x.sub_(lse).exp_().scatter_add_(-1, local, -pt_here)
+        return ps.mul_(grad.unsqueeze(-1) * t).to(student.dtype), None, None, None, None
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK,
             temperature: float = 1.0, group=None) -> torch.Tensor:
     """Per-token T^2 * KL(softmax(t/T) || softmax(s/T)) [...], from vocabulary shards [..., V/tp]
     of the tensor-parallel `group` (None: full vocabularies); a TopK teacher counts its k logits
     only."""
     if isinstance(teacher_logits, TopK):
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        teacher_logits = _dense_shard(teacher_logits, student_logits.shape[-1], group, dtype)
+        return _VocabParallelTopKL.apply(student_logits, teacher_logits.values.detach(),
+                                         teacher_logits.ids, temperature, group)
     return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), temperature, group)
