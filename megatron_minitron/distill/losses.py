@@ -87,11 +87,13 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad_student.to(ctx.input_dtype), None, None, None
 
 
-def _log_normaliser(x: torch.Tensor, group) -> torch.Tensor:
-    """log sum exp over the full vocabulary [..., 1], from this rank's shard x [..., V/tp]."""
+def _softmax_and_normaliser(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [..., V/tp], log sum exp [..., 1]) over the full vocabulary from this rank's shard x,
+    with one vocabulary-sized allocation."""
     m = _all_reduce(x.max(-1, keepdim=True).values, dist.ReduceOp.MAX, group)
-    z = _all_reduce((x - m).exp_().sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
-    return m + z.log()
+    p = (x - m).exp_()
+    z = _all_reduce(p.sum(-1, keepdim=True), dist.ReduceOp.SUM, group)
+    return p.div_(z), m + z.log()
 
 
 class _VocabParallelTopKL(torch.autograd.Function):
@@ -106,22 +108,23 @@ class _VocabParallelTopKL(torch.autograd.Function):
         local = ids - _rank(group) * width
         here = (local >= 0) & (local < width)
         local = local.clamp(0, width - 1)
-        lse = _log_normaliser(x, group)
+        # The student's softmax is made here, not in backward: a cross-entropy on the same
+        # logits (Megatron's works in place) may change them before backward runs.
+        ps, lse = _softmax_and_normaliser(x, group)
         x_ids = _all_reduce(x.gather(-1, local) * here, dist.ReduceOp.SUM, group)
         log_pt = torch.log_softmax(values.to(dtype) * (1.0 / temperature), -1)
         pt = log_pt.exp()
         kl = torch.linalg.vecdot(pt, log_pt - x_ids + lse)
-        ctx.save_for_backward(student, lse, pt * here, local)
-        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.save_for_backward(ps, pt * here, local)
+        ctx.temperature, ctx.input_dtype = temperature, student.dtype
         return kl * temperature ** 2
 
     @staticmethod
     def backward(ctx, grad):
-        student, lse, pt_here, local = ctx.saved_tensors
-        t = ctx.temperature
-        x = student.to(ctx.dtype) * (1.0 / t) if t != 1.0 else student.to(ctx.dtype, copy=True)
-        ps = x.sub_(lse).exp_().scatter_add_(-1, local, -pt_here)
-        return ps.mul_(grad.unsqueeze(-1) * t).to(student.dtype), None, None, None, None
+        ps, pt_here, local = ctx.saved_tensors  # ps: last use
+        grad_student = ps.scatter_add_(-1, local, -pt_here).mul_(grad.unsqueeze(-1) *
+                                                                 ctx.temperature)
+        return grad_student.to(ctx.input_dtype), None, None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK,
