@@ -238,8 +238,9 @@ def _val_losses(save: Path) -> list[float]:
 
 def test_teacher_cache_gives_live_top_k_losses_and_needs_no_teacher_once_full(
         tiny_setup, tmp_path):
-    """The first run fills the cache with what live top-k KD computes; a second run, and one
-    at DP=2, read it back and follow the same trajectory without the teacher's weights."""
+    """The first run fills the cache with what live top-k KD computes; a second run, and runs
+    at DP=2 and PP=2, read it back and follow the same trajectory without the teacher's
+    weights."""
     import shutil
 
     teacher, d = tiny_setup
@@ -256,9 +257,10 @@ def test_teacher_cache_gives_live_top_k_losses_and_needs_no_teacher_once_full(
         "--teacher-cache", str(cache)]
     assert main(hollow_args(tmp_path / "read")) == 0
     run_cli(*hollow_args(tmp_path / "read_dp2"), nproc=2)
+    run_cli(*hollow_args(tmp_path / "read_pp2"), "--pp", "2", nproc=2)
     ref, ref_val = _losses(tmp_path / "live"), _val_losses(tmp_path / "live")
-    for name in ("fill", "read", "read_dp2"):
-        tol = 1e-6 if name != "read_dp2" else 1e-5  # DP=2 sums the batch in another order
+    for name in ("fill", "read", "read_dp2", "read_pp2"):
+        tol = 1e-6 if name in ("fill", "read") else 1e-5  # 2 ranks sum in another order
         for (i, a, _), (_, b, _) in zip(ref, _losses(tmp_path / name), strict=True):
             assert abs(a - b) <= tol, (name, i, a, b)
         for a, b in zip(ref_val, _val_losses(tmp_path / name), strict=True):
