@@ -82,3 +82,34 @@ def test_parameter_count_formula_matches_smollm2_published_size():
                        num_attention_heads=9, num_query_groups=3, kv_channels=64,
                        vocab_size=49152, tie_embeddings=True)
     assert smol.num_parameters() == 134_515_008
+
+
+def test_spec_edits_keep_the_form_each_megatron_release_uses():
+    """Up to megatron-core 0.16 a layer's MLP is a ModuleSpec; from 0.17 a functools.partial
+    builder (0.19.2's source). The Gemma 3 spec edits either and returns the same form."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_minitron.model.spec_compat import submodules, with_submodules
+
+    class Fc1:
+        pass
+
+    class Fc2:
+        pass
+
+    class PostNormFc2(Fc2):
+        pass
+
+    for spec in (ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=Fc1,
+                                                                 linear_fc2=Fc2)),
+                 functools.partial(MLP, submodules=MLPSubmodules(linear_fc1=Fc1,
+                                                                 linear_fc2=Fc2), extra=1)):
+        new = with_submodules(spec, linear_fc2=PostNormFc2)
+        assert type(new) is type(spec)
+        assert submodules(new).linear_fc2 is PostNormFc2 and submodules(new).linear_fc1 is Fc1
+        assert submodules(spec).linear_fc2 is Fc2  # the original is untouched
+        if isinstance(new, functools.partial):
+            assert new.func is MLP and new.keywords["extra"] == 1

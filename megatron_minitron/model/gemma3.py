@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from megatron_minitron.model.spec_compat import submodules, with_submodules
+
 
 def with_post_norm(linear_cls, norm_cls):
     """`linear_cls` whose output goes through a norm over its (full, unsplit) output features."""
@@ -72,8 +74,7 @@ def gemma3_spec(spec, local_rotary_base: float, norm_cls):
                       submodules=dataclasses.replace(
                           attn.submodules,
                           linear_proj=with_post_norm(attn.submodules.linear_proj, norm_cls)))
-    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
-        mlp.submodules, linear_fc2=with_post_norm(mlp.submodules.linear_fc2, norm_cls)))
+    mlp = with_submodules(mlp, linear_fc2=with_post_norm(submodules(mlp).linear_fc2, norm_cls))
     return dataclasses.replace(spec, submodules=dataclasses.replace(sub, self_attention=attn,
                                                                     mlp=mlp))
 
