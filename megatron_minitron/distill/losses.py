@@ -66,15 +66,18 @@ def top_k_logits(logits: torch.Tensor, k: int, group=None) -> TopK:
     return TopK(values, ids)
 
 
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x / T in at least fp32 (bf16 logits: fp32 maths); every pass over [..., V] counts, so
+    there is none at T = 1 for fp32 input."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, group):
-        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: fp32 maths
-        # Every pass over [..., V] counts here: skip the scaling at T = 1, reuse buffers.
-        scaled = (lambda x: x.to(dtype)) if temperature == 1.0 else \
-            (lambda x: x.to(dtype) * (1.0 / temperature))
-        log_ps, ps = _log_softmax_parts(scaled(student), group)
-        log_pt, pt = _log_softmax_parts(scaled(teacher), group)
+        log_ps, ps = _log_softmax_parts(_scaled(student, temperature), group)
+        log_pt, pt = _log_softmax_parts(_scaled(teacher, temperature), group)
         kl = _all_reduce(torch.linalg.vecdot(pt, log_pt.sub_(log_ps)), dist.ReduceOp.SUM, group)
         ctx.save_for_backward(ps, pt)
         ctx.temperature, ctx.input_dtype = temperature, student.dtype
@@ -102,8 +105,7 @@ class _VocabParallelTopKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, values, ids, temperature: float, group):
-        dtype = torch.promote_types(student.dtype, torch.float32)
-        x = student.to(dtype) * (1.0 / temperature) if temperature != 1.0 else student.to(dtype)
+        x = _scaled(student, temperature)
         width = x.shape[-1]
         local = ids - _rank(group) * width
         here = (local >= 0) & (local < width)
@@ -112,7 +114,7 @@ class _VocabParallelTopKL(torch.autograd.Function):
         # logits (Megatron's works in place) may change them before backward runs.
         ps, lse = _softmax_and_normaliser(x, group)
         x_ids = _all_reduce(x.gather(-1, local) * here, dist.ReduceOp.SUM, group)
-        log_pt = torch.log_softmax(values.to(dtype) * (1.0 / temperature), -1)
+        log_pt = torch.log_softmax(_scaled(values, temperature), -1)
         pt = log_pt.exp()
         kl = torch.linalg.vecdot(pt, log_pt - x_ids + lse)
         ctx.save_for_backward(ps, pt * here, local)
