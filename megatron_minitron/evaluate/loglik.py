@@ -17,7 +17,11 @@ import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.tokenizer import Tokenizer
-from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.model.forward import (
+    data_parallel_share,
+    forward_microbatches,
+    total_over_ranks,
+)
 from megatron_minitron.runtime.distributed import device
 
 
@@ -86,10 +90,8 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
 
     windows = [_window(r, seq_length) for r in requests]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    mine = order[dp_rank::dp]
+    mine = data_parallel_share(order)
     mbs = []
     for k in range(0, len(mine), micro_batch_size):
         idx = mine[k:k + micro_batch_size]
@@ -114,7 +116,6 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
     local = torch.zeros(len(requests), 2, dtype=torch.float64, device=device())
     for mb, out in zip(mbs, outs, strict=False):  # last stage only
         local[mb["index"]] = out
-    local = broadcast_from_last_stage(local, local.shape)
-    if dp > 1:  # each request was scored on exactly one data-parallel rank
-        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+    # Each request was scored on exactly one data-parallel rank.
+    local = total_over_ranks(local, local.shape)
     return [(logp, bool(greedy)) for logp, greedy in local.tolist()]

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.calibration import window_count, windows
-from megatron_minitron.model.forward import broadcast_from_last_stage, forward_with_progress
+from megatron_minitron.model.forward import (
+    data_parallel_share,
+    forward_with_progress,
+    total_over_ranks,
+)
 from megatron_minitron.runtime.distributed import device
 from megatron_minitron.runtime.progress import Progress
 
@@ -57,16 +60,13 @@ def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
     """Loss over the windows; with `stride` (rolling windows, as `token_windows` made them) each
     window after the first scores only its last `stride` tokens, so every token counts once and
     has at least seq_length - stride tokens of context."""
-    from megatron.core import parallel_state
 
     start = time.time()
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
     seq = windows.shape[1] - 1
     mask = torch.ones(len(windows), seq, dtype=torch.float64)
     if stride and stride < seq:
         mask[1:, :seq - stride] = 0
-    mine, mine_mask = windows[dp_rank::dp], mask[dp_rank::dp]
+    mine, mine_mask = data_parallel_share(windows), data_parallel_share(mask)
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(), "mask": m}
            for w, m in zip(torch.split(mine, micro_batch_size),
                            torch.split(mine_mask, micro_batch_size), strict=True)]
@@ -75,9 +75,6 @@ def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
     # Summed on the device; one host sync at the end, none per microbatch.
     total = torch.stack([sum(o.sum() for o in outs),
                          mine_mask.sum().to(device())]) if outs else None
-    total = broadcast_from_last_stage(total, (2,))
-    if dp > 1:
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    loss_sum, tokens = total.tolist()
+    loss_sum, tokens = total_over_ranks(total, (2,)).tolist()
     loss = loss_sum / tokens
     return EvalResult(loss, math.exp(loss), int(tokens), len(windows), time.time() - start)

@@ -17,10 +17,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron.importance.hooks import decoder_layers
-from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.model.forward import (
+    data_parallel_share,
+    forward_microbatches,
+    total_over_ranks,
+)
 from megatron_minitron.runtime.distributed import device
 from megatron_minitron.runtime.progress import Progress
 
@@ -86,12 +89,10 @@ def skip_losses(chunks, num_layers: int, samples: torch.Tensor, block_sizes: tup
     skipped block (`depth.skip_loss.k{K}`); data-parallel ranks split the samples."""
     from megatron.core import parallel_state
 
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
+    dp = parallel_state.get_data_parallel_world_size()
     blocks = [(k, start) for k in block_sizes for start in range(num_layers - k + 1)]
-    mine = samples[dp_rank::dp]
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-           for w in torch.split(mine, micro_batch_size)]
+           for w in torch.split(data_parallel_share(samples), micro_batch_size)]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     per_group = 1 if pp == 1 else 2 * pp
     groups = [mbs[i:i + per_group] for i in range(0, len(mbs), per_group)]
@@ -107,10 +108,7 @@ def skip_losses(chunks, num_layers: int, samples: torch.Tensor, block_sizes: tup
                 for loss in forward_microbatches(chunks, group, _loss_sum):
                     totals[j] += loss
         progress.update(sum(len(m["tokens"]) for m in group) * dp * (1 + len(blocks)))
-    totals = broadcast_from_last_stage(totals, totals.shape)
-    if dp > 1:
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    loss = totals.cpu() / (len(samples) * (samples.shape[1] - 1))
+    loss = total_over_ranks(totals, totals.shape).cpu() / (len(samples) * (samples.shape[1] - 1))
     out = {"depth.base_loss": loss[:1]}
     for k in block_sizes:
         out[f"depth.skip_loss.k{k}"] = torch.stack(

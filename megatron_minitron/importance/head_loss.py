@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron.importance.hooks import decoder_layers
-from megatron_minitron.model.forward import broadcast_from_last_stage, forward_microbatches
+from megatron_minitron.model.forward import (
+    data_parallel_share,
+    forward_microbatches,
+    total_over_ranks,
+)
 from megatron_minitron.runtime.distributed import device
 from megatron_minitron.runtime.progress import Progress
 
@@ -75,12 +78,9 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
     `samples` [N, L+1] (split over data-parallel ranks)."""
     from megatron.core import parallel_state
 
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
-    mine = samples[dp_rank::dp]
     late_copies = parallel_state.get_pipeline_model_parallel_world_size() == 1
     mbs = [{"tokens": w[None, :-1] if late_copies else w[:-1].repeat(heads + 1, 1),
-            "labels": w[1:].repeat(heads + 1, 1)} for w in mine]
+            "labels": w[1:].repeat(heads + 1, 1)} for w in data_parallel_share(samples)]
 
     def per_replica(output: torch.Tensor, _mb) -> torch.Tensor:  # losses [heads + 1, s]
         return output.detach().double().sum(-1)
@@ -94,8 +94,5 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
         if outs:
             rows[i] = torch.stack(outs).sum(0)
         progress.update(1)
-    rows = broadcast_from_last_stage(rows, rows.shape)
-    if dp > 1:
-        dist.all_reduce(rows, group=parallel_state.get_data_parallel_group())
-    loss = rows.cpu() / (len(samples) * (samples.shape[1] - 1))
+    loss = total_over_ranks(rows, rows.shape).cpu() / (len(samples) * (samples.shape[1] - 1))
     return loss[:, :heads] - loss[:, heads:]

@@ -14,7 +14,7 @@ from megatron_minitron.importance.depth import skip_losses
 from megatron_minitron.importance.head_loss import head_mask_losses
 from megatron_minitron.importance.hooks import ImportanceHooks
 from megatron_minitron.importance.scores import FORMAT, Scores
-from megatron_minitron.model.forward import forward_with_progress
+from megatron_minitron.model.forward import data_parallel_share, forward_with_progress
 from megatron_minitron.options import option
 from megatron_minitron.runtime.progress import Progress
 
@@ -61,11 +61,7 @@ def discard_output(_output, _mb) -> None:
 def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
                     model: ModelConfig) -> dict[str, torch.Tensor]:
     """Whole-model activation sums over `samples` [N, L+1]; data-parallel ranks split them."""
-    from megatron.core import parallel_state
-
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
-    mine = samples[dp_rank::dp, :-1]
+    mine = data_parallel_share(samples)[:, :-1]
     mbs = [{"tokens": t.contiguous()} for t in torch.split(mine, micro_batch_size)]
     progress = Progress("importance", samples.shape[0] * mine.shape[1],
                         hint="pass --samples / --seq-length for a shorter calibration")

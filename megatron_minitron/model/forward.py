@@ -84,6 +84,25 @@ def is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
+def data_parallel_share(items):
+    """This data-parallel rank's share of `items`: every dp-th one, from its rank on."""
+    from megatron.core import parallel_state
+
+    return items[parallel_state.get_data_parallel_rank()::
+                 parallel_state.get_data_parallel_world_size()]
+
+
+def total_over_ranks(t: torch.Tensor | None, shape) -> torch.Tensor:
+    """A sum made on the last pipeline stage (None elsewhere) from this data-parallel rank's
+    share, shared with every rank and added up over the data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    t = broadcast_from_last_stage(t, shape)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t
+
+
 def broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float64) -> torch.Tensor:
     """Send the last pipeline stage's (device) tensor to every rank of its pipeline group."""
     from megatron.core import parallel_state
