@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_minitron.cli import main
 from tests.conftest import hf_logits, in_process_logits, run_cli, tiny_hf_dir, torchrun_logits
@@ -124,3 +124,45 @@ def test_a_checkpoint_written_by_megatron_core_0_15_loads(tiny_llama_ckpt, tiny_
     assert b"MCoreMetadata" in path.read_bytes()
     assert torch.equal(in_process_logits(old, tiny_tokens),
                        in_process_logits(tiny_llama_ckpt, tiny_tokens))
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, loaded in this process at TP=1 in its stored dtype."""
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.model import load_model
+
+    _, _, chunks = load_model(ckpt, ParallelConfig(), keep_dtype=True)
+    return {k: v.clone() for k, v in chunks[0].state_dict().items() if "_extra_state" not in k}
+
+
+def test_import_under_torchrun_streams_the_one_process_checkpoint(tmp_path):
+    """A bf16 model (QKV biases, SwiGLU, GQA, tied embeddings) imported by 2 ranks at TP2 and at PP2, each rank
+    reading only its slices, is the 1-process checkpoint tensor for tensor, and stays bf16."""
+    hf = tiny_hf_dir(tmp_path / "hf", "qwen2", tie=True, seed=4)
+    sd = load_file(str(hf / "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in sd.items()}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    run_cli("convert", str(hf), str(tmp_path / "one"))
+    one = _weights(tmp_path / "one")
+    assert json.loads((tmp_path / "one" / "minitron.json").read_text())["params_dtype"] == \
+        "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for v in one.values())
+    for layout in (("--tp", "2"), ("--pp", "2")):
+        out = tmp_path / f"two{'_'.join(layout)}"
+        run_cli("convert", str(hf), str(out), *layout, nproc=2)
+        two = _weights(out)
+        assert two.keys() == one.keys()
+        for k in one:
+            assert torch.equal(two[k], one[k]), (layout, k)
+
+
+def test_gguf_parts_are_slices_of_the_dequantized_tensor(smol_gguf):
+    from megatron_minitron.checkpoint.sources import open_source
+
+    src = open_source(smol_gguf, "gguf")
+    for name, dim in (("model.layers.0.self_attn.k_proj.weight", 0),
+                      ("model.layers.0.mlp.down_proj.weight", 1)):
+        whole = src.read(name)
+        assert tuple(whole.shape) == src.shapes[name]
+        parts = [src.read(name, dim, 3, i) for i in range(3)]
+        assert torch.equal(torch.cat(parts, dim), whole)

@@ -1,4 +1,4 @@
-"""Read a llama.cpp GGUF file (Llama or Gemma 3) into HF-layout fp32 tensors and a tokenizer.
+"""Read a llama.cpp GGUF file (Llama or Gemma 3) as HF-layout fp32 tensors and a tokenizer.
 
 Quantized tensors (Q4_K, Q6_K, Q8_0, ...) are dequantized with the `gguf` package. What llama.cpp
 changed on the way in is undone here: Llama's q/k projections are permuted for its interleaved
@@ -97,41 +97,52 @@ def _model_config(r, arch: str) -> ModelConfig:
     return cfg
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, bytes]]:
-    """(config, HF-layout state dict in fp32, tokenizer files by name)."""
-    from gguf.quants import dequantize
+class GGUFModel:
+    """A GGUF file's config, HF tensor names and shapes, read from its header; `tensor`
+    dequantizes one tensor (to fp32, HF layout) when asked."""
 
-    path = Path(path)
-    r = _open(path)
-    arch = _field(r, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{path}: unsupported GGUF architecture {arch!r} "
-                          f"(supported: {', '.join(ARCHITECTURES)})")
-    cfg = _model_config(r, arch)
-    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
-    sd = {}
-    for t in r.tensors:
-        name = _TENSOR_NAMES.get(t.name)
-        if name is None and t.name.startswith("blk."):
-            _, i, rest = t.name.split(".", 2)
-            if rest in layer_names:
-                name = f"model.layers.{int(i)}.{layer_names[rest]}"
-        if name is None:
-            continue  # e.g. rope_freqs: recomputed from rope.freq_base
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._r = _open(self.path)
+        self.arch = _field(self._r, "general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"{path}: unsupported GGUF architecture {self.arch!r} "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+        self.config = _model_config(self._r, self.arch)
+        layer_names = _GEMMA3_LAYER_NAMES if self.arch == "gemma3" else _LAYER_NAMES
+        self._tensors = {}
+        for t in self._r.tensors:
+            name = _TENSOR_NAMES.get(t.name)
+            if name is None and t.name.startswith("blk."):
+                _, i, rest = t.name.split(".", 2)
+                if rest in layer_names:
+                    name = f"model.layers.{int(i)}.{layer_names[rest]}"
+            if name is not None:  # others (rope_freqs) are recomputed from the config
+                self._tensors[name] = t
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(int(x) for x in reversed(t.shape)) for n, t in self._tensors.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise ConfigError(f"{path}: tensor {t.name} cannot be read ({e})") from None
+            raise ConfigError(f"{self.path}: tensor {t.name} cannot be read ({e})") from None
         shape = tuple(int(x) for x in reversed(t.shape))
         w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
-        if arch == "gemma3" and t.name.endswith("norm.weight"):
+        if self.arch == "gemma3" and t.name.endswith("norm.weight"):
             w = w - 1  # llama.cpp stores Gemma's (1 + w) gamma
-        elif arch == "llama" and t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        elif arch == "llama" and t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, cfg.num_query_groups)
-        sd[name] = w
-    return cfg, sd, gguf_tokenizer_files(r, path)
+        elif self.arch == "llama" and t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, self.config.num_attention_heads)
+        elif self.arch == "llama" and t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, self.config.num_query_groups)
+        return w
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return gguf_tokenizer_files(self._r, self.path)
 
 
 def _sentencepiece_bpe(r):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_minitron.checkpoint.layout import hf_config, model_config_from_hf
-from megatron_minitron.config import ConfigError, ModelConfig
+from megatron_minitron.checkpoint.layout import hf_config
+from megatron_minitron.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -17,32 +17,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
-
-
-def read_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path / 'config.json'}: invalid JSON ({e})") from None
-    cfg = model_config_from_hf(hf, str(path))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{path}: no *.safetensors weights found (pickled .bin weights are "
-                          "not loaded: they can execute code)")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    sd[k] = st.get_tensor(k).to(torch.float32)
-        except Exception as e:
-            raise ConfigError(f"{f}: unreadable safetensors file ({e})") from None
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return cfg, sd
 
 
 def write_hf(path: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],

@@ -99,8 +99,8 @@ def teacher_source(cfg: RunConfig) -> Path:
 
 def teacher_model(cfg: RunConfig, dry_run: bool) -> ModelConfig:
     """The teacher's shape: from its checkpoint/HF config/GGUF, or teacher.shape."""
-    from megatron_minitron.checkpoint import convert, mcore
-    from megatron_minitron.checkpoint.layout import model_config_from_hf
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.checkpoint.sources import detect_format, open_source
 
     shape = cfg.teacher_shape()
     src = teacher_source(cfg)
@@ -108,12 +108,10 @@ def teacher_model(cfg: RunConfig, dry_run: bool) -> ModelConfig:
         if dry_run and shape is not None:
             return shape
         raise ConfigError(f"teacher.source: {src} not found")
-    fmt = convert.detect_format(src)
+    fmt = detect_format(src)
     if fmt == "mcore":
         return mcore.read_meta(src).model
-    if fmt == "hf":
-        return model_config_from_hf(json.loads((src / "config.json").read_text()), str(src))
-    return convert.read_source(src, fmt)[0]
+    return open_source(src, fmt).config  # headers only
 
 
 class _Plan:

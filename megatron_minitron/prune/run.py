@@ -11,14 +11,9 @@ from the new model stores global tensors, so it loads at any TP/PP.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron.checkpoint.layout import (
-    EMBEDDING,
-    OUTPUT_LAYER,
-    swiglu_from_shards,
-    swiglu_shard,
-)
+from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
+from megatron_minitron.checkpoint.sharding import full_tensor, local_shard
 from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.prune.plan import PrunePlan
@@ -27,40 +22,6 @@ from megatron_minitron.runtime.progress import Progress
 
 # Sliced along the hidden (unsplit) dimension only: this rank's vocabulary shard stays its shard.
 VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
-
-
-def _tp():
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_group())
-
-
-def _is_swiglu_fc1(name: str, cfg: ModelConfig) -> bool:
-    return cfg.traits.gated and name.endswith("linear_fc1.weight")
-
-
-def full_tensor(name: str, p: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """The TP=1-layout tensor of a (possibly TP-sharded) parameter."""
-    tp, _, group = _tp()
-    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
-        return p.detach()
-    shards = [torch.empty_like(p) for _ in range(tp)]
-    dist.all_gather(shards, p.detach().contiguous(), group=group)
-    if _is_swiglu_fc1(name, cfg):
-        return swiglu_from_shards(shards)
-    return torch.cat(shards, dim=p.partition_dim)
-
-
-def local_shard(name: str, full: torch.Tensor, like: torch.Tensor, cfg: ModelConfig
-                ) -> torch.Tensor:
-    tp, rank, _ = _tp()
-    if tp == 1 or not getattr(like, "tensor_model_parallel", False):
-        return full
-    if _is_swiglu_fc1(name, cfg):
-        return swiglu_shard(full, rank, tp)
-    return full.chunk(tp, dim=like.partition_dim)[rank]
 
 
 def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "") -> None:

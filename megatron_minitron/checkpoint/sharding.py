@@ -1,0 +1,69 @@
+"""A rank's parameters under TP/PP, named and shaped as in the full (TP=1, PP=1) model.
+
+Megatron names a pipeline stage's layers from 0 and splits TP parameters along `partition_dim`
+(SwiGLU's fc1 as [gate_r; up_r], see layout.py); these helpers undo both, one parameter at a time,
+so that import, export and pruning never materialise more than one full tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.checkpoint.layout import MC_LAYER, swiglu_from_shards, swiglu_shard
+from megatron_minitron.config import ModelConfig
+
+
+def tp_rank_world_group():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group())
+
+
+def split_dim(p: torch.Tensor) -> int | None:
+    """The dimension TP splits `p` along, None for a replicated parameter."""
+    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+
+
+def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """This rank's parameters under their full-model names (global layer numbers)."""
+    for chunk in chunks:
+        layers = chunk.decoder.layers
+        for name, p in chunk.named_parameters():
+            if name.startswith("decoder.layers."):
+                local, rest = name.removeprefix("decoder.layers.").split(".", 1)
+                name = MC_LAYER.format(i=layers[int(local)].layer_number - 1) + rest
+            yield name, p
+
+
+def _is_swiglu_fc1(name: str, cfg: ModelConfig) -> bool:
+    return cfg.traits.gated and name.endswith("linear_fc1.weight")
+
+
+def full_tensor(name: str, p: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The TP=1-layout tensor of a (possibly TP-sharded) parameter: a collective over TP."""
+    _, tp, group = tp_rank_world_group()
+    dim = split_dim(p)
+    if tp == 1 or dim is None:
+        return p.detach()
+    shards = [torch.empty_like(p) for _ in range(tp)]
+    dist.all_gather(shards, p.detach().contiguous(), group=group)
+    if _is_swiglu_fc1(name, cfg):
+        return swiglu_from_shards(shards)
+    return torch.cat(shards, dim=dim)
+
+
+def local_shard(name: str, full: torch.Tensor, like: torch.Tensor, cfg: ModelConfig
+                ) -> torch.Tensor:
+    """This rank's part of a full tensor, for a parameter split like `like`."""
+    rank, tp, _ = tp_rank_world_group()
+    dim = split_dim(like)
+    if tp == 1 or dim is None:
+        return full
+    if _is_swiglu_fc1(name, cfg):
+        return swiglu_shard(full, rank, tp)
+    return full.chunk(tp, dim=dim)[rank]
