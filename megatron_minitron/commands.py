@@ -13,11 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from megatron_minitron import stages
+from megatron_minitron.checkpoint.hf_io import SHARD_BYTES
 from megatron_minitron.config import ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
-from megatron_minitron.options import HelpFormatter, add_options, from_args, to_argv
+from megatron_minitron.options import (
+    HelpFormatter,
+    add_options,
+    from_args,
+    parse_bytes,
+    to_argv,
+)
 from megatron_minitron.prune.plan import PruneTarget
 from megatron_minitron.search.run import SearchConfig, search
 
@@ -60,7 +67,10 @@ VERBS: dict[str, Verb] = {
         arg("src", type=Path, help="HF directory, .gguf file or minitron checkpoint"),
         arg("dst", type=Path, help="new directory"),
         arg("--to", choices=("mcore", "hf"), default="mcore",
-            help="write a minitron (Megatron dist) checkpoint or a HF directory"), JSON_OUT)),
+            help="write a minitron (Megatron dist) checkpoint or a HF directory"),
+        arg("--max-shard-size", type=parse_bytes, default=SHARD_BYTES, metavar="SIZE",
+            help="largest safetensors file of a HF export (5GB, 500MB, 2GiB), as transformers' "
+                 "max_shard_size"), JSON_OUT)),
     "eval": Verb(stages.evaluate, "perplexity, cloze and multiple-choice tasks", (
         CKPT,
         arg("--data", type=Path, nargs="*", help="perplexity text files (default: held-out "

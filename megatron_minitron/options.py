@@ -201,6 +201,23 @@ def parse_size(text: str) -> float:
     return value
 
 
+BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """A file size as transformers' `max_shard_size` takes it: `5GB`, `500MB`, `2GiB`, bytes."""
+    t = str(text).strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        value = int(float(number) * BYTE_UNITS[t[len(number):] or "B"])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (5GB, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return value
+
+
 def fraction_of(size: float, total: int) -> float:
     """A `parse_size` value as a count: fractions (<= 1) of `total`, counts as they are."""
     return size * total if size <= 1 else size

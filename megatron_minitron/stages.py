@@ -41,11 +41,12 @@ def write_json(path: Path | None, record: dict) -> None:
 
 
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
-            json_out: Path | None = None) -> Path:
+            json_out: Path | None = None, max_shard_size: int | None = None) -> Path:
     from megatron_minitron.checkpoint import mcore
     from megatron_minitron.checkpoint.convert import convert as convert_checkpoint
 
-    out = convert_checkpoint(Path(src), Path(dst), to=to, parallel=parallel)
+    out = convert_checkpoint(Path(src), Path(dst), to=to, parallel=parallel,
+                             max_shard_bytes=max_shard_size)
     log.info("converted %s -> %s (%s)", src, out, to)
     if json_out is not None:
         model = mcore.read_meta(out if to == "mcore" else Path(src)).model
@@ -167,9 +168,6 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         write_json(json_out, _prune_record(src, out, meta.model, plan, written=False))
         return out
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
-    if hf_out and rt.world_size > 1:
-        raise ConfigError("--hf-out exports in one process; prune without torchrun or run "
-                          "`minitron convert OUT HF --to hf` afterwards")
     table = []
     if rechoose:
         from megatron_minitron.prune.strategy import calibration, choose_plan, ordered_plan

@@ -31,7 +31,7 @@ KILL_POINTS = [
     "open:/distill/.iter_0000001.partial/",              # the second one's KD checkpoint
     "open:run/distill/.iter_0000004.partial/optimizer",  # the last checkpoint, mid-write
     "open:eval/.pruned.json.partial",                    # an evaluation's result
-    "written:.hf.partial/model.safetensors",             # the HF export, before its rename
+    "open:.hf.partial/config.json",                      # the HF export's weights written
     "open:export.json",                                  # the last stage's done marker
     "open:report.json",                                  # the report
 ]

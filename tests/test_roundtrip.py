@@ -78,6 +78,28 @@ def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_
         assert (ours - ref).abs().max() <= 1e-5, f"{family} {layout}"
 
 
+def test_export_under_torchrun_streams_shards_with_an_index(tiny_llama_hf, tiny_llama_ckpt,
+                                                          tiny_tokens, tmp_path):
+    """TP2 and PP2 exports, cut into files of at most 40 kB, are the source HF model tensor for
+    tensor, with transformers' index, and transformers loads them."""
+    src = load_file(str(tiny_llama_hf / "model.safetensors"))
+    for layout in (("--tp", "2"), ("--pp", "2")):
+        out = tmp_path / f"hf{'_'.join(layout)}"
+        run_cli("convert", str(tiny_llama_ckpt), str(out), "--to", "hf",
+                "--max-shard-size", "40kB", *layout, nproc=2)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        files = sorted(out.glob("model-*.safetensors"))
+        assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+        back = {k: v for f in files for k, v in load_file(str(f)).items()}
+        assert back.keys() == src.keys() == index["weight_map"].keys()
+        assert index["metadata"]["total_size"] == sum(v.nbytes for v in src.values())
+        assert all(f.stat().st_size <= 40_000 + 2_000 or len(load_file(str(f))) == 1
+                   for f in files)
+        for k in src:
+            assert torch.equal(back[k], src[k]), (layout, k)
+        assert torch.equal(hf_logits(out, tiny_tokens), hf_logits(tiny_llama_hf, tiny_tokens))
+
+
 def test_tp2_sequence_parallel_logits_match_transformers(tiny_llama_hf, tiny_llama_ckpt,
                                                          tiny_tokens, tmp_path):
     ours = torchrun_logits(tiny_llama_ckpt, tiny_tokens, tmp_path, 2, "--tp", "2",
@@ -136,8 +158,9 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
 
 
 def test_import_under_torchrun_streams_the_one_process_checkpoint(tmp_path):
-    """A bf16 model (QKV biases, SwiGLU, GQA, tied embeddings) imported by 2 ranks at TP2 and at PP2, each rank
-    reading only its slices, is the 1-process checkpoint tensor for tensor, and stays bf16."""
+    """A bf16 model (QKV biases, SwiGLU, GQA, tied embeddings) imported by 2 ranks at TP2 and
+    at PP2, each rank reading only its slices, is the 1-process checkpoint tensor for tensor,
+    and stays bf16."""
     hf = tiny_hf_dir(tmp_path / "hf", "qwen2", tie=True, seed=4)
     sd = load_file(str(hf / "model.safetensors"))
     save_file({k: v.bfloat16() for k, v in sd.items()}, str(hf / "model.safetensors"),

@@ -7,10 +7,11 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_minitron.checkpoint import hf_io, mcore
 from megatron_minitron.checkpoint.atomic import atomic_directory, check_destination
-from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, Rule, mcore_to_hf, rules
+from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, Rule, rules
 from megatron_minitron.checkpoint.sources import Source, detect_format, open_source
 from megatron_minitron.config import CheckpointMeta, ConfigError, ModelConfig, ParallelConfig
 
@@ -73,17 +74,81 @@ def import_weights(chunks, source: Source, te: bool) -> None:
             progress.update(1)
 
 
-def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path) -> None:
-    """Write a single-process model as a HF directory, with the tokenizer of checkpoint `ckpt`."""
+def _gathered(obj) -> list:
+    """`obj` of every rank, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _hf_entries(params, by_mcore: dict[str, Rule], tp: int) -> list[hf_io.Entry]:
+    """Name, full shape and dtype of every HF tensor these parameters export to, in order."""
+    from megatron_minitron.checkpoint.sharding import split_dim
+
+    entries = []
+    for name, p in params:
+        dim = split_dim(p)
+        full = tuple(s * (tp if d == dim else 1) for d, s in enumerate(p.shape))
+        parts = by_mcore[name].split(torch.empty(full, dtype=p.dtype, device="meta"))
+        entries += [hf_io.Entry(n, tuple(t.shape), p.dtype)
+                    for n, t in zip(by_mcore[name].hf, parts, strict=True)]
+    return entries
+
+
+def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
+              max_shard_bytes: int = hf_io.SHARD_BYTES) -> None:
+    """Write the model as a HF directory (tokenizer from checkpoint `ckpt`), from any TP/PP.
+    Each tensor is gathered over TP when its turn comes and streamed into a file written by the
+    first TP rank of its pipeline stage (in the first data-parallel replica), so no rank holds
+    more than its shards plus one full tensor. Every rank knows every header before the first
+    tensor: file names and the index come from one exchange of the writers' file lists."""
+    from megatron.core import parallel_state
+
+    from megatron_minitron.checkpoint.sharding import full_tensor, global_parameters
     from megatron_minitron.model import te_available
+    from megatron_minitron.runtime.distributed import barrier, is_main_rank
+    from megatron_minitron.runtime.progress import Progress
 
-    hf_sd = mcore_to_hf(mcore.model_state_dict(chunks), cfg, te=te_available())
-    with atomic_directory(dst) as stage:
-        hf_io.write_hf(stage, cfg, hf_sd, ckpt / mcore.TOKENIZER_DIR)
+    by_mcore = {r.mcore: r for r in rules(cfg, te_available())}
+    writer = (parallel_state.get_tensor_model_parallel_rank() == 0
+              and parallel_state.get_data_parallel_rank() == 0)
+    # A later stage's copy of a tied embedding is no weight of its own.
+    params = [(n, p) for n, p in global_parameters(chunks)
+              if not (n == OUTPUT_LAYER and cfg.tie_embeddings)]
+    entries = _hf_entries(params, by_mcore, parallel_state.get_tensor_model_parallel_world_size())
+    mine = hf_io.group_into_files(entries, max_shard_bytes) if writer else []
+    every = [f for files in _gathered(mine) for f in files]  # all ranks' files, in rank order
+    names = hf_io.file_names(len(every))
+    file_of = {e.name: (names[i], group) for i, group in enumerate(every) for e in group}
+    progress = Progress("export", len(params), unit="tensors")
+    with atomic_directory(dst, is_writer=is_main_rank(), barrier=barrier) as stage:
+        out = None
+        for name, p in params:
+            full = full_tensor(name, p, cfg)  # a TP collective: every rank takes part
+            for hf, t in zip(by_mcore[name].hf, by_mcore[name].split(full), strict=True):
+                if not writer:
+                    continue
+                if out is None:
+                    file, group = file_of[hf]
+                    out, left = hf_io.SafetensorsWriter(stage / file, group), len(group)
+                out.write(hf, t)
+                left -= 1
+                if not left:
+                    out.close()
+                    out = None
+            progress.update(1)
+        if is_main_rank():
+            hf_io.write_config(stage, cfg, next(chunks[0].parameters()).dtype,
+                               ckpt / mcore.TOKENIZER_DIR)
+            if len(names) > 1:
+                hf_io.write_index(stage, {n: f for n, (f, _) in file_of.items()},
+                                  sum(e.nbytes for group in every for e in group))
 
 
-def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None
-            ) -> Path:
+def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
+            max_shard_bytes: int | None = None) -> Path:
     from megatron_minitron.model import build_model, load_model, te_available
     from megatron_minitron.runtime import init_runtime
 
@@ -95,14 +160,12 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
         raise ConfigError(f"unknown target format {to!r} (mcore or hf)")
 
     if fmt == "mcore":
-        rt, meta, chunks = load_model(src, parallel if to == "mcore" else
-                                      ParallelConfig(precision=parallel.precision),
-                                      keep_dtype=True)
+        rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
         if to == "mcore":  # reshard: save at this run's TP/PP
             meta.history.append(f"resharded at tp={parallel.tp} pp={parallel.pp}")
             mcore.save_checkpoint(chunks, meta, dst, mcore.tokenizer_files(src))
         else:
-            export_hf(chunks, meta.model, src, dst)
+            export_hf(chunks, meta.model, src, dst, max_shard_bytes or hf_io.SHARD_BYTES)
         return dst
 
     if to == "hf":
