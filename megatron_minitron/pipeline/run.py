@@ -124,24 +124,20 @@ class _Plan:
 
     def add(self, name: str, verb: str, output: Path, reads: list[str], files=(), *,
             resumable: bool = False, make_dir: bool = False, **args) -> None:
-        """A stage calling `verb`'s function with `args`; every stage that takes a layout but
-        conversion (which imports in one process) runs at the config's."""
-        if VERBS[verb].parallel and verb != "convert":
+        """A stage calling `verb`'s function with `args`; every stage that takes a layout runs
+        at the config's."""
+        if VERBS[verb].parallel:
             args.setdefault("parallel", self.cfg.parallel)
         self.stages.append(Stage(name, verb, complete(verb, args), output, list(reads),
                                  list(files), resumable, make_dir))
 
-    def teacher(self, world_size: int) -> tuple[Path, list[str]]:
+    def teacher(self) -> tuple[Path, list[str]]:
         """A checkpoint of the teacher: the source itself, or its conversion."""
         src = teacher_source(self.cfg)
         if self.missing is not None and not src.exists():
             self.missing.append(f"teacher.source: {src}")
         if is_mcore_dir(src) or (self.missing is not None and not src.exists()):
             return src, []  # already a checkpoint (or, planning elsewhere, assumed to be)
-        if world_size > 1:
-            raise ConfigError("teacher.source: importing HF/GGUF weights runs in one process; "
-                              f"run `minitron convert {src} DST` first and set teacher.source "
-                              "to DST")
         self.add("convert", "convert", self.d / "teacher", [], [src], src=src,
                  dst=self.d / "teacher")
         return self.d / "teacher", ["convert"]
@@ -191,13 +187,12 @@ class _Plan:
         return d / "pruned", d / "pruned", "prune"
 
 
-def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None = None
-                 ) -> list[Stage]:
+def build_stages(cfg: RunConfig, missing: list[str] | None = None) -> list[Stage]:
     """The stages of this run, in order (nothing is read but the inputs' names). With
     `missing` (a dry run), absent inputs are listed there instead of failing; an absent teacher
     counts as a minitron checkpoint."""
     plan, d = _Plan(cfg, missing), cfg.directory
-    teacher, teacher_reads = plan.teacher(world_size)
+    teacher, teacher_reads = plan.teacher()
     train_files, train, valid, text_valid, data_reads = plan.data(teacher, teacher_reads)
     evals = [("teacher", teacher, teacher_reads)]
     if cfg.correction.train_iters > 0:
@@ -218,7 +213,7 @@ def build_stages(cfg: RunConfig, world_size: int = 1, missing: list[str] | None 
         out = d / "eval" / f"{name}.json"
         plan.add(f"eval-{name}", "eval", out, reads, text_valid, load=ckpt,
                  settings=cfg.eval, data=text_valid, out=out)
-    if cfg.export.hf and world_size == 1:
+    if cfg.export.hf:
         plan.add("export", "convert", d / "hf", ["distill"], src=student, dst=d / "hf", to="hf")
     return plan.stages
 
@@ -325,7 +320,7 @@ def run_pipeline(cfg: RunConfig, dry_run: bool = False, world_size: int | None =
     against a second `minitron run` while this one works in it."""
     world = (world_size or cfg.parallel.tp * cfg.parallel.pp) if dry_run else launch_env()[1]
     missing: list[str] | None = [] if dry_run else None
-    stages = build_stages(cfg, world, missing)
+    stages = build_stages(cfg, missing)
     teacher, student = validate(cfg, world, dry_run)
     if dry_run:
         return _print_plan(cfg, stages, teacher, student, missing, world)
