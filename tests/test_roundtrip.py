@@ -136,9 +136,9 @@ def test_a_checkpoint_written_by_megatron_core_0_15_loads(tiny_llama_ckpt, tiny_
     path = old / "weights" / ".metadata"
     with path.open("rb") as f:
         plain = pickle.load(f)  # noqa: S301 - the suite's own checkpoint
-    as_015 = mcore_torch.MCoreMetadata()
+    as_015 = object.__new__(mcore_torch.MCoreMetadata)  # 0.15's takes fields; 0.16's none
     as_015.__dict__.update(vars(plain))
-    plan = mcore_torch.MCoreSavePlan()
+    plan = object.__new__(mcore_torch.MCoreSavePlan)
     plan.__dict__.update(items=[], storage_data=None, planner_data=None, usable=True)
     as_015.all_local_plans = [plan]
     with path.open("wb") as f:
