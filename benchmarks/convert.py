@@ -1,10 +1,11 @@
-"""Import (HF -> Megatron) and export (Megatron -> HF) in 1 process vs 2 (TP=2): wall time, peak
+"""Import (HF -> Megatron) and export (Megatron -> HF) in 1 process vs 2: wall time, peak
 memory per rank, and whether the 2-rank output equals the 1-rank one tensor for tensor.
 
     python benchmarks/convert.py [--models smollm2 llama1b] [--work DIR]
 
-`smollm2` is SmolLM2-135M (from the shipped GGUF, exported to HF first, fp32); `llama1b` is a
-random TinyLlama-shaped Llama (1.1B parameters, bf16) written by transformers. Each rank records
+`smollm2` is SmolLM2-135M (from the shipped GGUF, exported to HF first, fp32; 2 ranks at PP=2);
+`llama1b` is a random TinyLlama-shaped Llama (1.1B parameters, bf16, 2 ranks at TP=2) written by
+transformers. Each rank records
 its own peak resident memory above what it held after its imports (the libraries' share), as
 anonymous memory (sampled every 2 ms) and as the kernel's total peak (VmHWM, which also counts
 pages of the memory-mapped source file that the rank read). The goal per rank:
@@ -148,6 +149,10 @@ def llama1b_hf(work: Path) -> Path:
     return work / "llama1b_hf"
 
 
+# SmolLM2's 9 heads in 3 groups do not split over 2 TP ranks.
+LAYOUT = {"smollm2": ["--pp", "2"], "llama1b": ["--tp", "2"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["smollm2", "llama1b"],
@@ -164,6 +169,7 @@ def main() -> None:
     rows = []
     for name in a.models:
         hf = {"smollm2": smollm2_hf, "llama1b": llama1b_hf}[name](work)
+        split = LAYOUT[name]
         model, largest = hf_sizes(hf)
         print(f"{name}: {model / 2**20:.0f} MiB of weights, largest tensor "
               f"{largest / 2**20:.0f} MiB", flush=True)
@@ -171,14 +177,14 @@ def main() -> None:
         for n in (1, 2):
             ckpt[n] = work / f"{name}_ckpt{n}"
             wall, rec = launch(n, work / "records", "convert", str(hf), str(ckpt[n]),
-                               *(["--tp", "2"] if n > 1 else []))
+                               *(split if n > 1 else []))
             rows.append((name, "import", n, wall, rec, model, largest))
         same_import = same_checkpoints(ckpt[1], ckpt[2])
         out = {}
         for n in (1, 2):
             out[n] = work / f"{name}_hf{n}"
             wall, rec = launch(n, work / "records", "convert", str(ckpt[1]), str(out[n]),
-                               "--to", "hf", *(["--tp", "2"] if n > 1 else []))
+                               "--to", "hf", *(split if n > 1 else []))
             rows.append((name, "export", n, wall, rec, model, largest))
         same_export = same_hf(out[1], out[2])
         print(f"{name}: 2-rank import == 1-rank: {same_import}; 2-rank export == 1-rank: "
