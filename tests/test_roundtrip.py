@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_minitron.checkpoint.mcore import COMMON_FILE, common_file_optional
 from megatron_minitron.cli import main
-from tests.conftest import hf_logits, in_process_logits, run_cli, tiny_hf_dir, torchrun_logits
+from tests.conftest import ROOT, hf_logits, in_process_logits, run_cli, tiny_hf_dir, torchrun_logits
 
 
 def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_llama_ckpt,
@@ -155,6 +156,40 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
 
     _, _, chunks = load_model(ckpt, ParallelConfig(), keep_dtype=True)
     return {k: v.clone() for k, v in chunks[0].state_dict().items() if "_extra_state" not in k}
+
+
+WRITTEN_BY_0_19 = ROOT / "tests" / "assets" / "written_by_mcore_0_19_2"
+
+
+def test_a_checkpoint_written_by_megatron_core_0_19_loads(tmp_path):
+    """megatron-core 0.19 writes no common.pt (releases up to 0.18 require it) and keeps the
+    common state as a `common_state` object instead. A checkpoint it wrote (tests/assets: a
+    one-layer Llama converted from `hf/` beside it, under `make test-mcore-source`) loads here
+    equal to the same model converted by this release."""
+    assert not (WRITTEN_BY_0_19 / "ckpt" / "weights" / COMMON_FILE).exists()
+    run_cli("convert", str(WRITTEN_BY_0_19 / "hf"), str(tmp_path / "here"))
+    old, here = _weights(WRITTEN_BY_0_19 / "ckpt"), _weights(tmp_path / "here")
+    assert old.keys() == here.keys()
+    assert all(torch.equal(old[k], here[k]) for k in here)
+
+
+def test_the_common_file_adapter_follows_each_release_signature(tmp_path):
+    """Up to 0.18 `dist_checkpointing.load` takes a common strategy and needs common.pt; 0.19's
+    takes none. The adapter passes one only where the file is missing and the release takes it."""
+    def load_0_16(sharded_state_dict, checkpoint_dir, sharded_strategy=None,
+                  common_strategy=None, validate_access_integrity=True, strict="assume_ok"):
+        pass
+
+    def load_0_19(sharded_state_dict, checkpoint_dir, sharded_strategy=None,
+                  validate_access_integrity=True, strict="assume_ok", verify_integrity=False,
+                  process_group=None):
+        pass
+
+    assert common_file_optional(load_0_19, tmp_path) == {}
+    strategy = common_file_optional(load_0_16, tmp_path)["common_strategy"]
+    assert strategy.load_common(tmp_path) == {}
+    (tmp_path / COMMON_FILE).write_bytes(b"")
+    assert common_file_optional(load_0_16, tmp_path) == {}
 
 
 def test_import_under_torchrun_streams_the_one_process_checkpoint(tmp_path):

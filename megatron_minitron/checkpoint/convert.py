@@ -185,6 +185,6 @@ def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | 
                           history=[f"converted from {fmt}"
                                    + (f" at tp={parallel.tp} pp={parallel.pp}"
                                       if rt.world_size > 1 else "")])
-    mcore.save_checkpoint(chunks, meta, dst, tokens)
+    mcore.save_checkpoint(chunks, meta, dst, tokens, discard_model=True)
     log.info("wrote %s (%d parameters)", dst, cfg.num_parameters())
     return dst

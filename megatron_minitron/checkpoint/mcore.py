@@ -58,11 +58,36 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _move_views_out(sharded: dict) -> None:
+    """Megatron's dist-checkpoint writer clones, all together before it writes, every CPU tensor
+    that is a view into a larger storage: SwiGLU's fc1 halves, which the sharded state dict cuts
+    out of one parameter, half the weights of a Llama. For a model discarded after its save, each
+    such parameter is copied into its parts and its storage freed, one at a time, so the save holds
+    one extra fc1 instead of all. (A GPU writer stages every tensor to the host anyway.)"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded)
+    by_storage: dict[int, list] = {}
+    for t in nested_values(sharded):
+        if isinstance(t, ShardedTensor) and t.data.device.type == "cpu":
+            by_storage.setdefault(t.data.untyped_storage().data_ptr(), []).append(t)
+    for parts in by_storage.values():
+        storage = parts[0].data.untyped_storage()
+        if any(storage.nbytes() == t.data.numel() * t.data.element_size() for t in parts):
+            continue  # a whole tensor: written as it is
+        for t in parts:
+            t.data = t.data.clone()
+        storage.resize_(0)
+
+
 def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
-                    tokenizer_files: dict[str, bytes | Path], extra=None) -> None:
+                    tokenizer_files: dict[str, bytes | Path], extra=None,
+                    discard_model: bool = False) -> None:
     """Every rank calls this; the directory appears at `dst` only when all shards are written.
     A meta without a fingerprint (new weights) gets a fresh one. `extra(stage)` runs on every rank
-    inside the staging directory."""
+    inside the staging directory. `discard_model`: the caller drops the chunks after the save
+    (an import), which lets the save free their memory as it goes."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -71,8 +96,11 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
             if _rank() == 0:
                 (stage / WEIGHTS_DIR).mkdir()
             _barrier()
+            sharded = sharded_state_dict(chunks)
+            if discard_model:
+                _move_views_out(sharded)
             with interrupt.deferred():  # the writer forks: see runtime/interrupt.py
-                dist_checkpointing.save(sharded_state_dict(chunks), str(stage / WEIGHTS_DIR))
+                dist_checkpointing.save(sharded, str(stage / WEIGHTS_DIR))
                 if extra is not None:  # more state in the same directory (training: optimizer)
                     extra(stage)
             if _rank() == 0:
@@ -100,28 +128,77 @@ def tokenizer_files(ckpt: Path) -> dict[str, Path]:
 def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     """Load weights into this rank's chunks, resharding from whatever TP/PP they were saved at."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
 
     meta = read_meta(ckpt)
     sharded = sharded_state_dict(chunks)
+    in_place = {name: _build_factories(d) for name, d in sharded.items()}
     _install_safe_metadata_reader()
     try:
+        weights = Path(ckpt) / WEIGHTS_DIR
         loaded, ckpt_only, model_only = dist_checkpointing.load(
-            sharded, str(Path(ckpt) / WEIGHTS_DIR), strict=StrictHandling.RETURN_ALL)
+            sharded, str(weights), strict=StrictHandling.RETURN_ALL,
+            **common_file_optional(dist_checkpointing.load, weights))
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is no Exception
         log.debug("loading %s failed", ckpt, exc_info=True)  # the whole cause, with -v
         raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded ({_cause(e)})") from None
     # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,
     # and the reverse: either side may miss it (CPU-converted checkpoints train on TE GPUs).
-    # Any other mismatch is an error.
-    mismatched = sorted(k for k in (*ckpt_only, *model_only) if "_extra_state" not in k)
+    # 0.19 keeps the (empty) common state in the checkpoint as an object. Any other mismatch is
+    # an error.
+    mismatched = sorted(k for k in (*ckpt_only, *model_only)
+                        if "_extra_state" not in k and k != COMMON_OBJECT)
     if mismatched:
         raise ConfigError(f"checkpoint {ckpt}: weights do not match the model ({len(mismatched)} "
                           f"keys, e.g. {', '.join(mismatched[:3])})")
-    for i, c in enumerate(chunks):
-        c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+    for name, c in zip(sharded, chunks, strict=True):
+        for key, parts in in_place[name].items():
+            for part, got in zip(parts, nested_values(loaded[name].pop(key)), strict=True):
+                if got.data_ptr() != part.data_ptr():  # read elsewhere: copy it in
+                    part.copy_(got)
+        c.load_state_dict(loaded[name], strict=False)
     return meta
+
+
+COMMON_FILE = "common.pt"  # up to megatron-core 0.18
+COMMON_OBJECT = "common_state"  # from 0.19
+
+
+def common_file_optional(load, weights: Path) -> dict:
+    """Keyword arguments for Megatron's `dist_checkpointing.load` that read a checkpoint written
+    by megatron-core 0.19, which no longer writes `common.pt` (the non-sharded state, empty in a
+    model's checkpoint), with releases up to 0.18, which require the file: a common strategy that
+    reads a missing file as empty. 0.19's `load` takes no common strategy (nor needs one)."""
+    import inspect
+
+    if (weights / COMMON_FILE).exists() or "common_strategy" not in inspect.signature(
+            load).parameters:
+        return {}
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class NoCommonFile(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return {}
+
+    return {"common_strategy": NoCommonFile()}
+
+
+def _build_factories(sharded: dict) -> dict[str, list[torch.Tensor]]:
+    """Replace the sharded tensor factories at the top of one chunk's sharded state dict by the
+    tensors they build (SwiGLU's fc1 halves: views of the parameter), so the checkpoint is read
+    into the parameters themselves. Megatron's own load would read the parts, then concatenate
+    every fc1 at once into new tensors to copy in: half a Llama's weights more at the peak."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    built = {}
+    for key, value in sharded.items():
+        if isinstance(value, ShardedTensorFactory):
+            sharded[key] = value.build()
+            built[key] = [t.data for t in nested_values(sharded[key])]
+    return built
 
 
 def _cause(e: BaseException) -> str:

@@ -11,7 +11,9 @@ move between releases), this module
  3. installs an RNG tracker with the same interface that forks the CPU generator;
  4. lets gloo gather 0-d tensors (it rejects them; Megatron gathers scalars in a few places);
  5. reports CPU float tensors' `Tensor.type()` as `torch.cuda.*` (gradient clipping and the mixed
-    precision optimizers assert on that string).
+    precision optimizers assert on that string);
+ 6. answers `torch.cuda.current_stream()` with a host stream whose waits are no-ops (from
+    megatron-core 0.19 the DDP gradient reduction waits on the current stream's events).
 `apply()` is called once by the runtime and only when `torch.cuda.is_available()` is False; on a GPU
 none of this is touched. Code is written for the GPU: it asks for `runtime.device()` (`cuda:0` here
 too, redirected), so the strict device mode (`strict_device`, for tests) can tell the tensors a GPU
@@ -132,6 +134,19 @@ def _to_device(self, *args, **kwargs):
     return strict_device.mark(self.clone())
 
 
+class _HostStream:
+    """The one stream of a CPU: everything is already ordered."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def apply() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
@@ -140,6 +155,7 @@ def apply() -> None:
     _CudaRequestsToCpu(strict).__enter__()
     torch.cuda.current_device = lambda: strict_device.GPU_ON_CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _HostStream()
     torch.Tensor.cuda = _to_device
     dist.all_gather_into_tensor = _gloo_safe_all_gather_into_tensor(dist.all_gather_into_tensor)
     if strict:
