@@ -8,11 +8,13 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import pickle
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -92,7 +94,8 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
+        with _writer_errors() as logged, \
+                atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
             if _rank() == 0:
                 (stage / WEIGHTS_DIR).mkdir()
             _barrier()
@@ -116,8 +119,25 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                 (stage / META_FILE).write_text(meta.to_json())
     except (OSError, CheckpointException) as e:  # a full or failing disk: one line, dst untouched
         log.debug("writing %s failed", dst, exc_info=True)
-        raise ConfigError(f"writing checkpoint {dst} failed ({_cause(e)}); nothing was written "
+        cause = _cause(e) + "".join(f"; {line.splitlines()[0][:300]}" for line in logged[:1])
+        raise ConfigError(f"writing checkpoint {dst} failed ({cause}); nothing was written "
                           "there") from None
+
+
+@contextlib.contextmanager
+def _writer_errors() -> Iterator[list[str]]:
+    """The error messages Megatron's checkpoint writer logs meanwhile. From megatron-core 0.19 a
+    writer thread's exception (the disk's OSError) reaches the caller only as its type, in a
+    RuntimeError; the message, which says what failed, goes to the log alone."""
+    logged: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    logger.addHandler(handler)
+    try:
+        yield logged
+    finally:
+        logger.removeHandler(handler)
 
 
 def tokenizer_files(ckpt: Path) -> dict[str, Path]:
