@@ -14,7 +14,7 @@ from megatron_minitron.checkpoint.atomic import atomic_directory, check_destinat
 from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, Rule, rules
 from megatron_minitron.checkpoint.sources import Source, detect_format, open_source
 from megatron_minitron.config import CheckpointMeta, ConfigError, ModelConfig, ParallelConfig
-from megatron_minitron.runtime.host_memory import return_freed_tensors_to_the_os
+from megatron_minitron.runtime.host_memory import tensors_freed_to_the_os
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ def import_weights(chunks, source: Source, te: bool) -> None:
 
     cfg = source.config
     rank, tp, _ = tp_rank_world_group()
-    return_freed_tensors_to_the_os()
     _check_names(source, cfg, te)
     local = _local_rules(cfg, tp, te)
     params = list(global_parameters(chunks))
@@ -120,7 +119,6 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
     from megatron_minitron.runtime.distributed import barrier, is_main_rank
     from megatron_minitron.runtime.progress import Progress
 
-    return_freed_tensors_to_the_os()
     by_mcore = {r.mcore: r for r in rules(cfg, te_available())}
     writer = (parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_data_parallel_rank() == 0)
@@ -133,7 +131,8 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
     names = hf_io.file_names(len(every))
     file_of = {e.name: (names[i], group) for i, group in enumerate(every) for e in group}
     progress = Progress("export", len(params), unit="tensors")
-    with atomic_directory(dst, is_writer=is_main_rank(), barrier=barrier) as stage:
+    with tensors_freed_to_the_os(), \
+            atomic_directory(dst, is_writer=is_main_rank(), barrier=barrier) as stage:
         out = None
         for name, p in params:
             full = full_tensor(name, p, cfg)  # a TP collective: every rank takes part
@@ -159,6 +158,12 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
 
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
             max_shard_bytes: int | None = None) -> Path:
+    with tensors_freed_to_the_os():
+        return _convert(src, dst, to, parallel, max_shard_bytes)
+
+
+def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
+             max_shard_bytes: int | None) -> Path:
     from megatron_minitron.model import build_model, load_model, te_available
     from megatron_minitron.runtime import init_runtime
 
