@@ -119,7 +119,9 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                 (stage / META_FILE).write_text(meta.to_json())
     except (OSError, CheckpointException) as e:  # a full or failing disk: one line, dst untouched
         log.debug("writing %s failed", dst, exc_info=True)
-        cause = _cause(e) + "".join(f"; {line.splitlines()[0][:300]}" for line in logged[:1])
+        cause = _cause(e)
+        if logged:  # 0.19's writer: the OSError's message is only in its log
+            cause += f"; {logged[0].splitlines()[0][:300]}"
         raise ConfigError(f"writing checkpoint {dst} failed ({cause}); nothing was written "
                           "there") from None
 
