@@ -108,12 +108,16 @@ def peak_memory(fn) -> int:
     return peak[0]
 
 
-def alternate(runs: dict, repeats: int = 3) -> dict[str, tuple[float, int]]:
+def alternate(runs: dict, repeats: int = 3, before: dict | None = None
+              ) -> dict[str, tuple[float, int]]:
     """Median seconds of each callable over `repeats` interleaved runs (A B A B ..., so drift
-    hits all alike), then each one's peak memory."""
+    hits all alike), then each one's peak memory. `before[name]`, untimed, precedes every run
+    of `name` (a run that consumes its input gets a fresh one)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
+    before = before or {}
     for _ in range(repeats):
         for name, fn in runs.items():
+            before.get(name, lambda: None)()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -121,5 +125,8 @@ def alternate(runs: dict, repeats: int = 3) -> dict[str, tuple[float, int]]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
-    peaks = {name: peak_memory(fn) for name, fn in runs.items()}
+    peaks = {}
+    for name, fn in runs.items():
+        before.get(name, lambda: None)()
+        peaks[name] = peak_memory(fn)
     return {k: (sorted(v)[len(v) // 2], peaks[k]) for k, v in times.items()}

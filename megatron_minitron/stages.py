@@ -179,7 +179,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
             plan = ordered_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
     summary = prune_summary(meta.model, plan)
     log.info("pruning %s: %s", src, "; ".join(summary))
-    new = prune_model(chunks, meta.model, plan, rt.parallel)
+    new = prune_model(chunks, meta.model, plan, rt.parallel, release_source=True)
     history = [*meta.history, f"pruned to {plan.summary()}", *plan.notes]
     mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
                                               source=f"mcore:{src.resolve()}", history=history,

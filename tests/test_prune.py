@@ -290,6 +290,29 @@ def test_a_composed_plan_prunes_as_the_two_steps_do(tiny_llama_ckpt, tiny_tokens
         assert compose(first, second).model.num_layers == 3
 
 
+def test_pruning_that_releases_its_source_gives_the_same_model(tiny_llama_ckpt):
+    """The prune stage gives each source layer's memory back once sliced (dropped layers first):
+    the result is the same, tensor for tensor, and the source holds nothing afterwards."""
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.importance.run import ImportanceConfig, compute_importance
+    from megatron_minitron.prune import PruneTarget, make_plan, prune_model
+
+    cfg, chunks = load_in_process(tiny_llama_ckpt)
+    samples = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(3))
+    scores = compute_importance(chunks, cfg, samples,
+                                ImportanceConfig(samples=4, seq_length=32, depth_samples=2))
+    plan = make_plan(cfg, PruneTarget(hidden=48, ffn=64, heads=2, layers=3), scores)
+    kept = prune_model(chunks, cfg, plan, ParallelConfig())
+    released = prune_model(chunks, cfg, plan, ParallelConfig(), release_source=True)
+    assert plan.model.num_layers < cfg.num_layers
+    a, b = kept[0].state_dict(), released[0].state_dict()
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        if "_extra_state" not in name:
+            assert torch.equal(t, b[name]), name
+    assert all(p.numel() == 0 for p in chunks[0].parameters())
+
+
 def test_strategy_auto_makes_the_same_choice_at_tp2_sp_and_pp2(tmp_path):
     """--strategy auto at TP1, TP2+SP and PP2: the same candidates, losses equal to 1e-5, the
     same winner and the same written shape; the winner has the lowest calibration loss."""

@@ -61,18 +61,34 @@ def layers_per_stage(plan: PrunePlan, src: ModelConfig, parallel: ParallelConfig
     return [sum(1 for i in plan.layers if i // per == s) for s in range(stages)]
 
 
-def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelConfig) -> list:
+def _release(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelConfig,
+                release_source: bool = False) -> list:
+    """The pruned model's chunks. With `release_source` (for a caller done with the source)
+    each source layer's memory is given back as soon as it is sliced, dropped layers first: live
+    tensors peak at the source plus a layer instead of source plus result, and the result's
+    smaller tensors land in heap memory the source already touched instead of faulting in fresh
+    pages (so the process's RSS, which keeps that heap, still peaks near source plus result)."""
     from megatron_minitron.model import build_model
 
     new_chunks = build_model(plan.model, parallel, dtype=next(chunks[0].parameters()).dtype,
                              layers_per_stage=layers_per_stage(plan, src, parallel))
     src_layers = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
     new_layers = {layer.layer_number - 1: layer for layer in decoder_layers(new_chunks)}
+    if release_source:
+        for i in src_layers.keys() - set(plan.layers):
+            _release(src_layers[i])
     progress = Progress("prune", len(plan.layers), unit="layers")
     for new_i, src_i in enumerate(plan.layers):
         if src_i in src_layers:
             _copy(src_layers[src_i], new_layers[new_i], src,
                   lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i))
+            if release_source:
+                _release(src_layers[src_i])
         progress.update(1)
     for old, new in zip(chunks, new_chunks, strict=True):
         for path in ("embedding", "output_layer", "decoder.final_layernorm"):
@@ -81,4 +97,6 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
             if a is not None:
                 _copy(a, b, src, lambda name, t: slice_model_tensor(name, t, src, plan),
                       prefix=path + ".")
+                if release_source:
+                    _release(a)
     return new_chunks

@@ -24,16 +24,18 @@ from megatron_minitron.checkpoint.layout import (
 )
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.prune.plan import PrunePlan
+from megatron_minitron.runtime.host_memory import empty_huge
 
 
 def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
          ) -> torch.Tensor:
     """t[rows][:, cols] by `index_select`, rows first: a third of the time of advanced indexing
-    on CPU, and no index tensor broadcast."""
-    if rows is not None:
-        t = t.index_select(0, rows.to(t.device))
-    if cols is not None:
-        t = t.index_select(1, cols.to(t.device))
+    on CPU, and no index tensor broadcast. Written into huge pages where the host has them."""
+    for dim, index in ((0, rows), (1, cols)):
+        if index is not None:
+            shape = [*t.shape[:dim], index.numel(), *t.shape[dim + 1:]]
+            t = torch.index_select(t, dim, index.to(t.device),
+                                   out=empty_huge(shape, t.dtype, t.device))
     return t
 
 
