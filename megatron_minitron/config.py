@@ -16,8 +16,6 @@ from pathlib import Path
 
 from megatron_minitron.options import option
 
-FAMILIES = ("llama", "nemotron")
-
 
 class ConfigError(ValueError):
     """A shape, parallel layout or file that cannot work; the message names the offending value.
@@ -74,6 +72,9 @@ FAMILIES = {
     "gemma3": FamilyTraits("Gemma3ForCausalLM", "gemma3_text", "gelu_pytorch_tanh",
                            activation="geglu", zero_centered_gamma=True, qk_norm=True,
                            post_norms=True, scaled_embedding=True),
+    # Mixture of experts in every layer (`ModelConfig.num_moe_experts`).
+    "mixtral": FamilyTraits("MixtralForCausalLM", "mixtral", "silu"),
+    "qwen3_moe": FamilyTraits("Qwen3MoeForCausalLM", "qwen3_moe", "silu", qk_norm=True),
 }
 
 
@@ -110,10 +111,34 @@ class ModelConfig:
     window_layers: list[int] | None = None
     local_rotary_base: float | None = None
     softmax_scale: float | None = None  # None: 1 / sqrt(kv_channels)
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is `num_moe_experts` SwiGLU
+    # experts of width `moe_ffn_hidden_size`, `moe_router_topk` of them per token. Weights are the
+    # softmax over the top k router logits (Mixtral; Qwen3-MoE's norm_topk_prob), or with
+    # `moe_router_pre_softmax` the top k of the softmax over all experts, not renormalised.
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 2
+    moe_router_pre_softmax: bool = False
 
     @property
     def traits(self) -> FamilyTraits:
         return family_traits(self.family)
+
+    @property
+    def moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def refuse_moe(self, what: str) -> None:
+        """Stages that do not handle experts yet say so in one line."""
+        if self.moe:
+            raise ConfigError(f"{what} of a mixture-of-experts model ({self.family}, "
+                              f"{self.num_moe_experts} experts) is not supported yet; convert, "
+                              "export and evaluate it")
+
+    @property
+    def mlp_width(self) -> int:
+        """The width of each MLP: an expert's under MoE."""
+        return self.moe_ffn_hidden_size if self.moe else self.ffn_hidden_size
 
     def validate(self) -> None:
         family_traits(self.family)
@@ -128,12 +153,21 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}")
+        if self.moe:
+            if self.num_moe_experts < 1 or not self.moe_ffn_hidden_size:
+                raise ConfigError(f"num_moe_experts={self.num_moe_experts} and "
+                                  f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be "
+                                  "positive")
+            if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                raise ConfigError(f"moe_router_topk={self.moe_router_topk} must be between 1 "
+                                  f"and num_moe_experts={self.num_moe_experts}")
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Raise unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
         if tp < 1 or pp < 1:
             raise ConfigError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
-        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        for name in ("num_attention_heads", "num_query_groups",
+                     "moe_ffn_hidden_size" if self.moe else "ffn_hidden_size"):
             if getattr(self, name) % tp:
                 raise ConfigError(f"tensor parallel size {tp} does not divide "
                                   f"{name}={getattr(self, name)}")
@@ -143,11 +177,14 @@ class ModelConfig:
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Exact parameter count of the GPTModel this config builds (tied weights counted once)."""
-        h, f, t = self.hidden_size, self.ffn_hidden_size, self.traits
+        h, f, t = self.hidden_size, self.mlp_width, self.traits
         q = self.num_attention_heads * self.kv_channels
         kv = 2 * self.num_query_groups * self.kv_channels
         norm = h * (2 if t.normalization == "LayerNorm" else 1)
-        layer = h * (q + kv) + q * h + (2 if t.gated else 1) * f * h + f * h + 2 * norm
+        mlp = (2 if t.gated else 1) * f * h + f * h
+        if self.moe:  # the router, then every expert
+            mlp = self.num_moe_experts * (h + mlp)
+        layer = h * (q + kv) + q * h + mlp + 2 * norm
         layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
         layer += 2 * norm if t.post_norms else 0
         total = self.num_layers * layer + norm

@@ -8,7 +8,15 @@ from safetensors.torch import load_file, save_file
 
 from megatron_minitron.checkpoint.mcore import COMMON_FILE, common_file_optional
 from megatron_minitron.cli import main
-from tests.conftest import ROOT, hf_logits, in_process_logits, run_cli, tiny_hf_dir, torchrun_logits
+from tests.conftest import (
+    ROOT,
+    fails,
+    hf_logits,
+    in_process_logits,
+    run_cli,
+    tiny_hf_dir,
+    torchrun_logits,
+)
 
 
 def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_llama_ckpt,
@@ -26,7 +34,8 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_
 @pytest.mark.parametrize("family,tie,rope_scaling", [
     ("llama", False, None), ("llama", True, None), ("llama", False, 8.0),
     ("nemotron", False, None), ("mistral", False, None), ("qwen2", True, None),
-    ("qwen3", False, None), ("gemma3", True, None)])
+    ("qwen3", False, None), ("gemma3", True, None), ("mixtral", False, None),
+    ("qwen3_moe", True, None)])
 def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, tiny_tokens):
     from transformers import AutoModelForCausalLM
 
@@ -65,11 +74,28 @@ def test_mistral_sliding_window_is_honoured(tmp_path, tiny_tokens):
     assert (in_process_logits(tmp_path / "mcore", tiny_tokens) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_moe_routing_without_renormalised_weights_matches(tmp_path, tiny_tokens, capsys):
+    """Qwen3-MoE with norm_topk_prob off weighs experts by their softmax over all experts (the
+    logits differ from renormalised routing). Importance and pruning refuse MoE in one line."""
+    hf = tiny_hf_dir(tmp_path / "hf", "qwen3_moe", seed=4, norm_topk_prob=False)
+    renormalised = tiny_hf_dir(tmp_path / "renorm", "qwen3_moe", seed=4)
+    assert main(["convert", str(hf), str(tmp_path / "mcore")]) == 0
+    ref = hf_logits(hf, tiny_tokens)
+    assert (ref - hf_logits(renormalised, tiny_tokens)).abs().max() > 1e-3
+    assert (in_process_logits(tmp_path / "mcore", tiny_tokens) - ref).abs().max() <= 1e-5
+    assert main(["convert", str(tmp_path / "mcore"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["norm_topk_prob"] is False
+    capsys.readouterr()
+    fails(capsys, ["prune", "--load", str(tmp_path / "mcore"), "--drop-layers", "1",
+                   "--out", str(tmp_path / "p")], "pruning of a mixture-of-experts model")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_moe"])
 def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_tokens):
     """The families whose layers add shared parameters (q/k norms; Gemma's post-norms and
-    sliding layers) at TP2+SP and PP2. Qwen2's TP-split QKV biases are covered by pruning the
-    same checkpoint at TP2 (test_prune)."""
+    sliding layers; MoE routers, experts split over TP) at TP2+SP and PP2. Qwen2's TP-split QKV
+    biases are covered by pruning the same checkpoint at TP2 (test_prune)."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     run_cli("convert", str(hf), str(tmp_path / "mcore"))
     ref = hf_logits(hf, tiny_tokens)

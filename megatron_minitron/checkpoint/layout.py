@@ -12,7 +12,10 @@ Facts encoded here:
   so norms copy unchanged;
 - Gemma's HF `post_attention_layernorm` is a post-norm (Megatron: `linear_proj.post_layernorm`),
   its pre-MLP norm `pre_feedforward_layernorm`; Llama's `post_attention_layernorm` is the pre-MLP
-  norm.
+  norm;
+- MoE (SequentialMLP): `mlp.router.weight` [experts, h] is HF's `gate`, expert j's SwiGLU is
+  `mlp.experts.local_experts.j.linear_fc1/fc2`; TE fuses no norm into an MoE layer, so its
+  pre-MLP norm keeps the local name.
 """
 
 from __future__ import annotations
@@ -36,10 +39,16 @@ NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer
 QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3, Gemma 3)
 
 
-def norm_names(te: bool) -> tuple[str, str]:
+# HF's MoE block, and the names of an expert's gate, up and down projections.
+MOE_HF = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+          "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
+def norm_names(te: bool, moe: bool = False) -> tuple[str, str]:
     """Megatron names (without `.weight`) of a layer's pre-attention and pre-MLP norms."""
     if te:
-        return "self_attention.linear_qkv.layer_norm", "mlp.linear_fc1.layer_norm"
+        return ("self_attention.linear_qkv.layer_norm",
+                "pre_mlp_layernorm" if moe else "mlp.linear_fc1.layer_norm")
     return "input_layernorm", "pre_mlp_layernorm"
 
 
@@ -130,11 +139,20 @@ class Rule:
     split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = lambda t: (t,)
 
 
+def _mlp_rules(mc: str, hf: str, gated: bool, gate: str = "gate_proj", up: str = "up_proj",
+               down: str = "down_proj") -> list[Rule]:
+    """One MLP (or expert): `linear_fc1` = [gate; up] when gated, `linear_fc2` = down."""
+    fc1 = (Rule(mc + "linear_fc1.weight", (hf + f"{gate}.weight", hf + f"{up}.weight"),
+                torch.cat, lambda t: torch.chunk(t, 2, dim=0)) if gated else
+           Rule(mc + "linear_fc1.weight", (hf + f"{up}.weight",)))
+    return [Rule(mc + "linear_fc2.weight", (hf + f"{down}.weight",)), fc1]
+
+
 def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
     it."""
     out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
-    attn_norm, mlp_norm = norm_names(te)
+    attn_norm, mlp_norm = norm_names(te, cfg.moe)
     post = cfg.traits.post_norms  # Gemma: HF's post_attention_layernorm is a real post-norm
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
@@ -155,14 +173,15 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
         if cfg.traits.qk_norm:
             out += [Rule(m + f"self_attention.{x}_layernorm.weight",
                          (s + f"self_attn.{x}_norm.weight",)) for x in "qk"]
-        out += [Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)),
-                Rule(m + "mlp.linear_fc2.weight", (s + "mlp.down_proj.weight",))]
-        if cfg.traits.gated:  # linear_fc1 = [gate; up]
-            out.append(Rule(m + "mlp.linear_fc1.weight",
-                            (s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"),
-                            torch.cat, lambda t: torch.chunk(t, 2, dim=0)))
+        out.append(Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)))
+        if cfg.moe:
+            block, gate, up, down = MOE_HF[cfg.family]
+            out.append(Rule(m + "mlp.router.weight", (s + f"{block}.gate.weight",)))
+            out += [r for j in range(cfg.num_moe_experts) for r in _mlp_rules(
+                m + f"mlp.experts.local_experts.{j}.", s + f"{block}.experts.{j}.", True,
+                gate, up, down)]
         else:
-            out.append(Rule(m + "mlp.linear_fc1.weight", (s + "mlp.up_proj.weight",)))
+            out += _mlp_rules(m + "mlp.", s + "mlp.", cfg.traits.gated)
     out += [Rule(f"decoder.final_layernorm.{suf}", (f"model.norm.{suf}",))
             for suf in _norm_suffixes(cfg)]
     if not cfg.tie_embeddings:
@@ -228,8 +247,13 @@ def hf_config(cfg: ModelConfig) -> dict:
         # (a hidden-pruned model); Mistral's takes head_dim and is the same network.
         return {**out, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
                 "sliding_window": None}
+    if cfg.family in ("mistral", "mixtral"):
+        out["sliding_window"] = cfg.sliding_window
     if cfg.family == "mistral":
-        return {**out, "sliding_window": cfg.sliding_window}
+        return out
+    if cfg.family == "mixtral":  # routing weights: always the softmax over the top k
+        return {**out, "num_local_experts": cfg.num_moe_experts,
+                "num_experts_per_tok": cfg.moe_router_topk, "router_aux_loss_coef": 0.0}
     if cfg.family == "gemma3":
         local = {**rope, "rope_theta": cfg.local_rotary_base or cfg.rotary_base}
         out.pop("hidden_act")
@@ -242,9 +266,15 @@ def hf_config(cfg: ModelConfig) -> dict:
                                           else cfg.kv_channels),
                 "final_logit_softcapping": None, "attn_logit_softcapping": None,
                 "attention_bias": False}
-    return {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2, qwen3
-            "max_window_layers": cfg.num_layers,
-            **({"attention_bias": False} if cfg.family == "qwen3" else {})}
+    out = {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2, qwen3(_moe)
+           "max_window_layers": cfg.num_layers,
+           **({"attention_bias": False} if cfg.family != "qwen2" else {})}
+    if cfg.moe:
+        out.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                   norm_topk_prob=not cfg.moe_router_pre_softmax, decoder_sparse_step=1,
+                   mlp_only_layers=[], router_aux_loss_coef=0.0)
+    return out
 
 
 def _integral(x: float) -> float | int:
@@ -271,7 +301,7 @@ def _windows(hf: dict, family: str) -> tuple[int | None, list[int] | None]:
     flags = [LAYER_TYPES[t] for t in hf.get("layer_types") or ()]
     if any(flags):
         return hf["sliding_window"], flags
-    return (hf.get("sliding_window") if family == "mistral" else None), None
+    return (hf.get("sliding_window") if family in ("mistral", "mixtral") else None), None
 
 
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
@@ -319,9 +349,26 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         window_layers=window_layers,
         local_rotary_base=float(local) if local is not None and window_layers else None,
         softmax_scale=None if scalar == head_dim else float(scalar) ** -0.5,
+        **_moe_fields(hf, family, source),
     )
     cfg.validate()
     return cfg
+
+
+def _moe_fields(hf: dict, family: str, source: str) -> dict:
+    """Mixtral's and Qwen3-MoE's expert fields; every layer must be an MoE layer."""
+    from megatron_minitron.config import ConfigError
+
+    if family not in MOE_HF:
+        return {}
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise ConfigError(f"{source}: dense MLP layers among the MoE layers (decoder_sparse_step "
+                          f"{hf.get('decoder_sparse_step')}, mlp_only_layers "
+                          f"{hf.get('mlp_only_layers')}) are not supported")
+    return dict(num_moe_experts=hf.get("num_local_experts", hf.get("num_experts")),
+                moe_ffn_hidden_size=hf.get("moe_intermediate_size", hf["intermediate_size"]),
+                moe_router_topk=hf["num_experts_per_tok"],
+                moe_router_pre_softmax=not hf.get("norm_topk_prob", True))
 
 
 def _rope_scaling_factor(rope: dict, source: str) -> float | None:

@@ -50,6 +50,30 @@ def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
     return layout
 
 
+def _router_without_te() -> None:
+    """Megatron-Core's router asks `te_general_gemm is not None`, a name moe_utils defines only
+    when Transformer Engine imports: without TE, a NameError (0.16.1). None is what TE's absence
+    means there, and picks the router's torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def moe_config(cfg: ModelConfig) -> dict:
+    """TransformerConfig's MoE fields. Experts are separate modules (SequentialMLP, no grouped
+    GEMM), the layout import and pruning slice; tokens reach them by all-gather, the dispatcher
+    that also runs over gloo (all-to-all does not on CPU). The load-balancing loss is off until
+    training asks for it."""
+    if not cfg.moe:
+        return {}
+    return dict(num_moe_experts=cfg.num_moe_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+                moe_router_topk=cfg.moe_router_topk,
+                moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+                moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+
+
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
                        layers_per_stage: list[int] | None = None):
     from megatron.core.transformer import TransformerConfig
@@ -70,6 +94,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         add_bias_linear=False,
         add_qkv_bias=t.qkv_bias,
         qk_layernorm=t.qk_norm,
+        **moe_config(cfg),
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         window_attn_skip_freq=cfg.window_layers,
         softmax_scale=cfg.softmax_scale,
@@ -117,7 +142,9 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.traits.qk_norm)
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+            qk_layernorm=cfg.traits.qk_norm)
         if cfg.traits.post_norms:
             spec = gemma3_spec(spec, cfg.local_rotary_base or cfg.rotary_base, TENorm)
         return spec
@@ -125,7 +152,8 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
 
     from megatron_minitron.model.norm import MinitronNorm
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.traits.qk_norm)
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=cfg.traits.qk_norm)
     attn = spec.submodules.self_attention
     if cfg.traits.qk_norm:  # the local spec's q/k norm refuses sequence parallelism too
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(
@@ -151,6 +179,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
     from megatron_minitron.runtime.distributed import device
 
     dtype = dtype or parallel.dtype()
+    if cfg.moe:
+        _router_without_te()
     cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp)
     config = transformer_config(cfg, parallel, dtype, layers_per_stage)
     chunks = []

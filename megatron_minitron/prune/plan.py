@@ -97,6 +97,7 @@ def _check_range(name: str, value: int | None, original: int) -> None:
 
 def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     """The target shape, validated against the original; raises ConfigError naming the problem."""
+    cfg.refuse_moe("pruning")
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
