@@ -42,10 +42,14 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
     bad = tmp_path / "mistral"
     shutil.copytree(tiny_llama_hf, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["MixtralForCausalLM"]
+    cfg["architectures"] = ["Qwen2MoeForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "MixtralForCausalLM",
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "Qwen2MoeForCausalLM",
            "Qwen3ForCausalLM")  # the supported list
+    _nothing_at(tmp_path / "dst")
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["MixtralForCausalLM"]}))
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "num_local_experts",
+          "num_experts_per_tok")  # a dense config under an MoE architecture
     _nothing_at(tmp_path / "dst")
     # fields that would change the network are refused, not dropped
     for field, value in (("attention_bias", True), ("mlp_bias", True),

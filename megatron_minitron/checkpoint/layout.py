@@ -365,8 +365,14 @@ def _moe_fields(hf: dict, family: str, source: str) -> dict:
         raise ConfigError(f"{source}: dense MLP layers among the MoE layers (decoder_sparse_step "
                           f"{hf.get('decoder_sparse_step')}, mlp_only_layers "
                           f"{hf.get('mlp_only_layers')}) are not supported")
-    return dict(num_moe_experts=hf.get("num_local_experts", hf.get("num_experts")),
-                moe_ffn_hidden_size=hf.get("moe_intermediate_size", hf["intermediate_size"]),
+    # Qwen3-MoE's Hub configs say num_experts, transformers 5 writes num_local_experts
+    experts = next((k for k in ("num_local_experts", "num_experts") if k in hf),
+                   "num_local_experts")
+    width = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    missing = [k for k in (experts, width, "num_experts_per_tok") if not hf.get(k)]
+    if missing:
+        raise ConfigError(f"{source}: a {family} config needs {', '.join(missing)}")
+    return dict(num_moe_experts=hf[experts], moe_ffn_hidden_size=hf[width],
                 moe_router_topk=hf["num_experts_per_tok"],
                 moe_router_pre_softmax=not hf.get("norm_topk_prob", True))
 
