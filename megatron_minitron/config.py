@@ -162,10 +162,17 @@ class ModelConfig:
                 raise ConfigError(f"moe_router_topk={self.moe_router_topk} must be between 1 "
                                   f"and num_moe_experts={self.num_moe_experts}")
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise unless this shape can be split over `tp` tensor and `pp` pipeline ranks."""
-        if tp < 1 or pp < 1:
-            raise ConfigError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Raise unless this shape can be split over `tp` tensor, `pp` pipeline and `ep` expert
+        ranks."""
+        if tp < 1 or pp < 1 or ep < 1:
+            raise ConfigError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} ep={ep}")
+        if ep > 1 and not self.moe:
+            raise ConfigError(f"expert parallel size {ep} needs a mixture-of-experts model; "
+                              f"this {self.family} model has none")
+        if self.moe and self.num_moe_experts % ep:
+            raise ConfigError(f"expert parallel size {ep} does not divide "
+                              f"num_moe_experts={self.num_moe_experts}")
         for name in ("num_attention_heads", "num_query_groups",
                      "moe_ffn_hidden_size" if self.moe else "ffn_hidden_size"):
             if getattr(self, name) % tp:
@@ -219,6 +226,9 @@ class ParallelConfig:
                      help="tensor-parallel ranks")
     pp: int = option(1, flag="--pipeline-model-parallel-size", short="--pp",
                      help="pipeline-parallel stages")
+    ep: int = option(1, flag="--expert-model-parallel-size", short="--ep",
+                     help="expert-parallel ranks (mixture-of-experts models): each holds "
+                          "experts / ep of every layer's experts")
     vpp: int | None = option(None, flag="--virtual-pipeline-model-parallel-size", short="--vpp",
                              help="virtual pipeline stages per rank (interleaved schedule)")
     sequence_parallel: bool = option(False, help="split activations along the sequence over "

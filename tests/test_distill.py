@@ -139,6 +139,30 @@ def test_new_families_train_the_same_under_tp_sp(tmp_path):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (family, i, a, b)
 
 
+def test_moe_trains_the_same_under_dp2_and_ep2(tmp_path):
+    """Mixtral (2 of 4 experts) as its own student, LM loss on: the trajectory, gradient norm
+    included, is one process's at DP=2 and at EP=2 (each rank holds two experts, whose gradients
+    are reduced over the expert data-parallel group, here of one rank)."""
+    import shutil
+
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    d = tmp_path
+    teacher = converted(tiny_hf_dir(d / "hf", "mixtral", seed=7), d / "teacher")
+    shutil.copytree(teacher, d / "student")
+    for name, files in (("train", train_plays()[:1]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                     "--output-prefix", str(d / name)]) == 0
+    setup = (teacher, d)
+    assert main(_distill_args(setup, d / "single", 3)) == 0
+    ref = _losses(d / "single")
+    assert len(ref) == 3 and ref[0][2] > 0
+    for name, flags in (("dp2", ()), ("ep2", ("--ep", "2"))):
+        run_cli(*_distill_args(setup, d / name, 3), *flags, nproc=2)
+        for (i, a, ga), (j, b, gb) in zip(ref, _losses(d / name), strict=True):
+            assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+
+
 def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):
     assert main(_distill_args(tiny_setup, tmp_path / "straight", 6)) == 0
     args = _distill_args(tiny_setup, tmp_path / "killed", 6, "--save-interval", "2")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron_minitron.checkpoint import hf_io, mcore
 from megatron_minitron.checkpoint.atomic import atomic_directory, check_destination
-from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER, Rule, rules
+from megatron_minitron.checkpoint.layout import EMBEDDING, LOCAL_EXPERTS, OUTPUT_LAYER, Rule, rules
 from megatron_minitron.checkpoint.sources import Source, detect_format, open_source
 from megatron_minitron.config import CheckpointMeta, ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.runtime.host_memory import tensors_freed_to_the_os
@@ -120,13 +120,21 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
     from megatron_minitron.runtime.progress import Progress
 
     by_mcore = {r.mcore: r for r in rules(cfg, te_available())}
-    writer = (parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_data_parallel_rank() == 0)
+    first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
+
+    def writes(name: str) -> bool:
+        """In the first replica: experts are replicated over their own (expert) data-parallel
+        group, which expert parallelism makes smaller than the dense parameters'."""
+        replica = (parallel_state.get_expert_data_parallel_rank() if LOCAL_EXPERTS in name
+                   else parallel_state.get_data_parallel_rank())
+        return first_tp and replica == 0
+
     # A later stage's copy of a tied embedding is no weight of its own.
     params = [(n, p) for n, p in global_parameters(chunks)
               if not (n == OUTPUT_LAYER and cfg.tie_embeddings)]
-    entries = _hf_entries(params, by_mcore, parallel_state.get_tensor_model_parallel_world_size())
-    mine = hf_io.group_into_files(entries, max_shard_bytes) if writer else []
+    entries = _hf_entries([(n, p) for n, p in params if writes(n)], by_mcore,
+                          parallel_state.get_tensor_model_parallel_world_size())
+    mine = hf_io.group_into_files(entries, max_shard_bytes)
     every = [f for files in _gathered(mine) for f in files]  # all ranks' files, in rank order
     names = hf_io.file_names(len(every))
     file_of = {e.name: (names[i], group) for i, group in enumerate(every) for e in group}
@@ -137,7 +145,7 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
         for name, p in params:
             full = full_tensor(name, p, cfg)  # a TP collective: every rank takes part
             for hf, t in zip(by_mcore[name].hf, by_mcore[name].split(full), strict=True):
-                if not writer:
+                if not writes(name):
                     continue
                 if out is None:
                     file, group = file_of[hf]
@@ -189,7 +197,7 @@ def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
         raise ConfigError(f"{src} is already a HF directory")
     source = open_source(src, fmt)
     cfg = source.config
-    cfg.check_parallel(parallel.tp, parallel.pp)
+    cfg.check_parallel(parallel.tp, parallel.pp, parallel.ep)
     rt = init_runtime(parallel)
     # Built in the source's dtype (a bf16 model stays bf16) unless a precision was asked for.
     chunks = build_model(cfg, rt.parallel, parallel.dtype(stored=source.dtype))

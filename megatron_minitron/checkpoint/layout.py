@@ -32,6 +32,7 @@ HF_LAYER = "model.layers.{i}."
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 MC_LAYER = "decoder.layers.{i}."
+LOCAL_EXPERTS = "mlp.experts.local_experts."  # + expert number: global in our names, see sharding
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # Norm parameters under both specs: local `input_layernorm.weight`, TE `layer_norm_weight`.
@@ -178,7 +179,7 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
             block, gate, up, down = MOE_HF[cfg.family]
             out.append(Rule(m + "mlp.router.weight", (s + f"{block}.gate.weight",)))
             out += [r for j in range(cfg.num_moe_experts) for r in _mlp_rules(
-                m + f"mlp.experts.local_experts.{j}.", s + f"{block}.experts.{j}.", True,
+                m + f"{LOCAL_EXPERTS}{j}.", s + f"{block}.experts.{j}.", True,
                 gate, up, down)]
         else:
             out += _mlp_rules(m + "mlp.", s + "mlp.", cfg.traits.gated)

@@ -12,7 +12,12 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_minitron.checkpoint.layout import MC_LAYER, swiglu_from_shards, swiglu_shard
+from megatron_minitron.checkpoint.layout import (
+    LOCAL_EXPERTS,
+    MC_LAYER,
+    swiglu_from_shards,
+    swiglu_shard,
+)
 from megatron_minitron.config import ModelConfig
 
 
@@ -30,13 +35,17 @@ def split_dim(p: torch.Tensor) -> int | None:
 
 
 def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """This rank's parameters under their full-model names (global layer numbers)."""
+    """This rank's parameters under their full-model names (global layer and expert numbers)."""
     for chunk in chunks:
         layers = chunk.decoder.layers
         for name, p in chunk.named_parameters():
             if name.startswith("decoder.layers."):
                 local, rest = name.removeprefix("decoder.layers.").split(".", 1)
-                name = MC_LAYER.format(i=layers[int(local)].layer_number - 1) + rest
+                layer = layers[int(local)]
+                if rest.startswith(LOCAL_EXPERTS):  # expert parallelism numbers them per rank
+                    j, tail = rest.removeprefix(LOCAL_EXPERTS).split(".", 1)
+                    rest = f"{LOCAL_EXPERTS}{layer.mlp.local_expert_indices[int(j)]}.{tail}"
+                name = MC_LAYER.format(i=layer.layer_number - 1) + rest
             yield name, p
 
 

@@ -103,6 +103,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
         pipeline_model_parallel_layout=pipeline_layout(layers_per_stage)
         if layers_per_stage and parallel.pp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
@@ -181,7 +182,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
     dtype = dtype or parallel.dtype()
     if cfg.moe:
         _router_without_te()
-    cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp)
+    cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp, parallel.ep)
     config = transformer_config(cfg, parallel, dtype, layers_per_stage)
     chunks = []
     for vp in range(parallel.vpp or 1):

@@ -15,7 +15,7 @@ def load_model(ckpt: Path, parallel: ParallelConfig, keep_dtype: bool = False, s
     from megatron_minitron.runtime import init_runtime
 
     meta: CheckpointMeta = mcore.read_meta(Path(ckpt))
-    meta.model.check_parallel(parallel.tp, parallel.pp)
+    meta.model.check_parallel(parallel.tp, parallel.pp, parallel.ep)
     rt = init_runtime(parallel, seed)
     dtype = parallel.dtype(meta.params_dtype if keep_dtype else None)
     return rt, meta, load_chunks(ckpt, meta, rt.parallel, dtype)

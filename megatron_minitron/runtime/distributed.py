@@ -78,6 +78,9 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     if world % (parallel.tp * parallel.pp):
         raise ConfigError(f"world size {world} is not divisible by tp*pp = "
                           f"{parallel.tp}*{parallel.pp}")
+    if world % (parallel.tp * parallel.ep * parallel.pp):  # experts are split over tp too
+        raise ConfigError(f"world size {world} is not divisible by tp*ep*pp = "
+                          f"{parallel.tp}*{parallel.ep}*{parallel.pp}")
     children.install()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -93,6 +96,7 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
