@@ -128,13 +128,6 @@ class ModelConfig:
     def moe(self) -> bool:
         return self.num_moe_experts is not None
 
-    def refuse_moe(self, what: str) -> None:
-        """Stages that do not handle experts yet say so in one line."""
-        if self.moe:
-            raise ConfigError(f"{what} of a mixture-of-experts model ({self.family}, "
-                              f"{self.num_moe_experts} experts) is not supported yet; convert, "
-                              "export and evaluate it")
-
     @property
     def mlp_width(self) -> int:
         """The width of each MLP: an expert's under MoE."""

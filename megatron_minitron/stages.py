@@ -151,6 +151,9 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
                           "--target-heads, --target-groups, --target-layers or --drop-layers")
     meta = mcore.read_meta(src)
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1)  # written at this TP
+    if parallel.ep > 1:  # a kept expert may have to move to another rank
+        raise ConfigError("prune a mixture-of-experts model at --ep 1 (TP and PP work); the "
+                          "pruned checkpoint loads at any EP")
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))

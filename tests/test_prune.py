@@ -13,6 +13,7 @@ from megatron_minitron.cli import main
 from megatron_minitron.importance.scores import FORMAT, WIDTH_AXES, Scores
 from tests.conftest import (
     converted,
+    fails,
     hf_logits,
     in_process_logits,
     load_in_process,
@@ -345,3 +346,85 @@ def test_strategy_auto_makes_the_same_choice_at_tp2_sp_and_pp2(tmp_path):
         for a, b in zip(got["candidates"], table, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (name, a["strategy"])
         assert (got["model"], got["kept_layers"]) == (ref["model"], ref["kept_layers"]), name
+
+
+def _without_experts(hf: Path, keep: torch.Tensor, dst: Path) -> Path:
+    """transformers' own Mixtral with only experts keep[i] in layer i (router rows too), written
+    by hand from the HF tensors: an independent reference for expert pruning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf, dst)
+    out = {}
+    for k, v in load_file(str(hf / "model.safetensors")).items():
+        i = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        if k.endswith("block_sparse_moe.gate.weight"):
+            out[k] = v[keep[i]].contiguous()
+        elif ".experts." in k:
+            j = int(k.split(".experts.")[1].split(".")[0])
+            if j in keep[i].tolist():
+                out[k.replace(f".experts.{j}.", f".experts.{keep[i].tolist().index(j)}.")] = v
+        else:
+            out[k] = v
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_local_experts": keep.shape[1]}))
+    return dst
+
+
+def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path, tiny_tokens,
+                                                                        capsys):
+    """Mixtral, 2 of 4 experts kept per layer by routed-output norm: the pruned checkpoint and
+    its export give the logits of transformers' Mixtral holding only those experts (router rows
+    sliced, survivors renumbered). The scores count every routed token. Experts with hidden and
+    heads pruned too export to a model transformers loads with the same logits. Impossible
+    expert targets and MoE-only / dense-only axes are refused in one line."""
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+
+    hf = tiny_hf_dir(tmp_path / "hf", "mixtral", seed=8)
+    ckpt = converted(hf, tmp_path / "mcore")
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "0",
+                 "--out", str(scores)]) == 0
+    s = load_scores(scores)
+    assert torch.equal(s.experts("tokens").sum(-1), torch.full((4,), 4 * 32 * 2.0))
+    keep = s.experts("output").topk(2).indices.sort().values
+    assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "2",
+                 "--out", str(tmp_path / "p"), "--hf-out", str(tmp_path / "p_hf")]) == 0
+    ref = hf_logits(_without_experts(hf, keep, tmp_path / "ref"), tiny_tokens)
+    assert (in_process_logits(tmp_path / "p", tiny_tokens) - ref).abs().max() <= 1e-5
+    assert (hf_logits(tmp_path / "p_hf", tiny_tokens) - ref).abs().max() <= 1e-5
+    assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
+                 "--target-hidden", "48", "--target-heads", "2", "--out", str(tmp_path / "q"),
+                 "--hf-out", str(tmp_path / "q_hf")]) == 0
+    ours = in_process_logits(tmp_path / "q", tiny_tokens)
+    assert (hf_logits(tmp_path / "q_hf", tiny_tokens) - ours).abs().max() <= 1e-5
+    capsys.readouterr()
+    for flags, needle in ((("--target-experts", "5"), "between 1 and the original 4"),
+                          (("--target-experts", "1"), "below the router's top-k 2"),
+                          (("--target-ffn", "64"), "--target-ffn is not supported"),
+                          (("--target-experts", "2", "--ep", "2"), "--ep 1")):
+        fails(capsys, ["prune", "--load", str(ckpt), "--scores", str(scores), *flags,
+                       "--out", str(tmp_path / "x")], needle)
+        assert not (tmp_path / "x").exists()
+
+
+def test_moe_importance_is_the_same_at_tp2_sp_and_ep2(tmp_path):
+    """Expert scores (routed-output norms, tokens, router mass) from one process equal those at
+    TP2 with sequence parallelism (experts split over TP: partial outputs summed first) and at
+    EP2 (each rank scores its own experts on both ranks' tokens)."""
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+
+    ckpt = converted(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=9), tmp_path / "mcore")
+    args = ["importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "4",
+            "--seq-length", "32", "--depth-samples", "0"]
+    assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
+    one = load_scores(tmp_path / "one.safetensors").tensors["sums.experts"]
+    for name, flags in (("tp2", ("--tp", "2", "--sequence-parallel")), ("ep2", ("--ep", "2"))):
+        run_cli(*args, *flags, "--out", str(tmp_path / f"{name}.safetensors"), nproc=2)
+        got = load_scores(tmp_path / f"{name}.safetensors").tensors["sums.experts"]
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5, msg=name)

@@ -45,6 +45,15 @@ MOE_HF = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
           "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
+def renumber_expert(name: str, number: Callable[[int], int]) -> str:
+    """`name` with its expert number j replaced by number(j); other names unchanged."""
+    head, sep, rest = name.partition(LOCAL_EXPERTS)
+    if not sep:
+        return name
+    j, tail = rest.split(".", 1)
+    return f"{head}{LOCAL_EXPERTS}{number(int(j))}.{tail}"
+
+
 def norm_names(te: bool, moe: bool = False) -> tuple[str, str]:
     """Megatron names (without `.weight`) of a layer's pre-attention and pre-MLP norms."""
     if te:
@@ -111,9 +120,10 @@ def head_columns(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
 
 
 def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor) -> torch.Tensor:
-    """Rows of `linear_fc1` for the given MLP neurons (gate and up halves for SwiGLU)."""
+    """Rows of `linear_fc1` for the given MLP (or expert) neurons (gate and up halves for
+    SwiGLU)."""
     if cfg.traits.gated:
-        return torch.cat([neurons, neurons + cfg.ffn_hidden_size])
+        return torch.cat([neurons, neurons + cfg.mlp_width])
     return neurons
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_minitron.checkpoint.layout import (
     LOCAL_EXPERTS,
     MC_LAYER,
+    renumber_expert,
     swiglu_from_shards,
     swiglu_shard,
 )
@@ -42,9 +43,8 @@ def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
             if name.startswith("decoder.layers."):
                 local, rest = name.removeprefix("decoder.layers.").split(".", 1)
                 layer = layers[int(local)]
-                if rest.startswith(LOCAL_EXPERTS):  # expert parallelism numbers them per rank
-                    j, tail = rest.removeprefix(LOCAL_EXPERTS).split(".", 1)
-                    rest = f"{LOCAL_EXPERTS}{layer.mlp.local_expert_indices[int(j)]}.{tail}"
+                if LOCAL_EXPERTS in rest:  # expert parallelism numbers them per rank
+                    rest = renumber_expert(rest, lambda j, m=layer.mlp: m.local_expert_indices[j])
                 name = MC_LAYER.format(i=layer.layer_number - 1) + rest
             yield name, p
 

@@ -13,6 +13,10 @@ Sites, per transformer layer (Megatron-Core names):
 - `ffn`: input of `linear_fc2` (after the activation, and after the gate for SwiGLU), for this TP
   rank's neurons.
 - block influence: 1 - cos(layer input, layer output) per token (ShortGPT), summed.
+- `experts` (MoE layers, instead of `ffn`): per expert, the L2 norm of its routed output (already
+  weighted by its routing probability) summed over the tokens it received, and from the router
+  the tokens routed to it and the probability mass it got. Each rank scores its own experts
+  (global numbers); an expert split over TP gives partial outputs, summed over TP first.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class ImportanceHooks:
         self.sp = bool(self.config.sequence_parallel) and self.tp > 1
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.influence: dict[int, torch.Tensor] = {}  # [sum of 1 - cos, tokens]
+        # per MoE layer [3, experts]: output L2 sums, tokens, probability mass
+        self.experts: dict[int, torch.Tensor] = {}
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []
 
@@ -74,11 +80,14 @@ class ImportanceHooks:
                 else:
                     self._handles.append(module.register_forward_hook(
                         lambda m, args, out, i=i, site=site: self._add(i, site, out, True)))
+            if hasattr(layer.mlp, "router"):
+                self._hook_experts(i, layer.mlp)
+            else:
+                self._handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
+                    lambda m, args, i=i: self._add(i, "ffn", args[0], False)))
             self._handles += [
                 layer.self_attention.linear_proj.register_forward_pre_hook(
                     lambda m, args, i=i: self._add_heads(i, args[0], m.weight)),
-                layer.mlp.linear_fc2.register_forward_pre_hook(
-                    lambda m, args, i=i: self._add(i, "ffn", args[0], False)),
                 layer.register_forward_pre_hook(
                     lambda m, args, kwargs, i=i: self._keep_input(i, args, kwargs),
                     with_kwargs=True),
@@ -91,6 +100,31 @@ class ImportanceHooks:
             h.remove()
         self._handles.clear()
         self._inputs.clear()
+
+    def _hook_experts(self, i: int, moe) -> None:
+        from megatron.core import parallel_state
+
+        etp = parallel_state.get_expert_tensor_parallel_world_size()
+        etp_group = parallel_state.get_expert_tensor_parallel_group()
+        self.experts[i] = torch.zeros(3, self.config.num_moe_experts, dtype=torch.float64,
+                                      device=device())
+
+        def routed(expert: int, out) -> None:
+            y = out[0].detach()
+            if etp > 1:  # fc2 leaves its all-reduce to the token dispatcher
+                y = y.clone()
+                dist.all_reduce(y, group=etp_group)
+            self.experts[i][0, expert] += y.float().norm(dim=-1).sum(dtype=torch.float64)
+
+        def router(out) -> None:
+            probs, routing_map = out
+            self.experts[i][1] += routing_map.sum(0, dtype=torch.float64)
+            self.experts[i][2] += probs.detach().sum(0, dtype=torch.float64)
+
+        self._handles.append(moe.router.register_forward_hook(lambda m, a, out: router(out)))
+        for j, expert in enumerate(moe.experts.local_experts):
+            self._handles.append(expert.register_forward_hook(
+                lambda m, a, out, e=moe.local_expert_indices[j]: routed(e, out)))
 
     def _add(self, i: int, site: str, x: torch.Tensor, sequence_split: bool) -> None:
         sums = stats.sequence_sums(x)
@@ -143,6 +177,17 @@ class ImportanceHooks:
                 out[site][i, ..., self.tp_rank * c:(self.tp_rank + 1) * c] = t
             elif self.tp_rank == 0:
                 out[site][i] = t
+        if self.experts:  # every rank's own experts; the router's tokens once per TP group
+            from megatron.core import parallel_state
+
+            first_etp = parallel_state.get_expert_tensor_parallel_rank() == 0
+            out["experts"] = torch.zeros(num_layers, 3, self.config.num_moe_experts,
+                                         dtype=torch.float64, device=dev)
+            for i, t in self.experts.items():
+                if first_etp:
+                    out["experts"][i, 0] = t[0]
+                if self.sp or self.tp_rank == 0:
+                    out["experts"][i, 1:] = t[1:]
         out["influence"] = torch.zeros(num_layers, 2, dtype=torch.float64, device=dev)
         for i, t in self.influence.items():
             if self.sp or self.tp_rank == 0:  # under SP each TP rank saw different tokens

@@ -39,7 +39,6 @@ class ImportanceConfig:
     seed: int = option(1234, help="which windows of the data are sampled")
 
     def validate(self, model: ModelConfig) -> None:
-        model.refuse_moe("importance")
         num_layers = model.num_layers
         if self.seq_length > model.max_position_embeddings:
             raise ConfigError(f"sequence length {self.seq_length} exceeds the model's "

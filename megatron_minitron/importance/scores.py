@@ -9,6 +9,7 @@ Tensors (L = layers):
   depth.base_loss        [1]                 LM loss on the depth samples
   depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
   heads.mask_loss        [L, heads]          LM-loss increase when one head is masked (optional)
+  sums.experts           [L, 3, experts]     MoE: routed-output L2 sums, tokens, router mass
 Metadata: model shape, checkpoint path and fingerprint, data, samples, seq length, default
 aggregations, timings.
 """
@@ -29,6 +30,9 @@ WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")
 # How heads are ranked: the paper's activation norm, what the head writes through W_O, or the
 # LM-loss rise when it alone is masked.
 HEAD_METRICS = {"activation": "heads", "output": "heads_out", "loss": "mask_loss"}
+# How experts are ranked: the L2 norm of their routed output summed over tokens (the peer's), the
+# tokens the router sent them, or the routing probability they received.
+EXPERT_METRICS = {"output": 0, "tokens": 1, "probs": 2}
 
 
 @dataclass
@@ -70,6 +74,15 @@ class Scores:
             raise ConfigError("the scores have no head-masking losses; rerun importance with "
                               "--head-samples N (e.g. 8)")
         return self.tensors["heads.mask_loss"]
+
+    def experts(self, metric: str = "output") -> torch.Tensor:
+        """Expert scores [L, experts] by one of EXPERT_METRICS."""
+        if metric not in EXPERT_METRICS:
+            raise ConfigError(f"unknown expert metric {metric!r} ({', '.join(EXPERT_METRICS)})")
+        if "sums.experts" not in self.tensors:
+            raise ConfigError("the scores have no expert sums (a dense model's, or made by an "
+                              "older version); rerun `minitron importance`")
+        return self.tensors["sums.experts"][:, EXPERT_METRICS[metric]]
 
     def layers(self, metric: str = "skip_loss", block: int = 1) -> torch.Tensor:
         """Depth scores, higher = more important: `block_influence` [L] or `skip_loss` (LM-loss

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig
-from megatron_minitron.importance.scores import HEAD_METRICS, Scores
+from megatron_minitron.importance.scores import EXPERT_METRICS, HEAD_METRICS, Scores
 from megatron_minitron.options import fraction_of, option, parse_size
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
@@ -44,6 +44,9 @@ class PruneTarget:
     groups: int | None = option(None, flag="--target-groups",
                                 help="query groups (KV heads) kept per layer")
     layers: int | None = option(None, flag="--target-layers", help="layers kept")
+    experts: int | None = option(None, flag="--target-experts",
+                                 help="MoE: experts kept per layer, the lowest-ranked dropped "
+                                      "with their router rows (at least the router's top-k)")
     drop_layers: list[int] | None = option(
         None, parse=lambda s: [int(i) for i in s.split(",") if i.strip()],
         render=lambda v: ",".join(map(str, v)), metavar="I,J,...",
@@ -58,6 +61,10 @@ class PruneTarget:
                                    "through the output projection (better where a norm follows "
                                    "attention, as in Gemma), or the LM-loss rise when it is "
                                    "masked (importance --head-samples)")
+    expert_metric: str = option("output", choices=tuple(EXPERT_METRICS),
+                                help="how experts are ranked: the L2 norm of their routed "
+                                     "output summed over tokens (the peer's), the tokens "
+                                     "routed to them, or the routing probability they got")
     norm_rescale: bool = option(True, flag="--no-norm-rescale",
                                 help="slice RMSNorm weights without the sqrt(h/h') rescale that "
                                      "keeps the pruned channels' share of the mean square")
@@ -71,7 +78,7 @@ class PruneTarget:
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
-                                           self.groups, self.layers))
+                                           self.groups, self.layers, self.experts))
 
 
 @dataclass
@@ -81,12 +88,16 @@ class PrunePlan:
     hidden: torch.Tensor  # kept embedding channels
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # per kept source layer; the
     # kept query groups are those these heads belong to
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # an expert's neurons under MoE
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE; new expert j is
+    # source expert experts[i][j]
     notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
 
     def summary(self) -> str:
         m = self.model
-        return (f"layers {m.num_layers}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
+        mlp = (f"{m.num_moe_experts} experts of {m.moe_ffn_hidden_size}" if m.moe else
+               f"ffn {m.ffn_hidden_size}")
+        return (f"layers {m.num_layers}, hidden {m.hidden_size}, {mlp}, "
                 f"heads {m.num_attention_heads} in {m.num_query_groups} groups")
 
 
@@ -97,7 +108,7 @@ def _check_range(name: str, value: int | None, original: int) -> None:
 
 def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     """The target shape, validated against the original; raises ConfigError naming the problem."""
-    cfg.refuse_moe("pruning")
+    experts = _moe_target(cfg, t)
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
@@ -135,7 +146,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
                                     num_query_groups=groups)
         hidden, ffn = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
-                              ffn_hidden_size=ffn,
+                              ffn_hidden_size=ffn, num_moe_experts=experts,
                               num_attention_heads=heads, num_query_groups=groups,
                               # which layers slide is known once they are chosen (make_plan)
                               window_layers=cfg.window_layers if layers == cfg.num_layers
@@ -144,6 +155,27 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
         new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
     new.validate()
     return new
+
+
+def _moe_target(cfg: ModelConfig, t: PruneTarget) -> int | None:
+    """Experts kept; the dense-MLP targets refused on an MoE model (an expert's width is not
+    pruned yet), the expert target on a dense one."""
+    if not cfg.moe:
+        if t.experts is not None:
+            raise ConfigError(f"--target-experts: this {cfg.family} model has no experts")
+        return None
+    for flag, value in (("--target-ffn", t.ffn), ("--target-params", t.params)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not supported for a mixture-of-experts model yet "
+                              "(prune --target-experts, --target-hidden, heads and layers)")
+    if t.order != "joint" or t.strategy != "given":
+        raise ConfigError("a mixture-of-experts model is pruned with --order joint and "
+                          "--strategy given")
+    _check_range("experts", t.experts, cfg.num_moe_experts)
+    if t.experts is not None and t.experts < cfg.moe_router_topk:
+        raise ConfigError(f"target experts {t.experts} is below the router's top-k "
+                          f"{cfg.moe_router_topk}: every token needs that many experts")
+    return t.experts or cfg.num_moe_experts
 
 
 def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
@@ -247,7 +279,11 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         if new.ffn_hidden_size < cfg.ffn_hidden_size:
             plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
         else:
-            plan.ffn[i] = full(cfg.ffn_hidden_size)
+            plan.ffn[i] = full(cfg.mlp_width)
+        if cfg.moe:
+            plan.experts[i] = (_top(scores.experts(target.expert_metric)[i], new.num_moe_experts)
+                               if new.num_moe_experts < cfg.num_moe_experts else
+                               full(cfg.num_moe_experts))
         if new.num_attention_heads == cfg.num_attention_heads:
             plan.heads[i] = full(cfg.num_attention_heads)
             continue

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from megatron_minitron.checkpoint.layout import EMBEDDING, OUTPUT_LAYER
+from megatron_minitron.checkpoint.layout import (
+    EMBEDDING,
+    LOCAL_EXPERTS,
+    OUTPUT_LAYER,
+    renumber_expert,
+)
 from megatron_minitron.checkpoint.sharding import full_tensor, local_shard
 from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
@@ -24,14 +29,20 @@ from megatron_minitron.runtime.progress import Progress
 VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
 
 
-def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "") -> None:
-    """Copy every parameter, sliced; names passed to `slicer` carry `prefix`."""
+def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "",
+          experts: torch.Tensor | None = None) -> None:
+    """Copy every parameter, sliced; names passed to `slicer` carry `prefix`. New expert j is
+    source expert experts[j]; the source's other experts are left behind."""
     src = {prefix + n: p for n, p in src_module.named_parameters()}
     dst = {prefix + n: p for n, p in dst_module.named_parameters()}
-    if src.keys() != dst.keys():
+    source = {n: n if experts is None else renumber_expert(n, lambda j: int(experts[j]))
+              for n in dst}
+    left = src.keys() - set(source.values())
+    if set(source.values()) - src.keys() or any(LOCAL_EXPERTS not in n for n in left):
         raise RuntimeError(f"pruned module has parameters {sorted(dst)}, source {sorted(src)}")
     with torch.no_grad():
-        for name, p in src.items():
+        for name, from_name in source.items():
+            p = src[from_name]
             if name in VOCAB_PARALLEL:
                 new = slicer(name, p.detach())
             else:
@@ -86,7 +97,8 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
     for new_i, src_i in enumerate(plan.layers):
         if src_i in src_layers:
             _copy(src_layers[src_i], new_layers[new_i], src,
-                  lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i))
+                  lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i),
+                  experts=plan.experts.get(src_i))
             if release_source:
                 _release(src_layers[src_i])
         progress.update(1)

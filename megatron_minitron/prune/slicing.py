@@ -103,6 +103,8 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
         return take(_scale_qk(t, src, plan), qkv_rows(src, heads))
     if name.endswith("linear_proj.weight"):
         return take(t, hidden, head_columns(src, heads))
+    if name.endswith("mlp.router.weight"):  # one row per expert
+        return take(t, plan.experts[layer], hidden)
     if name.endswith("linear_fc1.weight"):
         return take(t, fc1_rows(src, ffn), hidden)
     if name.endswith("linear_fc2.weight"):
