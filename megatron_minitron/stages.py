@@ -141,6 +141,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     from megatron_minitron.model import load_model
     from megatron_minitron.prune import check_scores, make_plan, prune_model
     from megatron_minitron.prune.plan import pruned_config
+    from megatron_minitron.prune.run import check_expert_parallel
 
     src, out, parallel = Path(load), Path(out), parallel or ParallelConfig()
     check_destination(out)
@@ -151,9 +152,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
                           "--target-heads, --target-groups, --target-layers or --drop-layers")
     meta = mcore.read_meta(src)
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1)  # written at this TP
-    if parallel.ep > 1:  # a kept expert may have to move to another rank
-        raise ConfigError("prune a mixture-of-experts model at --ep 1 (TP and PP work); the "
-                          "pruned checkpoint loads at any EP")
+    check_expert_parallel(meta.model, parallel)  # before loading
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))

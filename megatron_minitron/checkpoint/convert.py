@@ -144,9 +144,9 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
         out = None
         for name, p in params:
             full = full_tensor(name, p, cfg)  # a TP collective: every rank takes part
-            for hf, t in zip(by_mcore[name].hf, by_mcore[name].split(full), strict=True):
-                if not writes(name):
-                    continue
+            rule = by_mcore[name]
+            parts = zip(rule.hf, rule.split(full), strict=True) if writes(name) else ()
+            for hf, t in parts:
                 if out is None:
                     file, group = file_of[hf]
                     out, left = hf_io.SafetensorsWriter(stage / file, group), len(group)

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.checkpoint.layout import (
-    LOCAL_EXPERTS,
     MC_LAYER,
     renumber_expert,
     swiglu_from_shards,
@@ -42,9 +41,8 @@ def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, p in chunk.named_parameters():
             if name.startswith("decoder.layers."):
                 local, rest = name.removeprefix("decoder.layers.").split(".", 1)
-                layer = layers[int(local)]
-                if LOCAL_EXPERTS in rest:  # expert parallelism numbers them per rank
-                    rest = renumber_expert(rest, lambda j, m=layer.mlp: m.local_expert_indices[j])
+                layer = layers[int(local)]  # expert parallelism numbers experts per rank
+                rest = renumber_expert(rest, lambda j, m=layer.mlp: m.local_expert_indices[j])
                 name = MC_LAYER.format(i=layer.layer_number - 1) + rest
             yield name, p
 

@@ -19,7 +19,7 @@ from megatron_minitron.checkpoint.layout import (
     renumber_expert,
 )
 from megatron_minitron.checkpoint.sharding import full_tensor, local_shard
-from megatron_minitron.config import ModelConfig, ParallelConfig
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.prune.plan import PrunePlan
 from megatron_minitron.prune.slicing import slice_layer_tensor, slice_model_tensor
@@ -77,6 +77,13 @@ def _release(module: torch.nn.Module) -> None:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
+def check_expert_parallel(src: ModelConfig, parallel: ParallelConfig) -> None:
+    """Experts are sliced where they live, so a kept expert that would change rank cannot be."""
+    if src.moe and parallel.ep > 1:
+        raise ConfigError("prune a mixture-of-experts model at --ep 1 (TP and PP work); the "
+                          "pruned checkpoint loads at any EP")
+
+
 def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelConfig,
                 release_source: bool = False) -> list:
     """The pruned model's chunks. With `release_source` (for a caller done with the source)
@@ -86,6 +93,7 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
     pages (so the process's RSS, which keeps that heap, still peaks near source plus result)."""
     from megatron_minitron.model import build_model
 
+    check_expert_parallel(src, parallel)
     new_chunks = build_model(plan.model, parallel, dtype=next(chunks[0].parameters()).dtype,
                              layers_per_stage=layers_per_stage(plan, src, parallel))
     src_layers = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
