@@ -175,15 +175,18 @@ class ModelConfig:
             raise ConfigError(f"pipeline parallel size {pp} does not divide "
                               f"num_layers={self.num_layers}")
 
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count of the GPTModel this config builds (tied weights counted once)."""
+    def num_parameters(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Exact parameter count of the GPTModel this config builds (tied weights counted once);
+        `active`: the parameters one token goes through (an MoE layer's router and its top-k
+        experts), what sets the compute per token."""
         h, f, t = self.hidden_size, self.mlp_width, self.traits
         q = self.num_attention_heads * self.kv_channels
         kv = 2 * self.num_query_groups * self.kv_channels
         norm = h * (2 if t.normalization == "LayerNorm" else 1)
         mlp = (2 if t.gated else 1) * f * h + f * h
-        if self.moe:  # the router, then every expert
-            mlp = self.num_moe_experts * (h + mlp)
+        if self.moe:  # the router, then every expert (or the top k)
+            mlp = self.num_moe_experts * h + (self.moe_router_topk if active else
+                                              self.num_moe_experts) * mlp
         layer = h * (q + kv) + q * h + mlp + 2 * norm
         layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
         layer += 2 * norm if t.post_norms else 0

@@ -110,6 +110,8 @@ def prune_summary(src: ModelConfig, plan) -> list[str]:
     return [plan.summary(),
             f"parameters {before:,} -> {after:,} ({after / before:.1%}); non-embedding "
             f"{src.num_parameters(False):,} -> {plan.model.num_parameters(False):,}",
+            *([f"active per token {src.num_parameters(active=True):,} -> "
+               f"{plan.model.num_parameters(active=True):,}"] if src.moe else []),
             *([f"dropped layers {dropped}"] if dropped else []), *plan.notes]
 
 
@@ -126,6 +128,8 @@ def _prune_record(src: Path, out: Path, model: ModelConfig, plan, written: bool,
             "source": model.to_dict(), "model": plan.model.to_dict(),
             "parameters": [model.num_parameters(), plan.model.num_parameters()],
             "non_embedding": [model.num_parameters(False), plan.model.num_parameters(False)],
+            "active": [model.num_parameters(active=True),
+                       plan.model.num_parameters(active=True)],
             "kept_layers": plan.layers, "notes": plan.notes, "candidates": list(candidates)}
 
 

@@ -186,6 +186,8 @@ def test_corrupt_scores_file(tmp_path):
     (["--drop-layers", "0,1,2,3"], "cannot drop all 4 layers"),
     (["--drop-layers", "1,7"], "indices must be distinct and in 0..3"),
     (["--target-layers", "2", "--drop-layers", "1"], "not both"),
+    (["--target-experts", "2"], "--target-experts: this llama model has no experts"),
+    (["--target-moe-ffn", "8"], "--target-moe-ffn: this llama model has no experts"),
 ])
 def test_prune_impossible_targets(capsys, tiny_llama_ckpt, tmp_path, flags, needle):
     out = tmp_path / "out"

@@ -406,14 +406,90 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     for flags, needle in ((("--target-experts", "5"), "between 1 and the original 4"),
                           (("--target-experts", "1"), "below the router's top-k 2"),
                           (("--target-ffn", "64"), "--target-ffn is not supported"),
+                          (("--target-moe-ffn", "97"), "target moe-ffn 97 must be between 1 "
+                                                       "and the original 96"),
                           (("--target-experts", "2", "--ep", "2"), "--ep 1")):
         fails(capsys, ["prune", "--load", str(ckpt), "--scores", str(scores), *flags,
                        "--out", str(tmp_path / "x")], needle)
         assert not (tmp_path / "x").exists()
 
 
+def _dead_experts_and_neurons(hf: Path, dst: Path, seed: int = 0
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A copy of HF MoE model `hf` where expert dead[i] of layer i receives no token and 16
+    neurons of every expert never fire (their gate rows are zero, so SiLU(0) * up = 0).
+    The router cannot be made to ignore an expert for every input, so the residual gets a
+    channel nothing writes to, held at 10 by the embedding: after the pre-MLP norm it is
+    positive for every token, and the dead expert's router row reads only it, negatively.
+    Returns the dead experts and, per expert, its live neurons."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf, dst)
+    g = torch.Generator().manual_seed(seed)
+    w = load_file(str(hf / "model.safetensors"))
+    c, layers = 0, 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
+    dead = torch.randint(0, 4, (layers,), generator=g)
+    live = {}
+    w["model.embed_tokens.weight"][:, c] = 10.0
+    for k, t in w.items():
+        i = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            t[c] = 0.0
+        elif k.endswith("mlp.gate.weight"):  # only the dead expert's row reads channel c
+            t[:, c] = 0.0
+            t[dead[i]] = 0.0
+            t[dead[i], c] = -1.0
+        elif k.endswith("gate_proj.weight"):
+            order = torch.randperm(t.shape[0], generator=g)
+            t[order[:16]] = 0.0
+            live[k] = order[16:].sort().values
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dead, live
+
+
+def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function(
+        tmp_path, tiny_tokens):
+    """Qwen3-MoE with an expert per layer that no token reaches and 16 silent neurons in every
+    expert: importance gives those experts no token and those neurons zero, so --target-experts
+    3 --target-moe-ffn 32 drops exactly them (each expert its own neurons) and the logits, in
+    Megatron and in transformers after export, stay those of the unpruned model."""
+    from safetensors.torch import load_file
+
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+
+    hf = tmp_path / "dead_hf"
+    dead, live = _dead_experts_and_neurons(tiny_hf_dir(tmp_path / "hf", "qwen3_moe", seed=5),
+                                           hf)
+    ref = hf_logits(hf, tiny_tokens)
+    ckpt = converted(hf, tmp_path / "mcore")
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "0",
+                 "--out", str(scores)]) == 0
+    s = load_scores(scores)
+    tokens = s.experts("tokens")
+    assert (tokens[torch.arange(4), dead] == 0).all() and tokens.sum(-1).eq(4 * 32 * 2).all()
+    assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
+                 "--target-moe-ffn", "32", "--out", str(tmp_path / "p"),
+                 "--hf-out", str(tmp_path / "p_hf")]) == 0
+    assert (in_process_logits(tmp_path / "p", tiny_tokens) - ref).abs().max() <= 1e-5
+    assert (hf_logits(tmp_path / "p_hf", tiny_tokens) - ref).abs().max() <= 1e-5
+    src, out = load_file(str(hf / "model.safetensors")), load_file(
+        str(tmp_path / "p_hf" / "model.safetensors"))
+    for i in range(4):
+        kept = [j for j in range(4) if j != dead[i]]
+        for new, j in enumerate(kept):  # survivors renumbered, each with its own live neurons
+            name = f"model.layers.{i}.mlp.experts.{{}}.up_proj.weight"
+            rows = live[name.format(j).replace("up_proj", "gate_proj")]
+            assert torch.equal(out[name.format(new)], src[name.format(j)][rows])
+
+
 def test_moe_importance_is_the_same_at_tp2_sp_and_ep2(tmp_path):
-    """Expert scores (routed-output norms, tokens, router mass) from one process equal those at
+    """Expert scores (routed-output norms, tokens, router mass; each expert's neuron sums) from
+    one process equal those at
     TP2 with sequence parallelism (experts split over TP: partial outputs summed first) and at
     EP2 (each rank scores its own experts on both ranks' tokens)."""
     from megatron_minitron.data.demo import train_plays
@@ -423,8 +499,10 @@ def test_moe_importance_is_the_same_at_tp2_sp_and_ep2(tmp_path):
     args = ["importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "4",
             "--seq-length", "32", "--depth-samples", "0"]
     assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
-    one = load_scores(tmp_path / "one.safetensors").tensors["sums.experts"]
+    one = load_scores(tmp_path / "one.safetensors").tensors
     for name, flags in (("tp2", ("--tp", "2", "--sequence-parallel")), ("ep2", ("--ep", "2"))):
         run_cli(*args, *flags, "--out", str(tmp_path / f"{name}.safetensors"), nproc=2)
-        got = load_scores(tmp_path / f"{name}.safetensors").tensors["sums.experts"]
-        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5, msg=name)
+        got = load_scores(tmp_path / f"{name}.safetensors").tensors
+        for key in ("sums.experts", "sums.moe_ffn"):
+            torch.testing.assert_close(got[key], one[key], rtol=1e-5, atol=1e-5,
+                                       msg=f"{name} {key}")

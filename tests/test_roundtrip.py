@@ -48,8 +48,12 @@ def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, t
     assert meta["model"]["family"] == family and meta["model"]["tie_embeddings"] == tie
     assert meta["model"]["rope_scaling_factor"] == rope_scaling
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    assert ModelConfig.from_dict(meta["model"]).num_parameters() == sum(
-        p.numel() for p in model.parameters())
+    cfg = ModelConfig.from_dict(meta["model"])
+    assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
+    # active: the experts' tensors (stacked or one per expert) count for top-k of them
+    share = cfg.moe_router_topk / cfg.num_moe_experts if cfg.moe else 1.0
+    assert cfg.num_parameters(active=True) == sum(
+        p.numel() * (share if ".experts." in n else 1) for n, p in model.named_parameters())
     ref = hf_logits(model.eval(), tiny_tokens)
     diff = (in_process_logits(ckpt, tiny_tokens) - ref).abs().max()
     assert diff <= 1e-5, f"{family}: {diff}"

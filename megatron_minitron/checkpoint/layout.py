@@ -47,11 +47,17 @@ MOE_HF = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
 
 def renumber_expert(name: str, number: Callable[[int], int]) -> str:
     """`name` with its expert number j replaced by number(j); other names unchanged."""
-    head, sep, rest = name.partition(LOCAL_EXPERTS)
-    if not sep:
+    j = expert_number(name)
+    if j is None:
         return name
-    j, tail = rest.split(".", 1)
-    return f"{head}{LOCAL_EXPERTS}{number(int(j))}.{tail}"
+    head, _, rest = name.partition(LOCAL_EXPERTS)
+    return f"{head}{LOCAL_EXPERTS}{number(j)}.{rest.split('.', 1)[1]}"
+
+
+def expert_number(name: str) -> int | None:
+    """The expert a parameter belongs to, None outside the experts."""
+    _, sep, rest = name.partition(LOCAL_EXPERTS)
+    return int(rest.split(".", 1)[0]) if sep else None
 
 
 def norm_names(te: bool, moe: bool = False) -> tuple[str, str]:
@@ -263,7 +269,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     if cfg.family == "mistral":
         return out
     if cfg.family == "mixtral":  # routing weights: always the softmax over the top k
-        return {**out, "num_local_experts": cfg.num_moe_experts,
+        return {**out, "intermediate_size": cfg.moe_ffn_hidden_size,
+                "num_local_experts": cfg.num_moe_experts,
                 "num_experts_per_tok": cfg.moe_router_topk, "router_aux_loss_coef": 0.0}
     if cfg.family == "gemma3":
         local = {**rope, "rope_theta": cfg.local_rotary_base or cfg.rotary_base}

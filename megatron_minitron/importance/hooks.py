@@ -17,6 +17,8 @@ Sites, per transformer layer (Megatron-Core names):
   weighted by its routing probability) summed over the tokens it received, and from the router
   the tokens routed to it and the probability mass it got. Each rank scores its own experts
   (global numbers); an expert split over TP gives partial outputs, summed over TP first.
+- `moe_ffn`: per expert and neuron, token sums of |x|, x, x^2 at the input of the expert's
+  `linear_fc2`, over the tokens routed to it (its columns on each expert-TP rank).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ImportanceHooks:
         self.influence: dict[int, torch.Tensor] = {}  # [sum of 1 - cos, tokens]
         # per MoE layer [3, experts]: output L2 sums, tokens, probability mass
         self.experts: dict[int, torch.Tensor] = {}
+        self.moe_ffn: dict[int, torch.Tensor] = {}  # per MoE layer [3, experts, expert width]
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []
 
@@ -106,8 +109,11 @@ class ImportanceHooks:
 
         etp = parallel_state.get_expert_tensor_parallel_world_size()
         etp_group = parallel_state.get_expert_tensor_parallel_group()
-        self.experts[i] = torch.zeros(3, self.config.num_moe_experts, dtype=torch.float64,
-                                      device=device())
+        etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        c = self.config
+        self.experts[i] = torch.zeros(3, c.num_moe_experts, dtype=torch.float64, device=device())
+        self.moe_ffn[i] = torch.zeros(stats.SEQ_SUMS, c.num_moe_experts, c.moe_ffn_hidden_size,
+                                      dtype=torch.float64, device=device())
 
         def routed(expert: int, out) -> None:
             y = out[0].detach()
@@ -116,6 +122,11 @@ class ImportanceHooks:
                 dist.all_reduce(y, group=etp_group)
             self.experts[i][0, expert] += y.float().norm(dim=-1).sum(dtype=torch.float64)
 
+        def neurons(expert: int, x: torch.Tensor) -> None:
+            width = x.shape[-1]  # this expert-TP rank's columns
+            cols = slice(etp_rank * width, (etp_rank + 1) * width)
+            self.moe_ffn[i][:, expert, cols] += stats.sequence_sums(x.reshape(-1, 1, width))[:, 0]
+
         def router(out) -> None:
             probs, routing_map = out
             self.experts[i][1] += routing_map.sum(0, dtype=torch.float64)
@@ -123,8 +134,11 @@ class ImportanceHooks:
 
         self._handles.append(moe.router.register_forward_hook(lambda m, a, out: router(out)))
         for j, expert in enumerate(moe.experts.local_experts):
-            self._handles.append(expert.register_forward_hook(
-                lambda m, a, out, e=moe.local_expert_indices[j]: routed(e, out)))
+            e = moe.local_expert_indices[j]
+            self._handles += [
+                expert.register_forward_hook(lambda m, a, out, e=e: routed(e, out)),
+                expert.linear_fc2.register_forward_pre_hook(
+                    lambda m, args, e=e: neurons(e, args[0]))]
 
     def _add(self, i: int, site: str, x: torch.Tensor, sequence_split: bool) -> None:
         sums = stats.sequence_sums(x)
@@ -177,17 +191,21 @@ class ImportanceHooks:
                 out[site][i, ..., self.tp_rank * c:(self.tp_rank + 1) * c] = t
             elif self.tp_rank == 0:
                 out[site][i] = t
-        if self.experts:  # every rank's own experts; the router's tokens once per TP group
+        c = self.config
+        if c.num_moe_experts:  # every rank's own experts; the router's tokens once per TP group
             from megatron.core import parallel_state
 
             first_etp = parallel_state.get_expert_tensor_parallel_rank() == 0
-            out["experts"] = torch.zeros(num_layers, 3, self.config.num_moe_experts,
-                                         dtype=torch.float64, device=dev)
+            out["experts"] = torch.zeros(num_layers, 3, c.num_moe_experts, dtype=torch.float64,
+                                         device=dev)
+            out["moe_ffn"] = torch.zeros(num_layers, stats.SEQ_SUMS, c.num_moe_experts,
+                                         c.moe_ffn_hidden_size, dtype=torch.float64, device=dev)
             for i, t in self.experts.items():
                 if first_etp:
                     out["experts"][i, 0] = t[0]
                 if self.sp or self.tp_rank == 0:
                     out["experts"][i, 1:] = t[1:]
+                out["moe_ffn"][i] = self.moe_ffn[i]  # zero but for this rank's experts and columns
         out["influence"] = torch.zeros(num_layers, 2, dtype=torch.float64, device=dev)
         for i, t in self.influence.items():
             if self.sp or self.tp_rank == 0:  # under SP each TP rank saw different tokens

@@ -10,6 +10,7 @@ Tensors (L = layers):
   depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
   heads.mask_loss        [L, heads]          LM-loss increase when one head is masked (optional)
   sums.experts           [L, 3, experts]     MoE: routed-output L2 sums, tokens, router mass
+  sums.moe_ffn           [L, 3, experts, w]  MoE: each expert's neurons, token sums as `stats`
 Metadata: model shape, checkpoint path and fingerprint, data, samples, seq length, default
 aggregations, timings.
 """
@@ -83,6 +84,17 @@ class Scores:
             raise ConfigError("the scores have no expert sums (a dense model's, or made by an "
                               "older version); rerun `minitron importance`")
         return self.tensors["sums.experts"][:, EXPERT_METRICS[metric]]
+
+    def moe_ffn(self, seq: str | None = None) -> torch.Tensor:
+        """Expert-neuron scores [L, experts, width]: the sequence aggregation (mean |x|, l2, var)
+        over all the tokens routed to each expert, which have no sample structure."""
+        if "sums.moe_ffn" not in self.tensors:
+            raise ConfigError("the scores have no expert-neuron sums (a dense model's, or made by "
+                              "an older version); rerun `minitron importance`")
+        seq = stats.check_aggregation(self._aggs(seq, None)[0], "sequence")
+        tokens = self.tensors["sums.experts"][:, 1, :, None].clamp_min(1)
+        values = stats.per_sample(self.tensors["sums.moe_ffn"].movedim(1, 0), tokens)
+        return values[stats.AGGREGATIONS.index(seq)]
 
     def layers(self, metric: str = "skip_loss", block: int = 1) -> torch.Tensor:
         """Depth scores, higher = more important: `block_influence` [L] or `skip_loss` (LM-loss

@@ -40,9 +40,9 @@ def sequence_sums(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.abs().sum(0), x.sum(0), x.square().sum(0)]).double()
 
 
-def per_sample(sums: torch.Tensor, seq_length: int) -> torch.Tensor:
+def per_sample(sums: torch.Tensor, seq_length: int | torch.Tensor) -> torch.Tensor:
     """[3, b, C] per-sample values (mean |x|, l2, var) from `sequence_sums` over the full
-    sequence."""
+    sequence (`seq_length` may be a tensor that broadcasts against b, C: tokens per row)."""
     mean = sums[1] / seq_length
     var = (sums[2] / seq_length - mean * mean).clamp_min(0)
     return torch.stack([sums[0] / seq_length, sums[2].sqrt(), var])

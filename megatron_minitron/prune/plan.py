@@ -47,6 +47,9 @@ class PruneTarget:
     experts: int | None = option(None, flag="--target-experts",
                                  help="MoE: experts kept per layer, the lowest-ranked dropped "
                                       "with their router rows (at least the router's top-k)")
+    moe_ffn: int | None = option(None, flag="--target-moe-ffn",
+                                 help="MoE: neurons kept in each expert, each expert keeping "
+                                      "its own highest-scored ones")
     drop_layers: list[int] | None = option(
         None, parse=lambda s: [int(i) for i in s.split(",") if i.strip()],
         render=lambda v: ",".join(map(str, v)), metavar="I,J,...",
@@ -78,7 +81,8 @@ class PruneTarget:
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
-                                           self.groups, self.layers, self.experts))
+                                           self.groups, self.layers, self.experts,
+                                           self.moe_ffn))
 
 
 @dataclass
@@ -88,7 +92,8 @@ class PrunePlan:
     hidden: torch.Tensor  # kept embedding channels
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # per kept source layer; the
     # kept query groups are those these heads belong to
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # an expert's neurons under MoE
+    # kept MLP neurons; under MoE [new experts, neurons]: row j for new expert j
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     experts: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE; new expert j is
     # source expert experts[i][j]
     notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
@@ -108,7 +113,7 @@ def _check_range(name: str, value: int | None, original: int) -> None:
 
 def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     """The target shape, validated against the original; raises ConfigError naming the problem."""
-    experts = _moe_target(cfg, t)
+    experts, moe_ffn = _moe_target(cfg, t)
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
@@ -147,6 +152,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
         hidden, ffn = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
                               ffn_hidden_size=ffn, num_moe_experts=experts,
+                              moe_ffn_hidden_size=moe_ffn,
                               num_attention_heads=heads, num_query_groups=groups,
                               # which layers slide is known once they are chosen (make_plan)
                               window_layers=cfg.window_layers if layers == cfg.num_layers
@@ -157,25 +163,28 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     return new
 
 
-def _moe_target(cfg: ModelConfig, t: PruneTarget) -> int | None:
-    """Experts kept; the dense-MLP targets refused on an MoE model (an expert's width is not
-    pruned yet), the expert target on a dense one."""
+def _moe_target(cfg: ModelConfig, t: PruneTarget) -> tuple[int | None, int | None]:
+    """(experts, expert width) kept; the dense-MLP targets refused on an MoE model, the expert
+    targets on a dense one."""
     if not cfg.moe:
-        if t.experts is not None:
-            raise ConfigError(f"--target-experts: this {cfg.family} model has no experts")
-        return None
+        for flag, value in (("--target-experts", t.experts), ("--target-moe-ffn", t.moe_ffn)):
+            if value is not None:
+                raise ConfigError(f"{flag}: this {cfg.family} model has no experts")
+        return None, None
     for flag, value in (("--target-ffn", t.ffn), ("--target-params", t.params)):
         if value is not None:
             raise ConfigError(f"{flag} is not supported for a mixture-of-experts model yet "
-                              "(prune --target-experts, --target-hidden, heads and layers)")
+                              "(prune --target-experts, --target-moe-ffn, --target-hidden, heads "
+                              "and layers)")
     if t.order != "joint" or t.strategy != "given":
         raise ConfigError("a mixture-of-experts model is pruned with --order joint and "
                           "--strategy given")
     _check_range("experts", t.experts, cfg.num_moe_experts)
+    _check_range("moe-ffn", t.moe_ffn, cfg.moe_ffn_hidden_size)
     if t.experts is not None and t.experts < cfg.moe_router_topk:
         raise ConfigError(f"target experts {t.experts} is below the router's top-k "
                           f"{cfg.moe_router_topk}: every token needs that many experts")
-    return t.experts or cfg.num_moe_experts
+    return t.experts or cfg.num_moe_experts, t.moe_ffn or cfg.moe_ffn_hidden_size
 
 
 def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
@@ -276,14 +285,17 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     keep_per_group = new.num_attention_heads // new.num_query_groups
     for i in layers:
-        if new.ffn_hidden_size < cfg.ffn_hidden_size:
-            plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
-        else:
-            plan.ffn[i] = full(cfg.mlp_width)
         if cfg.moe:
             plan.experts[i] = (_top(scores.experts(target.expert_metric)[i], new.num_moe_experts)
                                if new.num_moe_experts < cfg.num_moe_experts else
                                full(cfg.num_moe_experts))
+            plan.ffn[i] = (_top(scores.moe_ffn()[i][plan.experts[i]], new.mlp_width)
+                           if new.mlp_width < cfg.mlp_width else
+                           full(cfg.mlp_width).expand(new.num_moe_experts, -1))
+        elif new.ffn_hidden_size < cfg.ffn_hidden_size:
+            plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
+        else:
+            plan.ffn[i] = full(cfg.ffn_hidden_size)
         if new.num_attention_heads == cfg.num_attention_heads:
             plan.heads[i] = full(cfg.num_attention_heads)
             continue

@@ -17,6 +17,7 @@ from megatron_minitron.checkpoint.layout import (
     NORM_PARAMS,
     OUTPUT_LAYER,
     QK_NORMS,
+    expert_number,
     fc1_rows,
     head_columns,
     qk_rows_mask,
@@ -97,6 +98,8 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
     if name.endswith(NORM_PARAMS):
         return _norm(name, t, src, plan)
     heads, ffn, hidden = plan.heads[layer], plan.ffn[layer], plan.hidden
+    if src.moe and (j := expert_number(name)) is not None:
+        ffn = ffn[j]  # the pruned model's expert j
     if name.endswith("linear_qkv.weight"):
         return take(_scale_qk(t, src, plan), qkv_rows(src, heads), hidden)
     if name.endswith("linear_qkv.bias"):
