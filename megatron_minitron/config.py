@@ -75,6 +75,7 @@ FAMILIES = {
     # Mixture of experts in every layer (`ModelConfig.num_moe_experts`).
     "mixtral": FamilyTraits("MixtralForCausalLM", "mixtral", "silu"),
     "qwen3_moe": FamilyTraits("Qwen3MoeForCausalLM", "qwen3_moe", "silu", qk_norm=True),
+    "qwen2_moe": FamilyTraits("Qwen2MoeForCausalLM", "qwen2_moe", "silu", qkv_bias=True),
 }
 
 
@@ -119,6 +120,8 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = None
     moe_router_topk: int = 2
     moe_router_pre_softmax: bool = False
+    # A shared expert every token goes through, its output scaled by sigmoid(gate . x) (Qwen2-MoE).
+    moe_shared_ffn_hidden_size: int | None = None
 
     @property
     def traits(self) -> FamilyTraits:
@@ -151,6 +154,9 @@ class ModelConfig:
                 raise ConfigError(f"num_moe_experts={self.num_moe_experts} and "
                                   f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be "
                                   "positive")
+            if (self.moe_shared_ffn_hidden_size or 1) < 1:
+                raise ConfigError(f"moe_shared_ffn_hidden_size={self.moe_shared_ffn_hidden_size} "
+                                  "must be positive")
             if not 1 <= self.moe_router_topk <= self.num_moe_experts:
                 raise ConfigError(f"moe_router_topk={self.moe_router_topk} must be between 1 "
                                   f"and num_moe_experts={self.num_moe_experts}")
@@ -167,8 +173,9 @@ class ModelConfig:
             raise ConfigError(f"expert parallel size {ep} does not divide "
                               f"num_moe_experts={self.num_moe_experts}")
         for name in ("num_attention_heads", "num_query_groups",
-                     "moe_ffn_hidden_size" if self.moe else "ffn_hidden_size"):
-            if getattr(self, name) % tp:
+                     *(("moe_ffn_hidden_size", "moe_shared_ffn_hidden_size") if self.moe
+                       else ("ffn_hidden_size",))):
+            if (getattr(self, name) or 0) % tp:
                 raise ConfigError(f"tensor parallel size {tp} does not divide "
                                   f"{name}={getattr(self, name)}")
         if self.num_layers % pp:
@@ -183,10 +190,16 @@ class ModelConfig:
         q = self.num_attention_heads * self.kv_channels
         kv = 2 * self.num_query_groups * self.kv_channels
         norm = h * (2 if t.normalization == "LayerNorm" else 1)
-        mlp = (2 if t.gated else 1) * f * h + f * h
-        if self.moe:  # the router, then every expert (or the top k)
-            mlp = self.num_moe_experts * h + (self.moe_router_topk if active else
-                                              self.num_moe_experts) * mlp
+
+        def mlp_of(width: int) -> int:
+            return (2 if t.gated else 1) * width * h + width * h
+
+        mlp = mlp_of(f)
+        if self.moe:  # the router, every expert (or the top k), the gated shared expert
+            shared = self.moe_shared_ffn_hidden_size
+            mlp = (self.num_moe_experts * h + (self.moe_router_topk if active else
+                                               self.num_moe_experts) * mlp
+                   + (mlp_of(shared) + h if shared else 0))
         layer = h * (q + kv) + q * h + mlp + 2 * norm
         layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
         layer += 2 * norm if t.post_norms else 0

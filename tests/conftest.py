@@ -231,8 +231,8 @@ def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int 
                 rope_scaling: float | None = None, **extra) -> Path:
     """A small random-weight HF model written by `transformers` itself (heads 4, groups 2).
     Mistral, Qwen3 and Gemma 3 get a head_dim that is not hidden / heads; Gemma 3 alternates
-    sliding (8 tokens) and global layers; Mixtral and Qwen3-MoE route to 2 of 4 experts. `extra`
-    overrides config fields."""
+    sliding (8 tokens) and global layers; the MoE families route to 2 of 4 experts (Qwen2-MoE
+    with a shared expert, unnormalised weights). `extra` overrides config fields."""
     import transformers
 
     torch.manual_seed(seed)
@@ -259,6 +259,9 @@ def tiny_hf_dir(path: Path, family: str = "llama", tie: bool = False, seed: int 
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
             **common, **rms, head_dim=24, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=48, norm_topk_prob=True),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+            **common, **rms, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            shared_expert_intermediate_size=64, norm_topk_prob=False),
         "nemotron": lambda: transformers.NemotronConfig(**common, norm_eps=1e-5,
                                                         partial_rotary_factor=0.5,
                                                         hidden_act="relu2"),

@@ -42,9 +42,9 @@ def test_unsupported_architecture(capsys, tiny_llama_hf, tmp_path):
     bad = tmp_path / "mistral"
     shutil.copytree(tiny_llama_hf, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["Qwen2MoeForCausalLM"]
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "Qwen2MoeForCausalLM",
+    fails(capsys, ["convert", str(bad), str(tmp_path / "dst")], "DeepseekV3ForCausalLM",
            "Qwen3ForCausalLM")  # the supported list
     _nothing_at(tmp_path / "dst")
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["MixtralForCausalLM"]}))

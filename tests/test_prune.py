@@ -408,6 +408,8 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                           (("--target-ffn", "64"), "--target-ffn is not supported"),
                           (("--target-moe-ffn", "97"), "target moe-ffn 97 must be between 1 "
                                                        "and the original 96"),
+                          (("--target-shared-ffn", "8"), "this mixtral model has no shared "
+                                                         "expert"),
                           (("--target-experts", "2", "--ep", "2"), "--ep 1")):
         fails(capsys, ["prune", "--load", str(ckpt), "--scores", str(scores), *flags,
                        "--out", str(tmp_path / "x")], needle)
@@ -449,20 +451,25 @@ def _dead_experts_and_neurons(hf: Path, dst: Path, seed: int = 0
     return dead, live
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function(
-        tmp_path, tiny_tokens):
-    """Qwen3-MoE with an expert per layer that no token reaches and 16 silent neurons in every
-    expert: importance gives those experts no token and those neurons zero, so --target-experts
-    3 --target-moe-ffn 32 drops exactly them (each expert its own neurons) and the logits, in
-    Megatron and in transformers after export, stay those of the unpruned model."""
+        family, tmp_path, tiny_tokens):
+    """Qwen3-MoE and Qwen2-MoE with an expert per layer that no token reaches and 16 silent
+    neurons in every expert (the shared one too): importance gives those experts no token and
+    those neurons zero, so --target-experts 3 --target-moe-ffn 32 (--target-shared-ffn 48)
+    drops exactly them (each expert its own neurons) and the logits, in Megatron (pruned at TP1
+    and at TP2+SP) and in transformers after export, stay those of the unpruned model. (Routing
+    weights renormalised over the top k: a softmax over all experts would still feel the
+    dropped one.)"""
     from safetensors.torch import load_file
 
     from megatron_minitron.data.demo import train_plays
     from megatron_minitron.importance import load_scores
 
     hf = tmp_path / "dead_hf"
-    dead, live = _dead_experts_and_neurons(tiny_hf_dir(tmp_path / "hf", "qwen3_moe", seed=5),
-                                           hf)
+    dead, live = _dead_experts_and_neurons(
+        tiny_hf_dir(tmp_path / "hf", family, seed=5, norm_topk_prob=True), hf)
+    shared = ["--target-shared-ffn", "48"] if family == "qwen2_moe" else []
     ref = hf_logits(hf, tiny_tokens)
     ckpt = converted(hf, tmp_path / "mcore")
     scores = tmp_path / "s.safetensors"
@@ -473,10 +480,15 @@ def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function
     tokens = s.experts("tokens")
     assert (tokens[torch.arange(4), dead] == 0).all() and tokens.sum(-1).eq(4 * 32 * 2).all()
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
-                 "--target-moe-ffn", "32", "--out", str(tmp_path / "p"),
+                 "--target-moe-ffn", "32", *shared, "--out", str(tmp_path / "p"),
                  "--hf-out", str(tmp_path / "p_hf")]) == 0
     assert (in_process_logits(tmp_path / "p", tiny_tokens) - ref).abs().max() <= 1e-5
     assert (hf_logits(tmp_path / "p_hf", tiny_tokens) - ref).abs().max() <= 1e-5
+    if shared:  # the same prune on TP-sharded experts, shared expert and gate
+        run_cli("prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
+                "--target-moe-ffn", "32", *shared, "--out", str(tmp_path / "tp2"), "--tp", "2",
+                "--sequence-parallel", nproc=2)
+        assert (in_process_logits(tmp_path / "tp2", tiny_tokens) - ref).abs().max() <= 1e-5
     src, out = load_file(str(hf / "model.safetensors")), load_file(
         str(tmp_path / "p_hf" / "model.safetensors"))
     for i in range(4):
@@ -485,17 +497,20 @@ def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function
             name = f"model.layers.{i}.mlp.experts.{{}}.up_proj.weight"
             rows = live[name.format(j).replace("up_proj", "gate_proj")]
             assert torch.equal(out[name.format(new)], src[name.format(j)][rows])
+        up = f"model.layers.{i}.mlp.shared_expert.up_proj.weight"
+        if shared:
+            assert torch.equal(out[up], src[up][live[up.replace("up_proj", "gate_proj")]])
 
 
 def test_moe_importance_is_the_same_at_tp2_sp_and_ep2(tmp_path):
-    """Expert scores (routed-output norms, tokens, router mass; each expert's neuron sums) from
-    one process equal those at
+    """Qwen2-MoE's expert scores (routed-output norms, tokens, router mass; each expert's and
+    the shared expert's neuron sums) from one process equal those at
     TP2 with sequence parallelism (experts split over TP: partial outputs summed first) and at
     EP2 (each rank scores its own experts on both ranks' tokens)."""
     from megatron_minitron.data.demo import train_plays
     from megatron_minitron.importance import load_scores
 
-    ckpt = converted(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=9), tmp_path / "mcore")
+    ckpt = converted(tiny_hf_dir(tmp_path / "hf", "qwen2_moe", seed=9), tmp_path / "mcore")
     args = ["importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "4",
             "--seq-length", "32", "--depth-samples", "0"]
     assert main([*args, "--out", str(tmp_path / "one.safetensors")]) == 0
@@ -503,6 +518,6 @@ def test_moe_importance_is_the_same_at_tp2_sp_and_ep2(tmp_path):
     for name, flags in (("tp2", ("--tp", "2", "--sequence-parallel")), ("ep2", ("--ep", "2"))):
         run_cli(*args, *flags, "--out", str(tmp_path / f"{name}.safetensors"), nproc=2)
         got = load_scores(tmp_path / f"{name}.safetensors").tensors
-        for key in ("sums.experts", "sums.moe_ffn"):
+        for key in ("sums.experts", "sums.moe_ffn", "sums.shared_ffn"):
             torch.testing.assert_close(got[key], one[key], rtol=1e-5, atol=1e-5,
                                        msg=f"{name} {key}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_minitron.checkpoint.layout import MOE_HF
 from megatron_minitron.checkpoint.mcore import COMMON_FILE, common_file_optional
 from megatron_minitron.cli import main
 from tests.conftest import (
@@ -35,7 +36,7 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(tiny_llama_hf, tiny_
     ("llama", False, None), ("llama", True, None), ("llama", False, 8.0),
     ("nemotron", False, None), ("mistral", False, None), ("qwen2", True, None),
     ("qwen3", False, None), ("gemma3", True, None), ("mixtral", False, None),
-    ("qwen3_moe", True, None)])
+    ("qwen3_moe", True, None), ("qwen2_moe", False, None)])
 def test_family_logits_match_transformers(family, tie, rope_scaling, tmp_path, tiny_tokens):
     from transformers import AutoModelForCausalLM
 
@@ -132,16 +133,17 @@ def test_moe_expert_parallel_import_load_and_export(tmp_path, tiny_tokens, tiny_
           "needs a mixture-of-experts model")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_moe"])
-def test_family_tp2_sp_and_pp2_logits_match_transformers(family, tmp_path, tiny_tokens):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe"])
+def test_family_tp2_sp_pp2_and_ep2_logits_match_transformers(family, tmp_path, tiny_tokens):
     """The families whose layers add shared parameters (q/k norms; Gemma's post-norms and
-    sliding layers; MoE routers, experts split over TP) at TP2+SP and PP2. Qwen2's TP-split QKV
-    biases are covered by pruning the same checkpoint at TP2 (test_prune)."""
+    sliding layers; MoE routers, experts and the shared expert split over TP) at TP2+SP and PP2,
+    the MoE families at EP2 too. Qwen2's TP-split QKV biases are covered by pruning the same
+    checkpoint at TP2 (test_prune)."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     run_cli("convert", str(hf), str(tmp_path / "mcore"))
     ref = hf_logits(hf, tiny_tokens)
-    for layout in (("--tp", "2", "--sequence-parallel", "--micro-batch-size", "2"),
-                   ("--pp", "2")):
+    layouts = [("--tp", "2", "--sequence-parallel", "--micro-batch-size", "2"), ("--pp", "2")]
+    for layout in layouts + [("--ep", "2")] * (family in MOE_HF):
         ours = torchrun_logits(tmp_path / "mcore", tiny_tokens, tmp_path, 2, *layout)
         assert (ours - ref).abs().max() <= 1e-5, f"{family} {layout}"
 

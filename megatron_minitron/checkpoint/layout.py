@@ -15,7 +15,8 @@ Facts encoded here:
   norm;
 - MoE (SequentialMLP): `mlp.router.weight` [experts, h] is HF's `gate`, expert j's SwiGLU is
   `mlp.experts.local_experts.j.linear_fc1/fc2`; TE fuses no norm into an MoE layer, so its
-  pre-MLP norm keeps the local name.
+  pre-MLP norm keeps the local name. Qwen2-MoE's shared expert is `mlp.shared_experts.linear_*`
+  and its sigmoid gate [1, h] `mlp.shared_experts.gate_weight` (HF `shared_expert_gate`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Q
 
 # HF's MoE block, and the names of an expert's gate, up and down projections.
 MOE_HF = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
-          "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+          "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+          "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+SHARED_EXPERT = "mlp.shared_experts."
 
 
 def renumber_expert(name: str, number: Callable[[int], int]) -> str:
@@ -125,11 +128,11 @@ def head_columns(cfg: ModelConfig, heads: torch.Tensor) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d)).flatten()
 
 
-def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor) -> torch.Tensor:
-    """Rows of `linear_fc1` for the given MLP (or expert) neurons (gate and up halves for
-    SwiGLU)."""
+def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of `linear_fc1` for the given neurons of an MLP (or expert) `width` wide (gate and
+    up halves for SwiGLU)."""
     if cfg.traits.gated:
-        return torch.cat([neurons, neurons + cfg.mlp_width])
+        return torch.cat([neurons, neurons + width])
     return neurons
 
 
@@ -197,6 +200,10 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
             out += [r for j in range(cfg.num_moe_experts) for r in _mlp_rules(
                 m + f"{LOCAL_EXPERTS}{j}.", s + f"{block}.experts.{j}.", True,
                 gate, up, down)]
+            if cfg.moe_shared_ffn_hidden_size:
+                out += [*_mlp_rules(m + SHARED_EXPERT, s + "mlp.shared_expert.", True),
+                        Rule(m + SHARED_EXPERT + "gate_weight",
+                             (s + "mlp.shared_expert_gate.weight",))]
         else:
             out += _mlp_rules(m + "mlp.", s + "mlp.", cfg.traits.gated)
     out += [Rule(f"decoder.final_layernorm.{suf}", (f"model.norm.{suf}",))
@@ -225,7 +232,7 @@ HF_ARCHITECTURES = {t.architecture: name for name, t in FAMILIES.items()}
 # anything but the value given (or absent), never silently dropped.
 UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcapping": None,
                "final_logit_softcapping": None, "use_sliding_window": False,
-               "use_bidirectional_attention": False}
+               "use_bidirectional_attention": False, "qkv_bias": True}
 LAYER_TYPES = {"full_attention": 0, "sliding_attention": 1}
 
 
@@ -284,14 +291,17 @@ def hf_config(cfg: ModelConfig) -> dict:
                                           else cfg.kv_channels),
                 "final_logit_softcapping": None, "attn_logit_softcapping": None,
                 "attention_bias": False}
-    out = {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2, qwen3(_moe)
+    out = {**out, "use_sliding_window": False, "sliding_window": None,  # qwen2/3 (MoE)
            "max_window_layers": cfg.num_layers,
-           **({"attention_bias": False} if cfg.family != "qwen2" else {})}
+           **({"attention_bias": False} if not t.qkv_bias else {}),
+           **({"qkv_bias": True} if cfg.family == "qwen2_moe" else {})}
     if cfg.moe:
         out.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
                    moe_intermediate_size=cfg.moe_ffn_hidden_size,
                    norm_topk_prob=not cfg.moe_router_pre_softmax, decoder_sparse_step=1,
                    mlp_only_layers=[], router_aux_loss_coef=0.0)
+    if cfg.moe_shared_ffn_hidden_size:
+        out["shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size
     return out
 
 
@@ -374,7 +384,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 
 def _moe_fields(hf: dict, family: str, source: str) -> dict:
-    """Mixtral's and Qwen3-MoE's expert fields; every layer must be an MoE layer."""
+    """Mixtral's, Qwen3-MoE's and Qwen2-MoE's expert fields; every layer must be an MoE layer.
+    Absent fields take transformers' defaults (Qwen's norm_topk_prob is False)."""
     from megatron_minitron.config import ConfigError
 
     if family not in MOE_HF:
@@ -387,12 +398,14 @@ def _moe_fields(hf: dict, family: str, source: str) -> dict:
     experts = next((k for k in ("num_local_experts", "num_experts") if k in hf),
                    "num_local_experts")
     width = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
-    missing = [k for k in (experts, width, "num_experts_per_tok") if not hf.get(k)]
+    shared = ("shared_expert_intermediate_size",) if family == "qwen2_moe" else ()
+    missing = [k for k in (experts, width, "num_experts_per_tok", *shared) if not hf.get(k)]
     if missing:
         raise ConfigError(f"{source}: a {family} config needs {', '.join(missing)}")
     return dict(num_moe_experts=hf[experts], moe_ffn_hidden_size=hf[width],
                 moe_router_topk=hf["num_experts_per_tok"],
-                moe_router_pre_softmax=not hf.get("norm_topk_prob", True))
+                moe_router_pre_softmax=not hf.get("norm_topk_prob", family == "mixtral"),
+                moe_shared_ffn_hidden_size=hf[shared[0]] if shared else None)
 
 
 def _rope_scaling_factor(rope: dict, source: str) -> float | None:

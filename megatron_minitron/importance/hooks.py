@@ -17,6 +17,7 @@ Sites, per transformer layer (Megatron-Core names):
   weighted by its routing probability) summed over the tokens it received, and from the router
   the tokens routed to it and the probability mass it got. Each rank scores its own experts
   (global numbers); an expert split over TP gives partial outputs, summed over TP first.
+- `shared_ffn`: input of the shared expert's `linear_fc2` (Qwen2-MoE), as `ffn`.
 - `moe_ffn`: per expert and neuron, token sums of |x|, x, x^2 at the input of the expert's
   `linear_fc2`, over the tokens routed to it (its columns on each expert-TP rank).
 """
@@ -31,9 +32,8 @@ from megatron_minitron.importance import stats
 from megatron_minitron.model.norm import apply_norm
 from megatron_minitron.runtime.distributed import device
 
-SITES = ("ln_attn", "ln_mlp", "heads", "heads_out", "ffn")
 # columns split across TP ranks; the others are replicated
-TP_SPLIT_SITES = ("heads", "heads_out", "ffn")
+TP_SPLIT_SITES = ("heads", "heads_out", "ffn", "shared_ffn")
 
 
 def decoder_layers(chunks):
@@ -85,6 +85,10 @@ class ImportanceHooks:
                         lambda m, args, out, i=i, site=site: self._add(i, site, out, True)))
             if hasattr(layer.mlp, "router"):
                 self._hook_experts(i, layer.mlp)
+                if layer.mlp.shared_experts is not None:
+                    self._handles.append(
+                        layer.mlp.shared_experts.linear_fc2.register_forward_pre_hook(
+                            lambda m, args, i=i: self._add(i, "shared_ffn", args[0], False)))
             else:
                 self._handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
                     lambda m, args, i=i: self._add(i, "ffn", args[0], False)))
@@ -183,8 +187,8 @@ class ImportanceHooks:
         (its layers; its TP columns; replicated sites from TP rank 0 only) and one all-reduce over
         the world adds pipeline stages, TP shards and data-parallel replicas together."""
         dev = device()
-        out = {site: torch.zeros(num_layers, stats.SEQ_SUMS, 2, widths[site],
-                                 dtype=torch.float64, device=dev) for site in SITES}
+        out = {site: torch.zeros(num_layers, stats.SEQ_SUMS, 2, width, dtype=torch.float64,
+                                 device=dev) for site, width in widths.items()}
         for (site, i), t in self.sums.items():
             if site in TP_SPLIT_SITES:
                 c = t.shape[-1]

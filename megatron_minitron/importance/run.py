@@ -67,7 +67,9 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
                         hint="pass --samples / --seq-length for a shorter calibration")
     widths = {"ln_attn": model.hidden_size, "ln_mlp": model.hidden_size,
               "heads": model.num_attention_heads, "heads_out": model.num_attention_heads,
-              "ffn": model.ffn_hidden_size}
+              "ffn": model.ffn_hidden_size,
+              **({"shared_ffn": model.moe_shared_ffn_hidden_size}
+                 if model.moe_shared_ffn_hidden_size else {})}
     with ImportanceHooks(chunks) as hooks:
         forward_with_progress(chunks, mbs, discard_output, progress)
         return hooks.reduce(model.num_layers, widths)

@@ -5,6 +5,7 @@ Tensors (L = layers):
   sums.heads             [L, 3, 2, heads]    is derived from these when the file is read,
   sums.heads_out         [L, 3, 2, heads]    (what each head writes through W_O)
   sums.ffn               [L, 3, 2, ffn]      so one calibration serves every choice and target
+  sums.shared_ffn        [L, 3, 2, shared]   MoE: the shared expert's neurons (Qwen2-MoE)
   depth.block_influence  [L]                 mean over tokens of 1 - cos(layer in, layer out)
   depth.base_loss        [1]                 LM loss on the depth samples
   depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
@@ -27,7 +28,8 @@ from megatron_minitron.config import ConfigError
 from megatron_minitron.importance import stats
 
 FORMAT = "minitron-importance-v1"
-WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")
+WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")  # in every scores file
+MOE_AXES = ("shared_ffn",)
 # How heads are ranked: the paper's activation norm, what the head writes through W_O, or the
 # LM-loss rise when it alone is masked.
 HEAD_METRICS = {"activation": "heads", "output": "heads_out", "loss": "mask_loss"}
@@ -47,8 +49,8 @@ class Scores:
     def axis(self, name: str, seq: str | None = None, samples: str | None = None
              ) -> torch.Tensor:
         """Per-layer scores [L, width] of one width axis (ln_attn, ln_mlp, heads, heads_out,
-        ffn)."""
-        if name not in (*WIDTH_AXES, *HEAD_METRICS.values()):
+        ffn, shared_ffn)."""
+        if name not in (*WIDTH_AXES, *HEAD_METRICS.values(), *MOE_AXES):
             raise ConfigError(f"unknown importance axis {name!r} ({', '.join(WIDTH_AXES)})")
         if f"sums.{name}" not in self.tensors:
             raise ConfigError(f"the scores have no {name} sums (made by an older version); "

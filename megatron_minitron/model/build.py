@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.config import ModelConfig, ParallelConfig
+from megatron_minitron.model.spec_compat import submodules, with_submodules
 
 
 @functools.cache
@@ -67,11 +68,33 @@ def moe_config(cfg: ModelConfig) -> dict:
     training asks for it."""
     if not cfg.moe:
         return {}
+    shared = {}
+    if cfg.moe_shared_ffn_hidden_size:
+        shared["moe_shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size
+        if _config_has_shared_gate():  # before 0.16 the gate is a spec parameter (layer_spec)
+            shared["moe_shared_expert_gate"] = True
     return dict(num_moe_experts=cfg.num_moe_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
                 moe_router_topk=cfg.moe_router_topk,
                 moe_router_pre_softmax=cfg.moe_router_pre_softmax,
                 moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
-                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, **shared)
+
+
+def _config_has_shared_gate() -> bool:
+    from megatron.core.transformer import TransformerConfig
+
+    return "moe_shared_expert_gate" in {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def _gate_shared_expert(layer):
+    """Megatron-Core before 0.16 takes the shared expert's sigmoid gate from its spec's params."""
+    moe = submodules(layer).mlp
+    if _config_has_shared_gate() or not hasattr(moe, "submodules"):
+        return layer
+    shared = dataclasses.replace(moe.submodules.shared_experts, params={"gate": True})
+    mlp = dataclasses.replace(moe, submodules=dataclasses.replace(moe.submodules,
+                                                                  shared_experts=shared))
+    return with_submodules(layer, mlp=mlp)
 
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
@@ -148,7 +171,7 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
             qk_layernorm=cfg.traits.qk_norm)
         if cfg.traits.post_norms:
             spec = gemma3_spec(spec, cfg.local_rotary_base or cfg.rotary_base, TENorm)
-        return spec
+        return _gate_shared_expert(spec) if cfg.moe_shared_ffn_hidden_size else spec
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_minitron.model.norm import MinitronNorm
@@ -164,6 +187,8 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
         self_attention=attn))
     if cfg.traits.post_norms:
         layer = gemma3_spec(layer, cfg.local_rotary_base or cfg.rotary_base, MinitronNorm)
+    if cfg.moe_shared_ffn_hidden_size:
+        layer = _gate_shared_expert(layer)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
 

@@ -50,6 +50,8 @@ class PruneTarget:
     moe_ffn: int | None = option(None, flag="--target-moe-ffn",
                                  help="MoE: neurons kept in each expert, each expert keeping "
                                       "its own highest-scored ones")
+    shared_ffn: int | None = option(None, flag="--target-shared-ffn",
+                                    help="MoE: neurons kept in the shared expert (Qwen2-MoE)")
     drop_layers: list[int] | None = option(
         None, parse=lambda s: [int(i) for i in s.split(",") if i.strip()],
         render=lambda v: ",".join(map(str, v)), metavar="I,J,...",
@@ -82,7 +84,7 @@ class PruneTarget:
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
                                            self.groups, self.layers, self.experts,
-                                           self.moe_ffn))
+                                           self.moe_ffn, self.shared_ffn))
 
 
 @dataclass
@@ -96,12 +98,15 @@ class PrunePlan:
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     experts: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE; new expert j is
     # source expert experts[i][j]
+    shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # shared-expert neurons
     notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
 
     def summary(self) -> str:
         m = self.model
         mlp = (f"{m.num_moe_experts} experts of {m.moe_ffn_hidden_size}" if m.moe else
                f"ffn {m.ffn_hidden_size}")
+        if m.moe_shared_ffn_hidden_size:
+            mlp += f" + shared {m.moe_shared_ffn_hidden_size}"
         return (f"layers {m.num_layers}, hidden {m.hidden_size}, {mlp}, "
                 f"heads {m.num_attention_heads} in {m.num_query_groups} groups")
 
@@ -113,7 +118,7 @@ def _check_range(name: str, value: int | None, original: int) -> None:
 
 def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     """The target shape, validated against the original; raises ConfigError naming the problem."""
-    experts, moe_ffn = _moe_target(cfg, t)
+    experts, moe_ffn, shared_ffn = _moe_target(cfg, t)
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
@@ -152,7 +157,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
         hidden, ffn = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
                               ffn_hidden_size=ffn, num_moe_experts=experts,
-                              moe_ffn_hidden_size=moe_ffn,
+                              moe_ffn_hidden_size=moe_ffn, moe_shared_ffn_hidden_size=shared_ffn,
                               num_attention_heads=heads, num_query_groups=groups,
                               # which layers slide is known once they are chosen (make_plan)
                               window_layers=cfg.window_layers if layers == cfg.num_layers
@@ -163,14 +168,18 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
     return new
 
 
-def _moe_target(cfg: ModelConfig, t: PruneTarget) -> tuple[int | None, int | None]:
-    """(experts, expert width) kept; the dense-MLP targets refused on an MoE model, the expert
-    targets on a dense one."""
+def _moe_target(cfg: ModelConfig, t: PruneTarget
+                ) -> tuple[int | None, int | None, int | None]:
+    """(experts, expert width, shared-expert width) kept; the dense-MLP targets refused on an
+    MoE model, the expert targets on a dense one."""
     if not cfg.moe:
-        for flag, value in (("--target-experts", t.experts), ("--target-moe-ffn", t.moe_ffn)):
+        for flag, value in (("--target-experts", t.experts), ("--target-moe-ffn", t.moe_ffn),
+                            ("--target-shared-ffn", t.shared_ffn)):
             if value is not None:
                 raise ConfigError(f"{flag}: this {cfg.family} model has no experts")
-        return None, None
+        return None, None, None
+    if t.shared_ffn is not None and not cfg.moe_shared_ffn_hidden_size:
+        raise ConfigError(f"--target-shared-ffn: this {cfg.family} model has no shared expert")
     for flag, value in (("--target-ffn", t.ffn), ("--target-params", t.params)):
         if value is not None:
             raise ConfigError(f"{flag} is not supported for a mixture-of-experts model yet "
@@ -181,10 +190,12 @@ def _moe_target(cfg: ModelConfig, t: PruneTarget) -> tuple[int | None, int | Non
                           "--strategy given")
     _check_range("experts", t.experts, cfg.num_moe_experts)
     _check_range("moe-ffn", t.moe_ffn, cfg.moe_ffn_hidden_size)
+    _check_range("shared-ffn", t.shared_ffn, cfg.moe_shared_ffn_hidden_size)
     if t.experts is not None and t.experts < cfg.moe_router_topk:
         raise ConfigError(f"target experts {t.experts} is below the router's top-k "
                           f"{cfg.moe_router_topk}: every token needs that many experts")
-    return t.experts or cfg.num_moe_experts, t.moe_ffn or cfg.moe_ffn_hidden_size
+    return (t.experts or cfg.num_moe_experts, t.moe_ffn or cfg.moe_ffn_hidden_size,
+            t.shared_ffn or cfg.moe_shared_ffn_hidden_size)
 
 
 def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
@@ -292,6 +303,11 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
             plan.ffn[i] = (_top(scores.moe_ffn()[i][plan.experts[i]], new.mlp_width)
                            if new.mlp_width < cfg.mlp_width else
                            full(cfg.mlp_width).expand(new.num_moe_experts, -1))
+            if cfg.moe_shared_ffn_hidden_size:
+                plan.shared_ffn[i] = (
+                    _top(scores.axis("shared_ffn")[i], new.moe_shared_ffn_hidden_size)
+                    if new.moe_shared_ffn_hidden_size < cfg.moe_shared_ffn_hidden_size else
+                    full(cfg.moe_shared_ffn_hidden_size))
         elif new.ffn_hidden_size < cfg.ffn_hidden_size:
             plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
         else:

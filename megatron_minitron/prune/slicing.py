@@ -17,6 +17,7 @@ from megatron_minitron.checkpoint.layout import (
     NORM_PARAMS,
     OUTPUT_LAYER,
     QK_NORMS,
+    SHARED_EXPERT,
     expert_number,
     fc1_rows,
     head_columns,
@@ -97,9 +98,11 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
         return t  # one head's norm, shared by all heads: no pruned axis touches it
     if name.endswith(NORM_PARAMS):
         return _norm(name, t, src, plan)
-    heads, ffn, hidden = plan.heads[layer], plan.ffn[layer], plan.hidden
+    heads, ffn, hidden, width = plan.heads[layer], plan.ffn[layer], plan.hidden, src.mlp_width
     if src.moe and (j := expert_number(name)) is not None:
         ffn = ffn[j]  # the pruned model's expert j
+    elif SHARED_EXPERT in name:
+        ffn, width = plan.shared_ffn[layer], src.moe_shared_ffn_hidden_size
     if name.endswith("linear_qkv.weight"):
         return take(_scale_qk(t, src, plan), qkv_rows(src, heads), hidden)
     if name.endswith("linear_qkv.bias"):
@@ -108,8 +111,10 @@ def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
         return take(t, hidden, head_columns(src, heads))
     if name.endswith("mlp.router.weight"):  # one row per expert
         return take(t, plan.experts[layer], hidden)
+    if name.endswith(SHARED_EXPERT + "gate_weight"):  # [1, h]
+        return take(t, cols=hidden)
     if name.endswith("linear_fc1.weight"):
-        return take(t, fc1_rows(src, ffn), hidden)
+        return take(t, fc1_rows(src, ffn, width), hidden)
     if name.endswith("linear_fc2.weight"):
         return take(t, hidden, ffn)
     raise KeyError(f"no pruning rule for layer tensor {name}")
