@@ -27,7 +27,7 @@ VERBS = {
     "distill": (DistillConfig, ["--teacher", "T", "--student", "S", "--data", "D", "--save", "R",
                                 "--train-iters", "3"], "distill"),
     "search": (SearchConfig, ["--load", "C", "--scores", "S", "--data", "D", "--valid-data", "V",
-                              "--out", "O", "--target-params", "1e6"], "search"),
+                              "--out", "O"], "search"),
     "eval": (EvalConfig, ["--load", "C"], "eval"),
 }
 

@@ -136,3 +136,67 @@ def test_candidates_keep_every_parallel_flag(monkeypatch, tmp_path):
                  "--tp", "2", "--sequence-parallel", "--bf16"]) == 0
     assert seen["parallel"] == ParallelConfig(tp=2, pp=2, vpp=2, sequence_parallel=True,
                                               precision="bf16")
+
+
+@pytest.mark.parametrize("shared", [None, 32])
+def test_moe_candidates_at_an_active_budget_prune_to_their_shape(shared):
+    """An MoE teacher (with and without a shared expert) searched at 60% of its active
+    parameters: candidates cut experts (never below top-k), expert width, hidden, heads, layers;
+    each one's counts are the built model's, its active count is within tolerance, and its prune
+    target gives exactly its shape."""
+    from megatron_minitron.prune.plan import pruned_config
+
+    teacher = ModelConfig(family="qwen2_moe" if shared else "mixtral", num_layers=4,
+                          hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                          num_query_groups=2, kv_channels=16, vocab_size=96, num_moe_experts=8,
+                          moe_ffn_hidden_size=64, moe_router_topk=2,
+                          moe_shared_ffn_hidden_size=shared)
+    target = 0.6 * teacher.num_parameters(active=True)
+    shapes = enumerate_shapes(teacher, target, 0.05, step=16, active=True)
+    assert {s.experts for s in shapes} > {2, 8} and min(s.experts for s in shapes) >= 2
+    for c in shapes[::7]:
+        model = c.model(teacher)
+        assert c.params == _built_params(model) == model.num_parameters(), c.name
+        assert abs(c.active_params / target - 1) <= 0.05
+        pruned = pruned_config(teacher, c.target(teacher))
+        assert {k: v for k, v in pruned.to_dict().items() if k != "norm_epsilon"} == \
+            {k: v for k, v in model.to_dict().items() if k != "norm_epsilon"}, c.name
+
+
+def test_moe_search_at_an_active_budget(tmp_path, capsys):
+    """`minitron search --target-active-params` on a Mixtral: two candidates pruned (experts
+    among the axes) and briefly distilled, each checkpoint holding the parameters reported.
+    Active targets on a dense model and a search without a target are refused in one line."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+    from tests.conftest import converted, fails, tiny_hf_dir
+
+    ckpt = converted(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=2), tmp_path / "mcore")
+    for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(ckpt),
+                     "--output-prefix", str(tmp_path / name)]) == 0
+    scores = tmp_path / "scores.safetensors"
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "2",
+                 "--out", str(scores)]) == 0
+    res = _search(ckpt, scores, tmp_path, tmp_path / "s", "--target-active-params", "0.7",
+                  "--tolerance", "0.1", "--candidates", "2", "--step", "16", "--kd-tokens",
+                  "128", "--global-batch-size", "4", "--seq-length", "32", "--eval-iters", "1")
+    teacher, _ = load_in_process(ckpt)
+    assert len(res["ranking"]) == 2 and "active)" in capsys.readouterr().out
+    for r in res["ranking"]:
+        cfg, chunks = load_in_process(Path(r["checkpoint"]))
+        assert sum(p.numel() for p in chunks[0].parameters()) == r["params"]
+        assert cfg.num_parameters(active=True) == r["active_params"]
+        assert abs(r["active_params"] / (0.7 * teacher.num_parameters(active=True)) - 1) <= 0.1
+    args = ["search", "--load", str(ckpt), "--scores", str(scores), "--data",
+            str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"), "--out",
+            str(tmp_path / "x")]
+    fails(capsys, args, "give one of --target-params and --target-active-params")
+    fails(capsys, [*args, "--target-params", "0.7", "--target-active-params", "0.7"],
+          "give one of")
+    dense = ["--load", str(converted(tiny_hf_dir(tmp_path / "llama", seed=2),
+                                     tmp_path / "llama_mcore"))]
+    capsys.readouterr()
+    fails(capsys, [*args, *dense, "--target-active-params", "0.7"],
+          "needs a mixture-of-experts teacher")
+    assert not (tmp_path / "x").exists()

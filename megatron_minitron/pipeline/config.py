@@ -19,7 +19,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
 from megatron_minitron.importance.run import ImportanceConfig
-from megatron_minitron.options import default_of, option, parse_size
+from megatron_minitron.options import default_of
 from megatron_minitron.prune.plan import PruneTarget
 from megatron_minitron.search.run import SearchConfig
 
@@ -54,10 +54,8 @@ class CorrectionSection(DistillConfig):
 @dataclass
 class SearchSection(SearchConfig):
     """Candidate search instead of a fixed prune target: the winner (after its short KD) is
-    the student distillation continues from."""
-
-    target_params: float | None = option(None, parse=parse_size,
-                                         help="None: no search, the prune section decides")
+    the student distillation continues from. No target (the default): no search, the prune
+    section decides."""
 
 
 @dataclass

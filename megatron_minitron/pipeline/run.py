@@ -168,7 +168,7 @@ class _Plan:
         """Importance, then prune or search: (pruned checkpoint, checkpoint distillation
         starts from, the stage that writes them)."""
         cfg, d = self.cfg, self.d
-        searching = cfg.search.target_params is not None
+        searching = cfg.search.given
         reads, scores = list(teacher_reads), None
         if cfg.prune.needs_scores() or searching:
             scores = d / "importance" / "scores.safetensors"
@@ -240,12 +240,13 @@ def validate(cfg: RunConfig, world_size: int, dry_run: bool) -> tuple[ModelConfi
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp = "
                           f"{p.tp}*{p.pp}")
     dp = world_size // (p.tp * p.pp)
-    searching = cfg.search.target_params is not None
+    searching = cfg.search.given
     if searching and (cfg.prune.needs_scores() or cfg.prune.drop_layers):
         raise ConfigError("prune and search: give a prune target or a search, not both")
     if not searching and not cfg.prune.needs_scores() and not cfg.prune.drop_layers:
         raise ConfigError("prune: no target given (params, hidden, ffn, heads, groups, layers "
-                          "or drop_layers), and no search.target_params")
+                          "or drop_layers), and no search target (search.target_params or "
+                          "search.target_active_params)")
     teacher = teacher_model(cfg, dry_run)
     teacher.check_parallel(p.tp, p.pp)
     for section in ("importance", "prune", "search", "distill", "correction", "eval"):
@@ -372,7 +373,7 @@ def _print_plan(cfg: RunConfig, stages: list[Stage], teacher: ModelConfig,
     if cfg.expected_params:
         lines.append(f"  published size {cfg.expected_params / 1e9:.3f} B: "
                      f"{s / cfg.expected_params - 1:+.2%}")
-    if cfg.search.target_params is not None:
+    if cfg.search.given:
         from megatron_minitron.search.run import plan
 
         lines.append("  search candidates (the student above is the first):")

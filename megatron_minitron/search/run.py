@@ -18,7 +18,7 @@ from pathlib import Path
 from megatron_minitron import stages
 from megatron_minitron.checkpoint.atomic import write_text
 from megatron_minitron.checkpoint.mcore import is_mcore_dir
-from megatron_minitron.config import ModelConfig, ParallelConfig, prefixed
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig, prefixed
 from megatron_minitron.distill.report import val_lm_first_last
 from megatron_minitron.distill.train import DistillConfig, iteration_dir
 from megatron_minitron.options import fraction_of, option, parse_size
@@ -31,10 +31,16 @@ log = logging.getLogger("minitron")
 
 @dataclass
 class SearchConfig:
-    target_params: float = option(parse=parse_size, render=repr,
-                                  metavar="N|FRACTION",
-                                  help="parameters of the pruned model: a count (95M, 4.5B, "
-                                       "95e6) or a fraction of the teacher's (0.7, 70%%)")
+    target_params: float | None = option(None, parse=parse_size, render=repr,
+                                         metavar="N|FRACTION",
+                                         help="parameters of the pruned model: a count (95M, "
+                                              "4.5B, 95e6) or a fraction of the teacher's (0.7, "
+                                              "70%%)")
+    target_active_params: float | None = option(
+        None, parse=parse_size, render=repr, metavar="N|FRACTION",
+        help="instead of --target-params, for a mixture of experts: the parameters one token "
+             "goes through (attention, router, top-k experts, shared expert, embeddings), a "
+             "count or a fraction of the teacher's")
     tolerance: float = option(0.05, help="candidates within this fraction of the target")
     axes: tuple[str, ...] = option(AXES, choices=AXES, help="axes the candidates prune")
     candidates: int = option(4, help="candidates pruned and distilled")
@@ -47,13 +53,26 @@ class SearchConfig:
                                     "iterations: --kd-tokens / (global batch x sequence))")
 
     @property
+    def given(self) -> bool:
+        return self.target_params is not None or self.target_active_params is not None
+
+    def budget(self) -> tuple[float, bool]:
+        """(target count or fraction, whether it counts active parameters)."""
+        if (self.target_params is None) == (self.target_active_params is None):
+            raise ConfigError("give one of --target-params and --target-active-params")
+        if self.target_params is not None:
+            return self.target_params, False
+        return self.target_active_params, True
+
+    @property
     def train_iters(self) -> int:
         return max(1, self.kd_tokens // (self.kd.global_batch_size * self.kd.seq_length))
 
 
 def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
-    shapes = enumerate_shapes(teacher, cfg.target_params, cfg.tolerance, tuple(cfg.axes),
-                              cfg.step, tp)
+    target, active = cfg.budget()
+    shapes = enumerate_shapes(teacher, target, cfg.tolerance, tuple(cfg.axes), cfg.step, tp,
+                              active=active)
     return spread(shapes, cfg.candidates, teacher)
 
 
@@ -95,8 +114,11 @@ def search(load: Path, scores: Path, data: list[str], valid_data: list[str], out
     """The search stage (`minitron search`): candidate shapes of `settings.target_params`, each
     pruned and briefly distilled, ranked by their loss after KD. Resumes: finished candidates
     are kept. Returns the report (also results.json and ranking.md in `out`)."""
+    from megatron_minitron.checkpoint import mcore
+
     parallel = parallel or ParallelConfig()
     parallel.check_sequence(settings.kd.seq_length)
+    plan(mcore.read_meta(Path(load)).model, settings, parallel.tp)  # bad targets: nothing written
     with stages.locked(Path(out)):
         return _search(Path(load), Path(scores), settings, data, valid_data, Path(out), parallel)
 
@@ -111,9 +133,11 @@ def _search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], val
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "plan.json", json.dumps([asdict(c) | {"name": c.name}
                                                   for c in candidates], indent=2))
-    target = fraction_of(cfg.target_params, t.num_parameters())  # 0.7 is 70% of the teacher
-    log.info("search: %d candidates of %s parameters +/- %.0f%%: %s", len(candidates),
-             f"{target:,.0f}", cfg.tolerance * 100, ", ".join(c.name for c in candidates))
+    target, active = cfg.budget()
+    target = fraction_of(target, t.num_parameters(active=active))  # 0.7: 70% of the teacher's
+    log.info("search: %d candidates of %s %sparameters +/- %.0f%%: %s", len(candidates),
+             f"{target:,.0f}", "active " if active else "", cfg.tolerance * 100,
+             ", ".join(c.name for c in candidates))
     results = [run_candidate(c, teacher, scores, t, cfg, data, valid, out, parallel)
                for c in candidates]
     results.sort(key=lambda r: (r["loss_kd"], r["name"]))
@@ -129,9 +153,15 @@ def ranking_table(results: list[dict]) -> str:
                                                                  key=lambda r: r["loss_pruned"]))}
     lines = ["| rank after KD | candidate | parameters | loss after pruning (rank) | "
              "loss after KD |", "|---|---|---|---|---|"]
-    lines += [f"| {i + 1} | {r['name']} | {r['params']:,} | {r['loss_pruned']:.4f} "
+    lines += [f"| {i + 1} | {r['name']} | {_params(r)} | {r['loss_pruned']:.4f} "
               f"({by_pruned[r['name']]}) | {r['loss_kd']:.4f} |" for i, r in enumerate(results)]
     return "\n".join(lines)
+
+
+def _params(r: dict) -> str:
+    if r.get("experts"):
+        return f"{r['params']:,} ({r['active_params']:,} active)"
+    return f"{r['params']:,}"
 
 
 def write_outputs(out: Path, report: dict) -> None:
