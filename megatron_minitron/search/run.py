@@ -114,12 +114,10 @@ def search(load: Path, scores: Path, data: list[str], valid_data: list[str], out
     """The search stage (`minitron search`): candidate shapes of `settings.target_params`, each
     pruned and briefly distilled, ranked by their loss after KD. Resumes: finished candidates
     are kept. Returns the report (also results.json and ranking.md in `out`)."""
-    from megatron_minitron.checkpoint import mcore
-
     parallel = parallel or ParallelConfig()
     parallel.check_sequence(settings.kd.seq_length)
-    plan(mcore.read_meta(Path(load)).model, settings, parallel.tp)  # bad targets: nothing written
-    with stages.locked(Path(out)):
+    settings.budget()
+    with stages.locked(Path(out)):  # a directory this leaves empty is removed
         return _search(Path(load), Path(scores), settings, data, valid_data, Path(out), parallel)
 
 
