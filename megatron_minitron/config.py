@@ -122,6 +122,8 @@ class ModelConfig:
     moe_router_pre_softmax: bool = False
     # A shared expert every token goes through, its output scaled by sigmoid(gate . x) (Qwen2-MoE).
     moe_shared_ffn_hidden_size: int | None = None
+    # Weight of the router's load-balancing loss in training (HF router_aux_loss_coef); 0: off.
+    moe_aux_loss_coeff: float = 0.0
 
     @property
     def traits(self) -> FamilyTraits:

@@ -139,10 +139,17 @@ def test_new_families_train_the_same_under_tp_sp(tmp_path):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (family, i, a, b)
 
 
+def _router(save: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [r["router"] for r in rows if "router" in r]
+
+
 def test_moe_trains_the_same_under_dp2_and_ep2(tmp_path):
-    """Mixtral (2 of 4 experts) as its own student, LM loss on: the trajectory, gradient norm
-    included, is one process's at DP=2 and at EP=2 (each rank holds two experts, whose gradients
-    are reduced over the expert data-parallel group, here of one rank)."""
+    """Mixtral (2 of 4 experts) as its own student, LM loss and a strong load-balancing loss on:
+    the trajectory, gradient norm and logged router loss included, is one process's at DP=2 and
+    at EP=2 (each rank holds two experts, whose gradients are reduced over the expert
+    data-parallel group, here of one rank). The router loss moves the trajectory, and is
+    neither applied nor logged at coefficient 0."""
     import shutil
 
     from megatron_minitron.data.demo import held_out_plays, train_plays
@@ -154,13 +161,17 @@ def test_moe_trains_the_same_under_dp2_and_ep2(tmp_path):
         assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
                      "--output-prefix", str(d / name)]) == 0
     setup = (teacher, d)
-    assert main(_distill_args(setup, d / "single", 3)) == 0
-    ref = _losses(d / "single")
-    assert len(ref) == 3 and ref[0][2] > 0
+    balance = ("--moe-aux-loss-coeff", "0.5")
+    assert main(_distill_args(setup, d / "single", 3, *balance)) == 0
+    ref, router = _losses(d / "single"), _router(d / "single")
+    assert len(ref) == 3 and ref[0][2] > 0 and len(router) == 3 and min(router) > 0
     for name, flags in (("dp2", ()), ("ep2", ("--ep", "2"))):
-        run_cli(*_distill_args(setup, d / name, 3), *flags, nproc=2)
+        run_cli(*_distill_args(setup, d / name, 3, *balance), *flags, nproc=2)
         for (i, a, ga), (j, b, gb) in zip(ref, _losses(d / name), strict=True):
             assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+        assert _router(d / name) == pytest.approx(router, abs=1e-6), name
+    assert main(_distill_args(setup, d / "off", 3, "--moe-aux-loss-coeff", "0")) == 0
+    assert _router(d / "off") == [] and abs(_losses(d / "off")[-1][1] - ref[-1][1]) > 1e-4
 
 
 def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):

@@ -278,7 +278,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     if cfg.family == "mixtral":  # routing weights: always the softmax over the top k
         return {**out, "intermediate_size": cfg.moe_ffn_hidden_size,
                 "num_local_experts": cfg.num_moe_experts,
-                "num_experts_per_tok": cfg.moe_router_topk, "router_aux_loss_coef": 0.0}
+                "num_experts_per_tok": cfg.moe_router_topk,
+                "router_aux_loss_coef": cfg.moe_aux_loss_coeff}
     if cfg.family == "gemma3":
         local = {**rope, "rope_theta": cfg.local_rotary_base or cfg.rotary_base}
         out.pop("hidden_act")
@@ -299,7 +300,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         out.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
                    moe_intermediate_size=cfg.moe_ffn_hidden_size,
                    norm_topk_prob=not cfg.moe_router_pre_softmax, decoder_sparse_step=1,
-                   mlp_only_layers=[], router_aux_loss_coef=0.0)
+                   mlp_only_layers=[], router_aux_loss_coef=cfg.moe_aux_loss_coeff)
     if cfg.moe_shared_ffn_hidden_size:
         out["shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size
     return out
@@ -405,6 +406,7 @@ def _moe_fields(hf: dict, family: str, source: str) -> dict:
     return dict(num_moe_experts=hf[experts], moe_ffn_hidden_size=hf[width],
                 moe_router_topk=hf["num_experts_per_tok"],
                 moe_router_pre_softmax=not hf.get("norm_topk_prob", family == "mixtral"),
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0),
                 moe_shared_ffn_hidden_size=hf[shared[0]] if shared else None)
 
 

@@ -63,6 +63,10 @@ class DistillConfig:
     hidden_weight: float = option(0.0, help="weight of the cosine loss between final hidden "
                                             "states, the teacher's mapped onto the channels "
                                             "pruning kept")
+    moe_aux_loss_coeff: float | None = option(
+        None, help="MoE students: weight of the router's load-balancing loss, added to the "
+                   "training loss and logged apart as `router` (default: the model's own, "
+                   "Hugging Face's router_aux_loss_coef; 0: off)")
     top_k: int = option(0, help="KD over the teacher's k largest logits only (0: the whole "
                                 "vocabulary); a step holds k logits per token")
     teacher_cache: str | None = option(None, metavar="DIR", help="keep the teacher's top-k "
@@ -95,6 +99,8 @@ class DistillConfig:
             raise ConfigError("the KD, LM and hidden-state loss weights are all zero")
         if self.top_k < 0:
             raise ConfigError("top-k must be >= 0 (0: the whole vocabulary)")
+        if (self.moe_aux_loss_coeff or 0) < 0:
+            raise ConfigError("the load-balancing loss coefficient must be >= 0")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")
         if self.teacher_cache and not self.top_k:
@@ -175,6 +181,10 @@ class Distiller:
 
         self.cfg, self.save, self.teacher_path = cfg, Path(save), Path(teacher)
         t_meta, self.s_meta = mcore.read_meta(teacher), mcore.read_meta(student)
+        if cfg.moe_aux_loss_coeff is not None:  # the student trains (and is saved) with it
+            if not self.s_meta.model.moe:
+                raise ConfigError("--moe-aux-loss-coeff: the student has no experts")
+            self.s_meta.model.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff
         if t_meta.model.vocab_size != self.s_meta.model.vocab_size:
             raise ConfigError(f"teacher vocabulary {t_meta.model.vocab_size} != student "
                               f"{self.s_meta.model.vocab_size}")
@@ -259,6 +269,8 @@ class Distiller:
         chunks = load_chunks(path, self.s_meta, self.rt.parallel)
         config = chunks[0].config
         config.calculate_per_token_loss = True  # normalise by the global batch's token count
+        for m in (m for c in chunks for m in c.modules() if hasattr(m, "calculate_per_token_loss")):
+            m.calculate_per_token_loss = True  # MoE routers copy it when built
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=dist_opt, average_in_collective=False)
@@ -382,6 +394,8 @@ class Distiller:
             micro_batch_size=cfg.micro_batch_size, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         out = _reduce_reports(reports)
+        if self.s_meta.model.moe_aux_loss_coeff:
+            out["router"] = self._router_loss(len(mbs))
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         if not ok or not all(math.isfinite(v) for v in out.values()):
             raise TrainingError(
@@ -391,6 +405,24 @@ class Distiller:
         self.iteration += 1
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
+
+    def _router_loss(self, microbatches: int) -> float:
+        """The load-balancing loss before its coefficient, mean over MoE layers, microbatches and
+        replicas, from Megatron's tracker (which this resets). Summed over the world here:
+        Megatron's own reduction averages over data-parallel ranks, which gloo cannot do."""
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+        )
+
+        entry = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        total = (entry["values"].sum() if entry else torch.zeros((), device=device())).double()
+        clear_aux_losses_tracker()
+        p, world = self.rt.parallel, dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(total)
+        replicas = world // p.pp  # TP ranks times data-parallel ranks
+        return float(total) / (replicas * self.s_meta.model.num_layers * microbatches)
 
     def evaluate(self) -> dict[str, float]:
         from megatron_minitron.model.forward import forward_microbatches
@@ -491,7 +523,7 @@ class Distiller:
             metrics.write(row)
             pending += 1
             if self.iteration % cfg.log_interval == 0 or last:
-                parts = ", ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm", "hidden")
+                parts = ", ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm", "hidden", "router")
                                   if k in row)
                 progress.what = (f"distill: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.2e} "
                                  f"{row['tokens_per_s']:.0f} tok/s")

@@ -64,8 +64,9 @@ def _router_without_te() -> None:
 def moe_config(cfg: ModelConfig) -> dict:
     """TransformerConfig's MoE fields. Experts are separate modules (SequentialMLP, no grouped
     GEMM), the layout import and pruning slice; tokens reach them by all-gather, the dispatcher
-    that also runs over gloo (all-to-all does not on CPU). The load-balancing loss is off until
-    training asks for it."""
+    that also runs over gloo (all-to-all does not on CPU). The load-balancing loss is the
+    model's (`moe_aux_loss_coeff`); Megatron applies it only to a module in training mode with
+    gradients on, so a teacher, importance and evaluation never see it."""
     if not cfg.moe:
         return {}
     shared = {}
@@ -77,7 +78,8 @@ def moe_config(cfg: ModelConfig) -> dict:
                 moe_router_topk=cfg.moe_router_topk,
                 moe_router_pre_softmax=cfg.moe_router_pre_softmax,
                 moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
-                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, **shared)
+                moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
+                moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, **shared)
 
 
 def _config_has_shared_gate() -> bool:
