@@ -6,7 +6,7 @@ the Shakespeare training plays, then
 2. the importance-pruned model recovered by KD from the unpruned MoE vs by plain CE, the same
    tokens, steps and seed.
 
-    python benchmarks/moe_experts.py [--train-steps 300] [--steps 40] [--out DIR]
+    python benchmarks/moe_experts.py [--train-steps 400] [--steps 15 50] [--out DIR]
 
 The model: 4 layers, hidden 256, 8 experts of 512, top-2, a 1024-token BPE trained on the training
 plays (so the embedding does not dwarf the experts). Training is `minitron distill --kd-weight 0
@@ -70,8 +70,9 @@ def with_random_experts(scores: Path, out: Path, seed: int) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--steps", type=int, default=40, help="KD / CE steps after pruning")
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--steps", type=int, nargs="+", default=[15, 50],
+                   help="KD / CE steps after pruning (each a separate pair of runs)")
     p.add_argument("--experts", type=int, default=4, help="experts kept per layer")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -123,11 +124,14 @@ def main() -> None:
                 "--out", str(work / "trained.json")]) == 0
     result["unpruned_eval_loss"] = json.loads((work / "trained.json").read_text()
                                               )["tasks"]["perplexity"]["loss"]
-    distill(trained, work / "p_output", "ce", a.steps, 5e-4, *ce)
-    distill(trained, work / "p_output", "kd", a.steps, 5e-4)
-    start, result["ce_loss"] = val_lm_first_last(work / "ce")
-    _, result["kd_loss"] = val_lm_first_last(work / "kd")
-    result.update(pruned_val_loss=start, recovery_steps=a.steps)
+    result["recovery"] = {}
+    for steps in a.steps:
+        distill(trained, work / "p_output", f"ce{steps}", steps, 5e-4, *ce)
+        distill(trained, work / "p_output", f"kd{steps}", steps, 5e-4)
+        start, ce_loss = val_lm_first_last(work / f"ce{steps}")
+        result["recovery"][steps] = {"ce": ce_loss,
+                                     "kd": val_lm_first_last(work / f"kd{steps}")[1]}
+    result["pruned_val_loss"] = start
     (out / "moe_experts.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     rand = result["random"]
@@ -135,8 +139,8 @@ def main() -> None:
           f"by routed-output norm {result['by_metric']['output']:.4f}, tokens "
           f"{result['by_metric']['tokens']:.4f}, router mass {result['by_metric']['probs']:.4f}; "
           f"random {min(rand):.4f}..{max(rand):.4f} (mean {sum(rand) / len(rand):.4f})")
-    print(f"recovery, {a.steps} steps: CE {result['ce_loss']:.4f}, KD {result['kd_loss']:.4f} "
-          f"(from {start:.4f})")
+    for steps, r in result["recovery"].items():
+        print(f"recovery, {steps} steps: CE {r['ce']:.4f}, KD {r['kd']:.4f} (from {start:.4f})")
 
 
 if __name__ == "__main__":

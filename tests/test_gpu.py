@@ -24,10 +24,12 @@ def _gpu_logits(ckpt, tokens, precision):
     return logits(chunks, tokens, micro_batch_size=tokens.shape[0]).float().cpu()
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "nemotron", "mistral", "qwen2", "qwen3", "gemma3",
+                                    "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_gpu_logits_match_transformers(family, tmp_path):
     """Every family through the TE spec (Qwen3's q/k norms, Gemma's post-norms and sliding
-    window in TE's attention) against transformers."""
+    window in TE's attention; the MoE families' routers, experts and shared expert) against
+    transformers."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     ckpt = tmp_path / "mcore"
     run_cli("convert", str(hf), str(ckpt))
@@ -113,3 +115,28 @@ def test_every_verb_end_to_end_in_bf16(tiny_llama_hf, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     run_cli("run", str(tmp_path / "run.yaml"))
     assert (tmp_path / "run" / "report.json").is_file()
+
+
+def test_gpu_moe_prune_and_distill_in_bf16(tmp_path):
+    """Qwen2-MoE on the GPU: importance, experts, expert and shared-expert width pruned, then KD
+    steps in bf16 with the load-balancing loss logged."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    ckpt, scores, student = tmp_path / "teacher", tmp_path / "s.safetensors", tmp_path / "student"
+    run_cli("convert", str(tiny_hf_dir(tmp_path / "hf", "qwen2_moe", seed=3)), str(ckpt))
+    run_cli("importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "8",
+            "--seq-length", "64", "--depth-samples", "0", "--out", str(scores))
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), "--out", str(student),
+            "--target-experts", "3", "--target-moe-ffn", "32", "--target-shared-ffn", "32")
+    for name, play in (("train", train_plays()[1]), ("valid", held_out_plays()[0])):
+        run_cli("preprocess", "--input", str(play), "--tokenizer", str(ckpt), "--output-prefix",
+                str(tmp_path / name))
+    run_cli("distill", "--teacher", str(ckpt), "--student", str(student), "--data",
+            str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"), "--save",
+            str(tmp_path / "kd"), "--train-iters", "3", "--global-batch-size", "4",
+            "--seq-length", "64", "--lr", "1e-3", "--eval-iters", "1", "--moe-aux-loss-coeff",
+            "0.01")
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").open()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3 and all(r["router"] > 0 for r in steps), rows
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["router"]])).all() for r in steps)
