@@ -348,6 +348,17 @@ def test_strategy_auto_makes_the_same_choice_at_tp2_sp_and_pp2(tmp_path):
         assert (got["model"], got["kept_layers"]) == (ref["model"], ref["kept_layers"]), name
 
 
+def _moe_scores(ckpt: Path, out: Path) -> tuple[Path, Scores]:
+    """Importance of a tiny MoE checkpoint on 4 x 32 tokens of a training play."""
+    from megatron_minitron.data.demo import train_plays
+    from megatron_minitron.importance import load_scores
+
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "4", "--seq-length", "32", "--depth-samples", "0",
+                 "--out", str(out)]) == 0
+    return out, load_scores(out)
+
+
 def _without_experts(hf: Path, keep: torch.Tensor, dst: Path) -> Path:
     """transformers' own Mixtral with only experts keep[i] in layer i (router rows too), written
     by hand from the HF tensors: an independent reference for expert pruning."""
@@ -380,16 +391,10 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     sliced, survivors renumbered). The scores count every routed token. Experts with hidden and
     heads pruned too export to a model transformers loads with the same logits. Impossible
     expert targets and MoE-only / dense-only axes are refused in one line."""
-    from megatron_minitron.data.demo import train_plays
-    from megatron_minitron.importance import load_scores
 
     hf = tiny_hf_dir(tmp_path / "hf", "mixtral", seed=8)
     ckpt = converted(hf, tmp_path / "mcore")
-    scores = tmp_path / "s.safetensors"
-    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
-                 "--samples", "4", "--seq-length", "32", "--depth-samples", "0",
-                 "--out", str(scores)]) == 0
-    s = load_scores(scores)
+    scores, s = _moe_scores(ckpt, tmp_path / "s.safetensors")
     assert torch.equal(s.experts("tokens").sum(-1), torch.full((4,), 4 * 32 * 2.0))
     keep = s.experts("output").topk(2).indices.sort().values
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "2",
@@ -463,8 +468,6 @@ def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function
     dropped one.)"""
     from safetensors.torch import load_file
 
-    from megatron_minitron.data.demo import train_plays
-    from megatron_minitron.importance import load_scores
 
     hf = tmp_path / "dead_hf"
     dead, live = _dead_experts_and_neurons(
@@ -472,11 +475,7 @@ def test_moe_pruning_of_unused_experts_and_silent_neurons_preserves_the_function
     shared = ["--target-shared-ffn", "48"] if family == "qwen2_moe" else []
     ref = hf_logits(hf, tiny_tokens)
     ckpt = converted(hf, tmp_path / "mcore")
-    scores = tmp_path / "s.safetensors"
-    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
-                 "--samples", "4", "--seq-length", "32", "--depth-samples", "0",
-                 "--out", str(scores)]) == 0
-    s = load_scores(scores)
+    scores, s = _moe_scores(ckpt, tmp_path / "s.safetensors")
     tokens = s.experts("tokens")
     assert (tokens[torch.arange(4), dead] == 0).all() and tokens.sum(-1).eq(4 * 32 * 2).all()
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
