@@ -145,7 +145,6 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     from megatron_minitron.model import load_model
     from megatron_minitron.prune import check_scores, make_plan, prune_model
     from megatron_minitron.prune.plan import pruned_config
-    from megatron_minitron.prune.run import check_expert_parallel
 
     src, out, parallel = Path(load), Path(out), parallel or ParallelConfig()
     check_destination(out)
@@ -155,8 +154,8 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         raise ConfigError("no pruning target: give --target-hidden, --target-ffn, "
                           "--target-heads, --target-groups, --target-layers or --drop-layers")
     meta = mcore.read_meta(src)
-    pruned_config(meta.model, settings).check_parallel(parallel.tp, 1)  # written at this TP
-    check_expert_parallel(meta.model, parallel)  # before loading
+    # written at this TP and EP
+    pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))

@@ -388,9 +388,10 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                                                                         capsys):
     """Mixtral, 2 of 4 experts kept per layer by routed-output norm: the pruned checkpoint and
     its export give the logits of transformers' Mixtral holding only those experts (router rows
-    sliced, survivors renumbered). The scores count every routed token. Experts with hidden and
-    heads pruned too export to a model transformers loads with the same logits. Impossible
-    expert targets and MoE-only / dense-only axes are refused in one line."""
+    sliced, survivors renumbered), pruned at EP1 and at EP2. The scores count every routed
+    token. Experts with hidden and heads pruned too export to a model transformers loads with
+    the same logits. Impossible expert targets and MoE-only / dense-only axes are refused in one
+    line."""
 
     hf = tiny_hf_dir(tmp_path / "hf", "mixtral", seed=8)
     ckpt = converted(hf, tmp_path / "mcore")
@@ -402,6 +403,18 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     ref = hf_logits(_without_experts(hf, keep, tmp_path / "ref"), tiny_tokens)
     assert (in_process_logits(tmp_path / "p", tiny_tokens) - ref).abs().max() <= 1e-5
     assert (hf_logits(tmp_path / "p_hf", tiny_tokens) - ref).abs().max() <= 1e-5
+    # at EP2 (kept experts change rank: gathered where they were, sent where they go), with and
+    # without expert width pruned: the same model as at EP1
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "2",
+            "--out", str(tmp_path / "ep2"), "--ep", "2", nproc=2)
+    assert (in_process_logits(tmp_path / "ep2", tiny_tokens) - ref).abs().max() <= 1e-5
+    width = ("--target-experts", "2", "--target-moe-ffn", "48")
+    assert main(["prune", "--load", str(ckpt), "--scores", str(scores), *width,
+                 "--out", str(tmp_path / "w1")]) == 0
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), *width,
+            "--out", str(tmp_path / "w2"), "--ep", "2", nproc=2)
+    assert torch.equal(in_process_logits(tmp_path / "w1", tiny_tokens),
+                       in_process_logits(tmp_path / "w2", tiny_tokens))
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
                  "--target-hidden", "48", "--target-heads", "2", "--out", str(tmp_path / "q"),
                  "--hf-out", str(tmp_path / "q_hf")]) == 0
@@ -415,7 +428,8 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                                                        "and the original 96"),
                           (("--target-shared-ffn", "8"), "this mixtral model has no shared "
                                                          "expert"),
-                          (("--target-experts", "2", "--ep", "2"), "--ep 1")):
+                          (("--target-experts", "3", "--ep", "2"),
+                           "expert parallel size 2 does not divide num_moe_experts=3")):
         fails(capsys, ["prune", "--load", str(ckpt), "--scores", str(scores), *flags,
                        "--out", str(tmp_path / "x")], needle)
         assert not (tmp_path / "x").exists()

@@ -4,13 +4,18 @@ Each kept layer stays on the pipeline stage that holds it: the pruned model is b
 Megatron's custom pipeline layout (kept layers per virtual stage), so no layer crosses ranks. Per
 parameter, TP shards are gathered into the full (TP=1 layout) tensor, sliced by the pure
 functions in `slicing`, and this rank's shard of the result is copied into the new model; a
-parameter at a time, so at most one full tensor is ever materialised. The dist checkpoint written
-from the new model stores global tensors, so it loads at any TP/PP.
+parameter at a time, so at most one full tensor is ever materialised. Under expert parallelism a
+kept expert may belong to another rank in the pruned model: each expert's tensors are gathered on
+the rank that holds it and broadcast over the expert-parallel group. The dist checkpoint written
+from the new model stores global tensors, so it loads at any TP/PP/EP.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 
 from megatron_minitron.checkpoint.layout import (
     EMBEDDING,
@@ -19,7 +24,7 @@ from megatron_minitron.checkpoint.layout import (
     renumber_expert,
 )
 from megatron_minitron.checkpoint.sharding import full_tensor, local_shard
-from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_minitron.config import ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.prune.plan import PrunePlan
 from megatron_minitron.prune.slicing import slice_layer_tensor, slice_model_tensor
@@ -30,11 +35,15 @@ VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
 
 
 def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "",
-          experts: torch.Tensor | None = None) -> None:
+          experts: torch.Tensor | None = None, skip_experts: bool = False) -> None:
     """Copy every parameter, sliced; names passed to `slicer` carry `prefix`. New expert j is
-    source expert experts[j]; the source's other experts are left behind."""
-    src = {prefix + n: p for n, p in src_module.named_parameters()}
-    dst = {prefix + n: p for n, p in dst_module.named_parameters()}
+    source expert experts[j]; the source's other experts are left behind (all of them with
+    `skip_experts`, for `_copy_experts_over_ep`)."""
+    def params(module) -> dict:
+        return {prefix + n: p for n, p in module.named_parameters()
+                if not (skip_experts and LOCAL_EXPERTS in n)}
+
+    src, dst = params(src_module), params(dst_module)
     source = {n: n if experts is None else renumber_expert(n, lambda j: int(experts[j]))
               for n in dst}
     left = src.keys() - set(source.values())
@@ -77,11 +86,33 @@ def _release(module: torch.nn.Module) -> None:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
-def check_expert_parallel(src: ModelConfig, parallel: ParallelConfig) -> None:
-    """Experts are sliced where they live, so a kept expert that would change rank cannot be."""
-    if src.moe and parallel.ep > 1:
-        raise ConfigError("prune a mixture-of-experts model at --ep 1 (TP and PP work); the "
-                          "pruned checkpoint loads at any EP")
+def _copy_experts_over_ep(src_layer, dst_layer, cfg: ModelConfig, slicer,
+                          experts: torch.Tensor) -> None:
+    """EP > 1: new expert g, held by EP rank g // (new experts per rank), is source expert
+    experts[g], held by EP rank experts[g] // (source experts per rank). Every rank walks the new
+    experts in the same order; the holder of each source expert gathers a tensor over TP and
+    broadcasts it over the EP group, and the new holder slices and keeps its shard."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_expert_model_parallel_group()
+    me = parallel_state.get_expert_model_parallel_rank()
+    src_local, dst_local = (m.mlp.experts.local_experts for m in (src_layer, dst_layer))
+    with torch.no_grad():
+        for g, s in enumerate(experts.tolist()):
+            owner, keeper = s // len(src_local), g // len(dst_local)
+            # a rank that does not hold the source expert gathers its own first one (same
+            # shapes, its TP group holds no source either) and receives over that
+            source = dict(src_local[s % len(src_local) if owner == me else 0].named_parameters())
+            kept = dict(dst_local[g % len(dst_local)].named_parameters()) if keeper == me else {}
+            for name, p in source.items():
+                full_name = f"{LOCAL_EXPERTS}{g}.{name}"
+                full = full_tensor(full_name, p, cfg)
+                # a receiver gets a buffer of its own (full may be its parameter's storage)
+                full = full.contiguous() if owner == me else torch.empty_like(full)
+                dist.broadcast(full, src=dist.get_global_rank(group, owner), group=group)
+                if keeper == me:
+                    new = local_shard(full_name, slicer(full_name, full), kept[name], cfg)
+                    kept[name].copy_(new)
 
 
 def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelConfig,
@@ -93,7 +124,6 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
     pages (so the process's RSS, which keeps that heap, still peaks near source plus result)."""
     from megatron_minitron.model import build_model
 
-    check_expert_parallel(src, parallel)
     new_chunks = build_model(plan.model, parallel, dtype=next(chunks[0].parameters()).dtype,
                              layers_per_stage=layers_per_stage(plan, src, parallel))
     src_layers = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
@@ -104,9 +134,13 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
     progress = Progress("prune", len(plan.layers), unit="layers")
     for new_i, src_i in enumerate(plan.layers):
         if src_i in src_layers:
-            _copy(src_layers[src_i], new_layers[new_i], src,
-                  lambda name, t, i=src_i: slice_layer_tensor(name, t, src, plan, i),
-                  experts=plan.experts.get(src_i))
+            slicer = partial(slice_layer_tensor, src=src, plan=plan, layer=src_i)
+            over_ep = src.moe and parallel.ep > 1
+            _copy(src_layers[src_i], new_layers[new_i], src, slicer,
+                  experts=None if over_ep else plan.experts.get(src_i), skip_experts=over_ep)
+            if over_ep:
+                _copy_experts_over_ep(src_layers[src_i], new_layers[new_i], src, slicer,
+                                      plan.experts[src_i])
             if release_source:
                 _release(src_layers[src_i])
         progress.update(1)
