@@ -258,9 +258,12 @@ def test_gemma3_with_one_kv_group_prunes_query_heads_only(tmp_path, tiny_tokens)
     assert (hf_logits(tmp_path / "pruned_hf", tiny_tokens) - logits).abs().max() <= 1e-5
 
 
-def test_a_composed_plan_prunes_as_the_two_steps_do(tiny_llama_ckpt, tiny_tokens, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_a_composed_plan_prunes_as_the_two_steps_do(family, request, tiny_tokens, tmp_path):
     """depth-first / width-first write one plan over the source: pruning with it must equal
-    pruning twice (second plan made on the first's result), norm rescale included."""
+    pruning twice (second plan made on the first's result), norm rescale included; under MoE
+    with experts, each expert's width and the shared expert's pruned too (a kept expert's
+    neurons are chosen among those the first step left it)."""
     from megatron_minitron.config import ParallelConfig
     from megatron_minitron.data.demo import train_plays
     from megatron_minitron.importance import load_scores
@@ -269,14 +272,17 @@ def test_a_composed_plan_prunes_as_the_two_steps_do(tiny_llama_ckpt, tiny_tokens
     from megatron_minitron.prune import PruneTarget, make_plan, prune_model
     from megatron_minitron.prune.strategy import compose, split_target
 
+    ckpt = (request.getfixturevalue("tiny_llama_ckpt") if family == "llama" else
+            converted(tiny_hf_dir(tmp_path / "hf", family, seed=2), tmp_path / "src"))
     scores = tmp_path / "s.safetensors"
-    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
                  "--samples", "4", "--seq-length", "32", "--depth-samples", "2",
                  "--out", str(scores)]) == 0
     scores = load_scores(scores)
-    cfg, chunks = load_in_process(tiny_llama_ckpt)
+    cfg, chunks = load_in_process(ckpt)
     par = ParallelConfig()
-    target = PruneTarget(hidden=48, ffn=64, heads=2, layers=3, depth_metric="skip_loss")
+    mlp = dict(experts=3, moe_ffn=32, shared_ffn=48) if cfg.moe else dict(ffn=64)
+    target = PruneTarget(hidden=48, heads=2, layers=3, depth_metric="skip_loss", **mlp)
     samples = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(3))
     depth, width = split_target(cfg, target)
     for first_t, second_t in ((depth, width), (width, depth)):
@@ -423,7 +429,8 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     capsys.readouterr()
     for flags, needle in ((("--target-experts", "5"), "between 1 and the original 4"),
                           (("--target-experts", "1"), "below the router's top-k 2"),
-                          (("--target-ffn", "64"), "--target-ffn is not supported"),
+                          (("--target-ffn", "64"), "--target-ffn: this mixture-of-experts "
+                                                   "model has no dense MLP"),
                           (("--target-moe-ffn", "97"), "target moe-ffn 97 must be between 1 "
                                                        "and the original 96"),
                           (("--target-shared-ffn", "8"), "this mixtral model has no shared "
@@ -433,6 +440,51 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
         fails(capsys, ["prune", "--load", str(ckpt), "--scores", str(scores), *flags,
                        "--out", str(tmp_path / "x")], needle)
         assert not (tmp_path / "x").exists()
+
+
+def test_moe_strategy_auto_and_target_params_choose_alike_at_ep1_and_ep2(tmp_path):
+    """Mixtral under --strategy auto with a parameter budget, 2 of 4 experts and 3 of 4 layers:
+    the budget sets hidden and expert width (within 5%), auto also tries the other expert
+    metrics and both orders (which re-score the partly pruned MoE), and EP2 (in-memory prunes
+    moving experts between ranks) gives the same candidates, losses and written shape as one
+    process; the winner has the lowest calibration loss."""
+    from megatron_minitron.config import ModelConfig
+    from megatron_minitron.data.demo import train_plays
+
+    src = converted(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=6), tmp_path / "src")
+    scores = tmp_path / "s.safetensors"
+    assert main(["importance", "--load", str(src), "--data", str(train_plays()[1]),
+                 "--samples", "6", "--seq-length", "32", "--depth-samples", "4",
+                 "--block-sizes", "1", "--out", str(scores)]) == 0
+    args = ("prune", "--load", str(src), "--scores", str(scores), "--strategy", "auto",
+            "--select-samples", "3", "--target-params", "0.35", "--target-experts", "2",
+            "--target-layers", "3")
+    assert main([*args, "--out", str(tmp_path / "ep1"), "--json", str(tmp_path / "ep1.json")]) == 0
+    run_cli(*args, "--out", str(tmp_path / "ep2"), "--json", str(tmp_path / "ep2.json"),
+            "--ep", "2", nproc=2)
+    ref, got = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ep1", "ep2"))
+    pruned, (before, after) = ModelConfig.from_dict(ref["model"]), ref["parameters"]
+    assert pruned.num_moe_experts == 2 and pruned.num_layers == 3
+    assert pruned.hidden_size < 64 and pruned.moe_ffn_hidden_size < 96
+    assert after == pruned.num_parameters() == pytest.approx(0.35 * before, rel=0.05)
+    table = ref["candidates"]
+    strategies = [r["strategy"] for r in table]
+    assert len(table) == 1 + 2 + 1 + 2, strategies  # as given, the other expert metrics,
+    # rescale off, the other orders
+    assert {m for m in ("output", "tokens", "probs") if any(m in x for x in strategies)} == \
+        {"output", "tokens", "probs"}
+    assert min(r["loss"] for r in table) == pytest.approx(
+        float(ref["notes"][-1].split("(")[-1].split(")")[0]), abs=1e-4)
+    assert [r["strategy"] for r in got["candidates"]] == strategies
+    for a, b in zip(got["candidates"], table, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["strategy"]
+    assert (got["model"], got["kept_layers"]) == (ref["model"], ref["kept_layers"])
+    # a pass that cannot split evenly over the expert group's ranks is refused, not left hanging
+    r = run_cli("importance", "--load", str(src), "--data", str(train_plays()[1]), "--samples",
+                "5", "--seq-length", "32", "--out", str(tmp_path / "odd.safetensors"),
+                "--ep", "2", nproc=2, check=False)
+    assert r.returncode != 0 and not (tmp_path / "odd.safetensors").exists()
+    assert "5 calibration samples (--samples) do not split evenly over 2" in r.stderr
 
 
 def _dead_experts_and_neurons(hf: Path, dst: Path, seed: int = 0

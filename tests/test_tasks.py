@@ -15,7 +15,7 @@ from megatron_minitron.data.tokenizer import load_tokenizer
 from megatron_minitron.evaluate import suite
 from megatron_minitron.evaluate import tasks as T
 from megatron_minitron.evaluate.loglik import encode_pair, score
-from tests.conftest import load_in_process, run_cli
+from tests.conftest import converted, load_in_process, run_cli, tiny_hf_dir
 
 SEQ = 96
 
@@ -96,15 +96,22 @@ def _metrics(path) -> dict:
     return json.loads(path.read_text())["tasks"]
 
 
-def test_task_scores_are_the_same_under_tp_sp_pp_and_dp(smol_ckpt, tiny_llama_ckpt, tmp_path):
-    """Perplexity (loss and token count), cloze and choice metrics of one process, DP=2, PP=2
-    and TP=2 with sequence parallelism agree."""
-    for ckpt, runs in ((smol_ckpt, (("pp2", ("--pp", "2")), ("dp2", ()))),
-                       (tiny_llama_ckpt, (("tp2", ("--tp", "2", "--sequence-parallel")),))):
+def test_task_scores_are_the_same_under_tp_sp_pp_dp_and_ep(smol_ckpt, tiny_llama_ckpt,
+                                                           tmp_path):
+    """Perplexity (loss and token count), cloze and choice metrics of one process, DP=2, PP=2,
+    TP=2 with sequence parallelism and, for an MoE model, EP=2 agree; at EP=2 with odd counts
+    of windows and requests (the experts' all-gather needs every rank to run the same passes,
+    shape for shape: the shorter share is padded with rows that weigh nothing)."""
+    moe = converted(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=3), tmp_path / "mixtral")
+    odd = ("--limit", "7", "--max-windows", "3")
+    for ckpt, runs, extra in ((smol_ckpt, (("pp2", ("--pp", "2")), ("dp2", ())), ()),
+                              (tiny_llama_ckpt, (("tp2", ("--tp", "2", "--sequence-parallel")),),
+                               ()),
+                              (moe, (("ep2", ("--ep", "2")),), odd)):
         ref = tmp_path / f"{ckpt.name}.json"
-        assert main(_task_args(ckpt, ref)) == 0
+        assert main([*_task_args(ckpt, ref), *extra]) == 0
         for name, flags in runs:
-            run_cli(*_task_args(ckpt, tmp_path / f"{name}.json"), *flags, nproc=2)
+            run_cli(*_task_args(ckpt, tmp_path / f"{name}.json"), *extra, *flags, nproc=2)
             for task, metrics in _metrics(ref).items():
                 got = _metrics(tmp_path / f"{name}.json")[task]
                 assert got == pytest.approx(metrics, rel=1e-6, abs=1e-6), (name, task)

@@ -91,15 +91,24 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
     windows = [_window(r, seq_length) for r in requests]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    mine = data_parallel_share(order)
+    dp = parallel_state.get_data_parallel_world_size()
+    mine = data_parallel_share(order, pad=-1)  # -1: an empty request (expert parallelism)
+    # under expert parallelism every rank's k-th microbatch has the same shape: the longest of
+    # them all (every rank knows every share)
+    experts_meet = parallel_state.get_expert_model_parallel_world_size() > 1
+    shares = [order[r::dp] for r in range(dp)] if experts_meet else [mine]
     mbs = []
     for k in range(0, len(mine), micro_batch_size):
         idx = mine[k:k + micro_batch_size]
-        length = max(len(windows[i]) for i in idx) - 1
+        length = max(len(windows[i]) for share in shares
+                     for i in share[k:k + micro_batch_size]) - 1
         length += (-length) % tp  # sequence parallelism splits the sequence over TP
-        tokens = torch.zeros(len(idx), length + 1, dtype=torch.long)
-        mask = torch.zeros(len(idx), length, dtype=torch.bool)
+        tokens = torch.zeros(micro_batch_size if experts_meet else len(idx), length + 1,
+                             dtype=torch.long)
+        mask = torch.zeros(tokens.shape[0], length, dtype=torch.bool)
         for row, i in enumerate(idx):
+            if i < 0:
+                continue
             w = windows[i]
             tokens[row, :len(w)] = torch.tensor(w)
             n = len(requests[i].continuation)
@@ -115,7 +124,8 @@ def score(chunks, requests: list[Request], seq_length: int, micro_batch_size: in
         config.variable_seq_lengths = saved
     local = torch.zeros(len(requests), 2, dtype=torch.float64, device=device())
     for mb, out in zip(mbs, outs, strict=False):  # last stage only
-        local[mb["index"]] = out
+        rows = [row for row, i in enumerate(mb["index"]) if i >= 0]
+        local[[mb["index"][row] for row in rows]] = out[rows]
     # Each request was scored on exactly one data-parallel rank.
     local = total_over_ranks(local, local.shape)
     return [(logp, bool(greedy)) for logp, greedy in local.tolist()]

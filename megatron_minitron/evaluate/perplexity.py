@@ -66,7 +66,8 @@ def evaluate_windows(chunks, windows: torch.Tensor, micro_batch_size: int = 1,
     mask = torch.ones(len(windows), seq, dtype=torch.float64)
     if stride and stride < seq:
         mask[1:, :seq - stride] = 0
-    mine, mine_mask = data_parallel_share(windows), data_parallel_share(mask)
+    mine = data_parallel_share(windows, pad=windows[0])
+    mine_mask = data_parallel_share(mask, pad=torch.zeros_like(mask[0]))  # padding weighs 0
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(), "mask": m}
            for w, m in zip(torch.split(mine, micro_batch_size),
                            torch.split(mine_mask, micro_batch_size), strict=True)]

@@ -92,7 +92,8 @@ def skip_losses(chunks, num_layers: int, samples: torch.Tensor, block_sizes: tup
     dp = parallel_state.get_data_parallel_world_size()
     blocks = [(k, start) for k in block_sizes for start in range(num_layers - k + 1)]
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-           for w in torch.split(data_parallel_share(samples), micro_batch_size)]
+           for w in torch.split(data_parallel_share(samples, "depth samples (--depth-samples)"),
+                               micro_batch_size)]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     per_group = 1 if pp == 1 else 2 * pp
     groups = [mbs[i:i + per_group] for i in range(0, len(mbs), per_group)]

@@ -80,7 +80,8 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
 
     late_copies = parallel_state.get_pipeline_model_parallel_world_size() == 1
     mbs = [{"tokens": w[None, :-1] if late_copies else w[:-1].repeat(heads + 1, 1),
-            "labels": w[1:].repeat(heads + 1, 1)} for w in data_parallel_share(samples)]
+            "labels": w[1:].repeat(heads + 1, 1)}
+           for w in data_parallel_share(samples, "head samples (--head-samples)")]
 
     def per_replica(output: torch.Tensor, _mb) -> torch.Tensor:  # losses [heads + 1, s]
         return output.detach().double().sum(-1)

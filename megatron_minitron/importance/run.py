@@ -61,7 +61,7 @@ def discard_output(_output, _mb) -> None:
 def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
                     model: ModelConfig) -> dict[str, torch.Tensor]:
     """Whole-model activation sums over `samples` [N, L+1]; data-parallel ranks split them."""
-    mine = data_parallel_share(samples)[:, :-1]
+    mine = data_parallel_share(samples, "calibration samples (--samples)")[:, :-1]
     mbs = [{"tokens": t.contiguous()} for t in torch.split(mine, micro_batch_size)]
     progress = Progress("importance", samples.shape[0] * mine.shape[1],
                         hint="pass --samples / --seq-length for a shorter calibration")

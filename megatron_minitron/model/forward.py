@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_minitron.config import ConfigError
 from megatron_minitron.runtime.distributed import device, to_device
 
 
@@ -84,12 +85,26 @@ def is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
-def data_parallel_share(items):
-    """This data-parallel rank's share of `items`: every dp-th one, from its rank on."""
+def data_parallel_share(items, what: str = "items", pad=None):
+    """This data-parallel rank's share of `items`: every dp-th one, from its rank on.
+
+    Under expert parallelism the ranks of an expert group meet in every MoE layer's all-gather,
+    so they must run the same forward passes, shape for shape: a shorter share is filled up with
+    `pad` (an item the caller weighs 0); without one, an uneven split is refused on every rank
+    (a rank that ran one pass more would wait forever)."""
     from megatron.core import parallel_state
 
-    return items[parallel_state.get_data_parallel_rank()::
-                 parallel_state.get_data_parallel_world_size()]
+    dp = parallel_state.get_data_parallel_world_size()
+    share = items[parallel_state.get_data_parallel_rank()::dp]
+    if len(items) % dp == 0 or parallel_state.get_expert_model_parallel_world_size() == 1:
+        return share
+    if pad is None:
+        raise ConfigError(f"{len(items)} {what} do not split evenly over {dp} data-parallel "
+                          "ranks, and under expert parallelism every rank must run the same "
+                          f"forward passes: give a multiple of {dp}")
+    if len(share) == -(-len(items) // dp):
+        return share
+    return torch.cat([share, pad[None]]) if torch.is_tensor(share) else [*share, pad]
 
 
 def total_over_ranks(t: torch.Tensor | None, shape) -> torch.Tensor:

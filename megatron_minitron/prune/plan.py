@@ -24,7 +24,8 @@ def strategy_option():
     """--strategy, for prune and for every search candidate."""
     return option("given", choices=STRATEGIES,
                   help="given: prune as the flags say; auto: prune candidate strategies (head "
-                       "metric, heads in groups or whole groups, norm rescale, order) in memory "
+                       "metric, heads in groups or whole groups, expert metric, norm rescale, "
+                       "order) in memory "
                        "and keep the lowest LM loss on calibration windows importance did not "
                        "use")
 
@@ -35,7 +36,8 @@ class PruneTarget:
         None, flag="--target-params", parse=parse_size, render=repr,
         metavar="N|FRACTION",
         help="parameters of the pruned model, a count (95M, 4.5B) or a fraction (0.7, 70%%): "
-             "hidden and MLP shrunk by about one ratio (hidden by it, the MLP to meet the count), "
+             "hidden and MLP (each expert's, under MoE) shrunk by about one ratio (hidden by "
+             "it, the MLP to meet the count), "
              "as the papers' Minitron-8B and MN-Minitron-8B "
              "(with --target-layers/--drop-layers/--target-heads/--target-groups as given)")
     hidden: int | None = option(None, flag="--target-hidden", help="embedding channels kept")
@@ -150,11 +152,14 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
                           f"per group; the model has {per_group}")
     hidden, ffn = t.hidden or cfg.hidden_size, t.ffn or cfg.ffn_hidden_size
     if t.params is not None:
-        if t.hidden or t.ffn:
-            raise ConfigError("give --target-params or --target-hidden/--target-ffn, not both")
+        if t.hidden or t.ffn or t.moe_ffn:
+            raise ConfigError("give --target-params or --target-hidden/--target-ffn"
+                              f"{'/--target-moe-ffn' if cfg.moe else ''}, not both")
         shape = dataclasses.replace(cfg, num_layers=layers, num_attention_heads=heads,
-                                    num_query_groups=groups)
-        hidden, ffn = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
+                                    num_query_groups=groups, num_moe_experts=experts,
+                                    moe_shared_ffn_hidden_size=shared_ffn)
+        hidden, width = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
+        moe_ffn, ffn = (width, ffn) if cfg.moe else (moe_ffn, width)
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
                               ffn_hidden_size=ffn, num_moe_experts=experts,
                               moe_ffn_hidden_size=moe_ffn, moe_shared_ffn_hidden_size=shared_ffn,
@@ -170,7 +175,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
 
 def _moe_target(cfg: ModelConfig, t: PruneTarget
                 ) -> tuple[int | None, int | None, int | None]:
-    """(experts, expert width, shared-expert width) kept; the dense-MLP targets refused on an
+    """(experts, expert width, shared-expert width) kept; the dense-MLP target refused on an
     MoE model, the expert targets on a dense one."""
     if not cfg.moe:
         for flag, value in (("--target-experts", t.experts), ("--target-moe-ffn", t.moe_ffn),
@@ -180,14 +185,9 @@ def _moe_target(cfg: ModelConfig, t: PruneTarget
         return None, None, None
     if t.shared_ffn is not None and not cfg.moe_shared_ffn_hidden_size:
         raise ConfigError(f"--target-shared-ffn: this {cfg.family} model has no shared expert")
-    for flag, value in (("--target-ffn", t.ffn), ("--target-params", t.params)):
-        if value is not None:
-            raise ConfigError(f"{flag} is not supported for a mixture-of-experts model yet "
-                              "(prune --target-experts, --target-moe-ffn, --target-hidden, heads "
-                              "and layers)")
-    if t.order != "joint" or t.strategy != "given":
-        raise ConfigError("a mixture-of-experts model is pruned with --order joint and "
-                          "--strategy given")
+    if t.ffn is not None:
+        raise ConfigError("--target-ffn: this mixture-of-experts model has no dense MLP; "
+                          "--target-moe-ffn sets the experts' width")
     _check_range("experts", t.experts, cfg.num_moe_experts)
     _check_range("moe-ffn", t.moe_ffn, cfg.moe_ffn_hidden_size)
     _check_range("shared-ffn", t.shared_ffn, cfg.moe_shared_ffn_hidden_size)
@@ -199,27 +199,29 @@ def _moe_target(cfg: ModelConfig, t: PruneTarget
 
 
 def width_for_params(cfg: ModelConfig, target: float) -> tuple[int, int]:
-    """(hidden, ffn) for a parameter budget: hidden shrunk by the ratio that would bring both
-    widths to the budget together, then the MLP set to meet the count; widths in steps of 64 (8
-    for models narrower than 512), so any usual TP size divides them."""
-    step = 64 if min(cfg.hidden_size, cfg.ffn_hidden_size) >= 512 else 8
+    """(hidden, MLP width) for a parameter budget: hidden shrunk by the ratio that would bring
+    both widths to the budget together, then the MLP (each expert's, under MoE: the expert count
+    stays as given) set to meet the count; widths in steps of 64 (8 for models narrower than
+    512), so any usual TP size divides them."""
+    step = 64 if min(cfg.hidden_size, cfg.mlp_width) >= 512 else 8
+    mlp = "moe_ffn_hidden_size" if cfg.moe else "ffn_hidden_size"
 
     def count(h: float, f: float) -> int:
         return dataclasses.replace(cfg, hidden_size=max(1, round(h)),
-                                   ffn_hidden_size=max(1, round(f))).num_parameters()
+                                   **{mlp: max(1, round(f))}).num_parameters()
 
     if target >= cfg.num_parameters():
         raise ConfigError(f"target {target:,.0f} parameters is not below the model's "
-                          f"{cfg.num_parameters():,} at this depth and head count")
+                          f"{cfg.num_parameters():,} at this depth, head and expert count")
     lo, hi = 0.0, 1.0  # the common ratio, by bisection (the count grows with it)
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if count(cfg.hidden_size * mid, cfg.ffn_hidden_size * mid) < target \
+        lo, hi = (mid, hi) if count(cfg.hidden_size * mid, cfg.mlp_width * mid) < target \
             else (lo, mid)
     hidden = min(cfg.hidden_size, max(step, round(cfg.hidden_size * lo / step) * step))
     per_neuron = count(hidden, 2) - count(hidden, 1)
     ffn = (target - count(hidden, 0)) / per_neuron
-    ffn = min(cfg.ffn_hidden_size, max(step, round(ffn / step) * step))
+    ffn = min(cfg.mlp_width, max(step, round(ffn / step) * step))
     if abs(count(hidden, ffn) / target - 1) > 0.05:
         raise ConfigError(f"no width reaches {target:,.0f} parameters within 5% (the embedding "
                           "alone may be larger); lower the target or prune depth too")
@@ -279,7 +281,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     if target.params is not None:
         want = fraction_of(target.params, cfg.num_parameters())
         notes.append(f"target {want:,.0f} parameters: hidden {cfg.hidden_size} -> "
-                     f"{new.hidden_size} and MLP {cfg.ffn_hidden_size} -> {new.ffn_hidden_size}, "
+                     f"{new.hidden_size} and MLP {cfg.mlp_width} -> {new.mlp_width}, "
                      f"about one ratio (width, as the papers' 8B models; depth only when asked), "
                      f"{new.num_parameters() / want - 1:+.1%} from the target")
     layers = _kept_layers(cfg, target, scores, notes)

@@ -7,8 +7,9 @@ composed into one plan over the source model, so the pruned checkpoint is still 
 `prune_model` from the original weights.
 
 `--strategy auto`: a few candidate plans (head metric, heads inside groups or as whole groups,
-norm rescale on/off, then the order) are pruned in memory and scored by LM loss on calibration
-windows that importance did not use; the lowest wins. Nothing is tuned on evaluation text.
+the expert metric, norm rescale on/off, then the order) are pruned in memory and scored by LM
+loss on calibration windows that importance did not use; the lowest wins. Nothing is tuned on
+evaluation text.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_minitron.importance.scores import HEAD_METRICS, Scores
+from megatron_minitron.importance.scores import EXPERT_METRICS, HEAD_METRICS, Scores
 from megatron_minitron.options import fraction_of
 from megatron_minitron.prune.plan import ORDERS, PrunePlan, PruneTarget, make_plan, pruned_config
 from megatron_minitron.prune.run import prune_model
@@ -35,21 +36,33 @@ def split_target(cfg: ModelConfig, t: PruneTarget) -> tuple[PruneTarget, PruneTa
     """(depth only, width only): the width target in absolute sizes of the final shape, so a
     parameter budget means the same whichever is cut first."""
     final = pruned_config(cfg, t)
-    depth = dataclasses.replace(t, params=None, hidden=None, ffn=None, heads=None, groups=None)
+    depth = dataclasses.replace(t, params=None, hidden=None, ffn=None, heads=None, groups=None,
+                                experts=None, moe_ffn=None, shared_ffn=None)
+    mlp = (dict(experts=final.num_moe_experts, moe_ffn=final.moe_ffn_hidden_size,
+                shared_ffn=final.moe_shared_ffn_hidden_size) if cfg.moe else
+           dict(ffn=final.ffn_hidden_size))
     width = dataclasses.replace(t, params=None, layers=None, drop_layers=None,
-                                hidden=final.hidden_size, ffn=final.ffn_hidden_size,
-                                heads=final.num_attention_heads, groups=final.num_query_groups)
+                                hidden=final.hidden_size, heads=final.num_attention_heads,
+                                groups=final.num_query_groups, **mlp)
     return depth, width
 
 
 def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
     """`second` (made on `first.model`) expressed over `first`'s source."""
     layers = [first.layers[j] for j in second.layers]
+    pairs = list(zip(layers, second.layers, strict=True))
+
+    def then(kept: dict, again: dict) -> dict:  # `again` picks among `kept`'s survivors
+        return {i: kept[i][again[j]] for i, j in pairs if j in again}
+
+    # MoE: new expert e is first's expert second.experts[j][e], whose neurons are a row of
+    # first.ffn; second.ffn[j][e] picks among that row
+    ffn = ({i: first.ffn[i][second.experts[j]].gather(1, second.ffn[j]) for i, j in pairs}
+           if second.experts else then(first.ffn, second.ffn))
     return PrunePlan(second.model, layers, first.hidden[second.hidden],
-                     heads={i: first.heads[i][second.heads[j]]
-                            for i, j in zip(layers, second.layers, strict=True)},
-                     ffn={i: first.ffn[i][second.ffn[j]]
-                          for i, j in zip(layers, second.layers, strict=True)},
+                     heads=then(first.heads, second.heads), ffn=ffn,
+                     experts=then(first.experts, second.experts),
+                     shared_ffn=then(first.shared_ffn, second.shared_ffn),
                      notes=first.notes + second.notes)
 
 
@@ -132,7 +145,7 @@ def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: 
 def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]]:
     """What auto may change, one list of alternatives per choice, only where the target prunes
     that axis: the head metric (those the scores hold), heads inside groups or as whole groups,
-    the norm rescale, the order."""
+    the expert metric, the norm rescale, the order."""
     new = pruned_config(cfg, t)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     out = []
@@ -143,9 +156,12 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
         if t.groups is None and new.num_attention_heads % per_group == 0 and \
                 whole < cfg.num_query_groups:
             out.append([{"groups": None, "heads": t.heads}, {"groups": whole, "heads": None}])
+    if cfg.moe and new.num_moe_experts < cfg.num_moe_experts:
+        out.append([{"expert_metric": m} for m in EXPERT_METRICS])
     if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
         out.append([{"norm_rescale": True}, {"norm_rescale": False}])
-    width = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+    width = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+             "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
     if new.num_layers < cfg.num_layers and any(getattr(new, k) != getattr(cfg, k) for k in width):
         out.append([{"order": o} for o in ORDERS])
     return out
@@ -153,7 +169,8 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
 
 def describe(t: PruneTarget) -> str:
     grouping = f"{t.groups} whole groups" if t.groups else "heads in groups"
-    return (f"order {t.order}, head metric {t.head_metric}, {grouping}, norm rescale "
+    experts = f", expert metric {t.expert_metric}" if t.experts is not None else ""
+    return (f"order {t.order}, head metric {t.head_metric}, {grouping}{experts}, norm rescale "
             f"{'on' if t.norm_rescale else 'off'}")
 
 
@@ -188,7 +205,7 @@ def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: C
         for change in alternatives:
             target = dataclasses.replace(best[2], **change)
             try:
-                pruned_config(cfg, target).check_parallel(parallel.tp, 1)
+                pruned_config(cfg, target).check_parallel(parallel.tp, 1, parallel.ep)
             except ConfigError:  # e.g. whole groups that this TP size does not divide
                 continue
             if describe(target) not in {r["strategy"] for r in table}:
