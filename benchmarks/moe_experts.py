@@ -3,8 +3,10 @@ the Shakespeare training plays, then
 
 1. experts 8 -> 4 per layer chosen by importance (each metric) vs at random (3 draws), held-out
    loss right after pruning;
-2. the importance-pruned model recovered by KD from the unpruned MoE vs by plain CE, the same
-   tokens, steps and seed.
+2. expert width 512 -> 256: each expert its own best neurons (`--expert-neurons own`) vs the same
+   neurons in every expert (`common`) vs random neurons, held-out loss right after pruning;
+3. the importance-pruned model (experts) recovered by KD from the unpruned MoE vs by plain CE,
+   the same tokens, steps and seed.
 
     python benchmarks/moe_experts.py [--train-steps 400] [--steps 15 50] [--out DIR]
 
@@ -53,17 +55,18 @@ def random_mixtral(out: Path, vocab: int = 1024) -> Path:
     return out
 
 
-def with_random_experts(scores: Path, out: Path, seed: int) -> Path:
-    """The scores file with the routed-output sums replaced by random numbers: pruning by
-    `--expert-metric output` then keeps random experts."""
+def randomised(scores: Path, out: Path, seed: int, key: str) -> Path:
+    """The scores file with sums `key` replaced by random numbers: `sums.experts` (its
+    routed-output sums: `--expert-metric output` then keeps random experts) or `sums.moe_ffn`
+    (`--target-moe-ffn` then keeps random neurons)."""
     import torch
 
     from megatron_minitron.importance import load_scores
 
     s = load_scores(scores)
     g = torch.Generator().manual_seed(seed)
-    s.tensors["sums.experts"][:, 0] = torch.rand(s.tensors["sums.experts"][:, 0].shape,
-                                                 generator=g, dtype=torch.float64)
+    t = s.tensors[key][:, 0] if key == "sums.experts" else s.tensors[key]
+    t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype))
     s.save(out)
     return out
 
@@ -71,8 +74,8 @@ def with_random_experts(scores: Path, out: Path, seed: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--train-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, nargs="+", default=[15, 50],
-                   help="KD / CE steps after pruning (each a separate pair of runs)")
+    p.add_argument("--steps", type=int, nargs="*", default=[15, 50],
+                   help="KD / CE steps after pruning (each a separate pair of runs; none: skip)")
     p.add_argument("--experts", type=int, default=4, help="experts kept per layer")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -105,10 +108,10 @@ def main() -> None:
                 *map(str, train_plays()[:8]), "--samples", "64", "--seq-length", "128",
                 "--depth-samples", "0", "--out", str(scores)]) == 0
 
-    def pruned_loss(name: str, scores: Path, metric: str) -> float:
-        assert cli(["prune", "--load", str(trained), "--scores", str(scores),
-                    "--target-experts", str(a.experts), "--expert-metric", metric,
-                    "--out", str(work / name)]) == 0
+    def pruned_loss(name: str, scores: Path, metric: str, *target: str) -> float:
+        target = target or ("--target-experts", str(a.experts))
+        assert cli(["prune", "--load", str(trained), "--scores", str(scores), *target,
+                    "--expert-metric", metric, "--out", str(work / name)]) == 0
         assert cli(["eval", "--load", str(work / name), "--seq-length", "128",
                     "--max-windows", "64", "--out", str(work / f"{name}.json")]) == 0
         return json.loads((work / f"{name}.json").read_text())["tasks"]["perplexity"]["loss"]
@@ -117,9 +120,16 @@ def main() -> None:
               "experts_kept": a.experts,
               "by_metric": {m: pruned_loss(f"p_{m}", scores, m)
                             for m in ("output", "tokens", "probs")},
-              "random": [pruned_loss(f"p_rand{k}", with_random_experts(
-                  scores, work / f"rand{k}.safetensors", k), "output")
+              "random": [pruned_loss(f"p_rand{k}", randomised(
+                  scores, work / f"rand{k}.safetensors", k, "sums.experts"), "output")
                   for k in range(RANDOM_DRAWS)]}
+    half = ("--target-moe-ffn", "256")
+    result["width_256"] = {
+        **{how: pruned_loss(f"w_{how}", scores, "output", *half, "--expert-neurons", how)
+           for how in ("own", "common")},
+        "random": [pruned_loss(f"w_rand{k}", randomised(
+            scores, work / f"wrand{k}.safetensors", k, "sums.moe_ffn"), "output", *half)
+            for k in range(RANDOM_DRAWS)]}
     assert cli(["eval", "--load", str(trained), "--seq-length", "128", "--max-windows", "64",
                 "--out", str(work / "trained.json")]) == 0
     result["unpruned_eval_loss"] = json.loads((work / "trained.json").read_text()
@@ -131,7 +141,7 @@ def main() -> None:
         start, ce_loss = val_lm_first_last(work / f"ce{steps}")
         result["recovery"][steps] = {"ce": ce_loss,
                                      "kd": val_lm_first_last(work / f"kd{steps}")[1]}
-    result["pruned_val_loss"] = start
+        result["pruned_val_loss"] = start
     (out / "moe_experts.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     rand = result["random"]
@@ -139,8 +149,13 @@ def main() -> None:
           f"by routed-output norm {result['by_metric']['output']:.4f}, tokens "
           f"{result['by_metric']['tokens']:.4f}, router mass {result['by_metric']['probs']:.4f}; "
           f"random {min(rand):.4f}..{max(rand):.4f} (mean {sum(rand) / len(rand):.4f})")
+    w = result["width_256"]
+    print(f"expert width 512 -> 256: each expert its own neurons {w['own']:.4f}, the same in "
+          f"every expert {w['common']:.4f}, random {min(w['random']):.4f}..{max(w['random']):.4f}"
+          f" (mean {sum(w['random']) / len(w['random']):.4f})")
     for steps, r in result["recovery"].items():
-        print(f"recovery, {steps} steps: CE {r['ce']:.4f}, KD {r['kd']:.4f} (from {start:.4f})")
+        print(f"recovery, {steps} steps: CE {r['ce']:.4f}, KD {r['kd']:.4f} (from "
+              f"{result['pruned_val_loss']:.4f})")
 
 
 if __name__ == "__main__":

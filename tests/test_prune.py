@@ -398,6 +398,7 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     token. Experts with hidden and heads pruned too export to a model transformers loads with
     the same logits. Impossible expert targets and MoE-only / dense-only axes are refused in one
     line."""
+    from safetensors.torch import load_file
 
     hf = tiny_hf_dir(tmp_path / "hf", "mixtral", seed=8)
     ckpt = converted(hf, tmp_path / "mcore")
@@ -421,6 +422,17 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
             "--out", str(tmp_path / "w2"), "--ep", "2", nproc=2)
     assert torch.equal(in_process_logits(tmp_path / "w1", tiny_tokens),
                        in_process_logits(tmp_path / "w2", tiny_tokens))
+    # --expert-neurons common: every kept expert keeps the same neurons, the best by their
+    # token-weighted score over the kept experts
+    assert main(["prune", "--load", str(ckpt), "--scores", str(scores), *width, "--expert-neurons",
+                 "common", "--out", str(tmp_path / "c"), "--hf-out", str(tmp_path / "c_hf")]) == 0
+    src, out = (load_file(str(d / "model.safetensors")) for d in (hf, tmp_path / "c_hf"))
+    for i in range(4):
+        weighted = s.moe_ffn()[i][keep[i]] * s.experts("tokens")[i][keep[i], None]
+        rows = weighted.sum(0).topk(48).indices.sort().values
+        for new, j in enumerate(keep[i].tolist()):
+            name = f"model.layers.{i}.block_sparse_moe.experts.{{}}.w1.weight"
+            assert torch.equal(out[name.format(new)], src[name.format(j)][rows])
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), "--target-experts", "3",
                  "--target-hidden", "48", "--target-heads", "2", "--out", str(tmp_path / "q"),
                  "--hf-out", str(tmp_path / "q_hf")]) == 0
@@ -469,10 +481,11 @@ def test_moe_strategy_auto_and_target_params_choose_alike_at_ep1_and_ep2(tmp_pat
     assert after == pruned.num_parameters() == pytest.approx(0.35 * before, rel=0.05)
     table = ref["candidates"]
     strategies = [r["strategy"] for r in table]
-    assert len(table) == 1 + 2 + 1 + 2, strategies  # as given, the other expert metrics,
-    # rescale off, the other orders
-    assert {m for m in ("output", "tokens", "probs") if any(m in x for x in strategies)} == \
-        {"output", "tokens", "probs"}
+    assert len(table) == 1 + 2 + 1 + 1 + 2, strategies  # as given, the other expert metrics,
+    # the same neurons in every expert, rescale off, the other orders
+    assert all(any(f"expert metric {m}" in x for x in strategies)
+               for m in ("output", "tokens", "probs"))
+    assert any("expert neurons common" in x for x in strategies)
     assert min(r["loss"] for r in table) == pytest.approx(
         float(ref["notes"][-1].split("(")[-1].split(")")[0]), abs=1e-4)
     assert [r["strategy"] for r in got["candidates"]] == strategies

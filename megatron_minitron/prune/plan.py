@@ -18,6 +18,7 @@ from megatron_minitron.options import fraction_of, option, parse_size
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
 ORDERS = ("joint", "depth-first", "width-first")  # see prune/strategy.py
 STRATEGIES = ("given", "auto")
+EXPERT_NEURONS = ("own", "common")
 
 
 def strategy_option():
@@ -72,6 +73,12 @@ class PruneTarget:
                                 help="how experts are ranked: the L2 norm of their routed "
                                      "output summed over tokens (the peer's), the tokens "
                                      "routed to them, or the routing probability they got")
+    expert_neurons: str = option("own", choices=EXPERT_NEURONS,
+                                 help="how --target-moe-ffn picks neurons: each expert its own "
+                                      "highest-scored, or the same ones in every expert, ranked "
+                                      "by their token-weighted score over the experts (for "
+                                      "experts upcycled from one dense MLP, whose neurons "
+                                      "still correspond)")
     norm_rescale: bool = option(True, flag="--no-norm-rescale",
                                 help="slice RMSNorm weights without the sqrt(h/h') rescale that "
                                      "keeps the pruned channels' share of the mean square")
@@ -273,6 +280,16 @@ def _kept_layers(cfg: ModelConfig, t: PruneTarget, scores: Scores | None,
     return [i for i in range(cfg.num_layers) if i not in gone]
 
 
+def _expert_neurons(scores: Scores, layer: int, experts: torch.Tensor, width: int,
+                    how: str) -> torch.Tensor:
+    """[len(experts), width]: the neurons each kept expert keeps."""
+    per_expert = scores.moe_ffn()[layer][experts]
+    if how == "own":
+        return _top(per_expert, width)
+    tokens = scores.experts("tokens")[layer][experts]
+    return _top((per_expert * tokens[:, None]).sum(0), width).expand(len(experts), -1)
+
+
 def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> PrunePlan:
     new = pruned_config(cfg, target)
     if scores is None and target.needs_scores():
@@ -302,7 +319,8 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
             plan.experts[i] = (_top(scores.experts(target.expert_metric)[i], new.num_moe_experts)
                                if new.num_moe_experts < cfg.num_moe_experts else
                                full(cfg.num_moe_experts))
-            plan.ffn[i] = (_top(scores.moe_ffn()[i][plan.experts[i]], new.mlp_width)
+            plan.ffn[i] = (_expert_neurons(scores, i, plan.experts[i], new.mlp_width,
+                                           target.expert_neurons)
                            if new.mlp_width < cfg.mlp_width else
                            full(cfg.mlp_width).expand(new.num_moe_experts, -1))
             if cfg.moe_shared_ffn_hidden_size:

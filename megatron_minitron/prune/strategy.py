@@ -7,9 +7,9 @@ composed into one plan over the source model, so the pruned checkpoint is still 
 `prune_model` from the original weights.
 
 `--strategy auto`: a few candidate plans (head metric, heads inside groups or as whole groups,
-the expert metric, norm rescale on/off, then the order) are pruned in memory and scored by LM
-loss on calibration windows that importance did not use; the lowest wins. Nothing is tuned on
-evaluation text.
+the expert metric and neurons, norm rescale on/off, then the order) are pruned in memory and
+scored by LM loss on calibration windows that importance did not use; the lowest wins. Nothing
+is tuned on evaluation text.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.importance.scores import EXPERT_METRICS, HEAD_METRICS, Scores
 from megatron_minitron.options import fraction_of
-from megatron_minitron.prune.plan import ORDERS, PrunePlan, PruneTarget, make_plan, pruned_config
+from megatron_minitron.prune.plan import (
+    EXPERT_NEURONS,
+    ORDERS,
+    PrunePlan,
+    PruneTarget,
+    make_plan,
+    pruned_config,
+)
 from megatron_minitron.prune.run import prune_model
 
 log = logging.getLogger("minitron")
@@ -145,7 +152,7 @@ def ordered_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: 
 def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]]:
     """What auto may change, one list of alternatives per choice, only where the target prunes
     that axis: the head metric (those the scores hold), heads inside groups or as whole groups,
-    the expert metric, the norm rescale, the order."""
+    the expert metric and neurons, the norm rescale, the order."""
     new = pruned_config(cfg, t)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     out = []
@@ -158,6 +165,8 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
             out.append([{"groups": None, "heads": t.heads}, {"groups": whole, "heads": None}])
     if cfg.moe and new.num_moe_experts < cfg.num_moe_experts:
         out.append([{"expert_metric": m} for m in EXPERT_METRICS])
+    if cfg.moe and new.mlp_width < cfg.mlp_width:
+        out.append([{"expert_neurons": m} for m in EXPERT_NEURONS])
     if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
         out.append([{"norm_rescale": True}, {"norm_rescale": False}])
     width = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -167,9 +176,13 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
     return out
 
 
-def describe(t: PruneTarget) -> str:
+def describe(cfg: ModelConfig, t: PruneTarget) -> str:
     grouping = f"{t.groups} whole groups" if t.groups else "heads in groups"
-    experts = f", expert metric {t.expert_metric}" if t.experts is not None else ""
+    new, experts = pruned_config(cfg, t), ""
+    if cfg.moe and new.num_moe_experts < cfg.num_moe_experts:
+        experts += f", expert metric {t.expert_metric}"
+    if cfg.moe and new.mlp_width < cfg.mlp_width:
+        experts += f", expert neurons {t.expert_neurons}"
     return (f"order {t.order}, head metric {t.head_metric}, {grouping}{experts}, norm rescale "
             f"{'on' if t.norm_rescale else 'off'}")
 
@@ -194,9 +207,9 @@ def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: C
         loss = evaluate_windows(pruned, cal.select, cal.micro_batch_size).loss
         del pruned
         gc.collect()
-        table.append({"strategy": describe(target), "parameters": plan.model.num_parameters(),
+        table.append({"strategy": describe(cfg, target), "parameters": plan.model.num_parameters(),
                       "shape": plan.summary(), "loss": loss})
-        log.info("auto: %s: calibration loss %.4f", describe(target), loss)
+        log.info("auto: %s: calibration loss %.4f", describe(cfg, target), loss)
         if best is None or loss < best[0]:
             best = (loss, plan, target)
 
@@ -208,10 +221,10 @@ def choose_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal: C
                 pruned_config(cfg, target).check_parallel(parallel.tp, 1, parallel.ep)
             except ConfigError:  # e.g. whole groups that this TP size does not divide
                 continue
-            if describe(target) not in {r["strategy"] for r in table}:
+            if describe(cfg, target) not in {r["strategy"] for r in table}:
                 score(target)
     loss, plan, winner = best
-    plan.notes.append(f"strategy auto: {describe(winner)} had the lowest LM loss ({loss:.4f}) on "
-                      f"{len(cal.select)} calibration windows importance did not use, of "
-                      f"{len(table)} candidates")
+    plan.notes.append(f"strategy auto: {describe(cfg, winner)} had the lowest LM loss "
+                      f"({loss:.4f}) on {len(cal.select)} calibration windows importance did "
+                      f"not use, of {len(table)} candidates")
     return plan, table
