@@ -394,7 +394,7 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                                                                         capsys):
     """Mixtral, 2 of 4 experts kept per layer by routed-output norm: the pruned checkpoint and
     its export give the logits of transformers' Mixtral holding only those experts (router rows
-    sliced, survivors renumbered), pruned at EP1 and at EP2. The scores count every routed
+    sliced, survivors renumbered), pruned at EP1, EP2 and TP2 x EP2. The scores count every routed
     token. Experts with hidden and heads pruned too export to a model transformers loads with
     the same logits. Impossible expert targets and MoE-only / dense-only axes are refused in one
     line."""
@@ -420,8 +420,13 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                  "--out", str(tmp_path / "w1")]) == 0
     run_cli("prune", "--load", str(ckpt), "--scores", str(scores), *width,
             "--out", str(tmp_path / "w2"), "--ep", "2", nproc=2)
-    assert torch.equal(in_process_logits(tmp_path / "w1", tiny_tokens),
-                       in_process_logits(tmp_path / "w2", tiny_tokens))
+    # and over 4 ranks at TP2 x EP2 with sequence parallelism (experts gathered over TP first)
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), *width,
+            "--out", str(tmp_path / "w4"), "--tp", "2", "--ep", "2", "--sequence-parallel",
+            nproc=4)
+    one = in_process_logits(tmp_path / "w1", tiny_tokens)
+    for name in ("w2", "w4"):
+        assert torch.equal(in_process_logits(tmp_path / name, tiny_tokens), one), name
     # --expert-neurons common: every kept expert keeps the same neurons, the best by their
     # token-weighted score over the kept experts
     assert main(["prune", "--load", str(ckpt), "--scores", str(scores), *width, "--expert-neurons",
