@@ -25,10 +25,9 @@ def strategy_option():
     """--strategy, for prune and for every search candidate."""
     return option("given", choices=STRATEGIES,
                   help="given: prune as the flags say; auto: prune candidate strategies (head "
-                       "metric, heads in groups or whole groups, expert metric, norm rescale, "
-                       "order) in memory "
-                       "and keep the lowest LM loss on calibration windows importance did not "
-                       "use")
+                       "metric, heads in groups or whole groups, expert metric and neurons, norm "
+                       "rescale, order) in memory and keep the lowest LM loss on calibration "
+                       "windows importance did not use")
 
 
 @dataclass
@@ -280,14 +279,13 @@ def _kept_layers(cfg: ModelConfig, t: PruneTarget, scores: Scores | None,
     return [i for i in range(cfg.num_layers) if i not in gone]
 
 
-def _expert_neurons(scores: Scores, layer: int, experts: torch.Tensor, width: int,
-                    how: str) -> torch.Tensor:
-    """[len(experts), width]: the neurons each kept expert keeps."""
-    per_expert = scores.moe_ffn()[layer][experts]
-    if how == "own":
+def _expert_neurons(per_expert: torch.Tensor, tokens: torch.Tensor | None,
+                    width: int) -> torch.Tensor:
+    """[kept experts, width] from their neuron scores: each expert's own best, or with `tokens`
+    (those each expert received) the same ones in every expert, by token-weighted score."""
+    if tokens is None:
         return _top(per_expert, width)
-    tokens = scores.experts("tokens")[layer][experts]
-    return _top((per_expert * tokens[:, None]).sum(0), width).expand(len(experts), -1)
+    return _top((per_expert * tokens[:, None]).sum(0), width).expand(len(per_expert), -1)
 
 
 def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> PrunePlan:
@@ -314,29 +312,38 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     plan = PrunePlan(new, layers, hidden, notes=notes)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     keep_per_group = new.num_attention_heads // new.num_query_groups
+    # each pruned axis's scores once, for every layer (None: the axis keeps all its units)
+    by_expert = (scores.experts(target.expert_metric)
+                 if cfg.moe and new.num_moe_experts < cfg.num_moe_experts else None)
+    by_neuron = scores.moe_ffn() if cfg.moe and new.mlp_width < cfg.mlp_width else None
+    tokens = (scores.experts("tokens")
+              if by_neuron is not None and target.expert_neurons == "common" else None)
+    by_shared = (scores.axis("shared_ffn") if (new.moe_shared_ffn_hidden_size or 0) <
+                 (cfg.moe_shared_ffn_hidden_size or 0) else None)
+    by_ffn = (scores.axis("ffn")
+              if not cfg.moe and new.ffn_hidden_size < cfg.ffn_hidden_size else None)
+    by_head = (scores.heads(target.head_metric)
+               if new.num_attention_heads < cfg.num_attention_heads else None)
     for i in layers:
         if cfg.moe:
-            plan.experts[i] = (_top(scores.experts(target.expert_metric)[i], new.num_moe_experts)
-                               if new.num_moe_experts < cfg.num_moe_experts else
-                               full(cfg.num_moe_experts))
-            plan.ffn[i] = (_expert_neurons(scores, i, plan.experts[i], new.mlp_width,
-                                           target.expert_neurons)
-                           if new.mlp_width < cfg.mlp_width else
+            kept = (_top(by_expert[i], new.num_moe_experts) if by_expert is not None else
+                    full(cfg.num_moe_experts))
+            plan.experts[i] = kept
+            plan.ffn[i] = (_expert_neurons(by_neuron[i][kept], None if tokens is None else
+                                           tokens[i][kept], new.mlp_width)
+                           if by_neuron is not None else
                            full(cfg.mlp_width).expand(new.num_moe_experts, -1))
             if cfg.moe_shared_ffn_hidden_size:
-                plan.shared_ffn[i] = (
-                    _top(scores.axis("shared_ffn")[i], new.moe_shared_ffn_hidden_size)
-                    if new.moe_shared_ffn_hidden_size < cfg.moe_shared_ffn_hidden_size else
-                    full(cfg.moe_shared_ffn_hidden_size))
-        elif new.ffn_hidden_size < cfg.ffn_hidden_size:
-            plan.ffn[i] = _top(scores.axis("ffn")[i], new.ffn_hidden_size)
+                plan.shared_ffn[i] = (_top(by_shared[i], new.moe_shared_ffn_hidden_size)
+                                      if by_shared is not None else
+                                      full(cfg.moe_shared_ffn_hidden_size))
         else:
-            plan.ffn[i] = full(cfg.ffn_hidden_size)
-        if new.num_attention_heads == cfg.num_attention_heads:
+            plan.ffn[i] = (_top(by_ffn[i], new.ffn_hidden_size) if by_ffn is not None else
+                           full(cfg.ffn_hidden_size))
+        if by_head is None:
             plan.heads[i] = full(cfg.num_attention_heads)
             continue
-        head_scores = scores.heads(target.head_metric)[i].view(
-            cfg.num_query_groups, per_group)
+        head_scores = by_head[i].view(cfg.num_query_groups, per_group)
         groups = _top(head_scores.sum(-1), new.num_query_groups)
         plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
                                    for g in groups.tolist()])

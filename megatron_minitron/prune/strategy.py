@@ -163,9 +163,10 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
         if t.groups is None and new.num_attention_heads % per_group == 0 and \
                 whole < cfg.num_query_groups:
             out.append([{"groups": None, "heads": t.heads}, {"groups": whole, "heads": None}])
-    if cfg.moe and new.num_moe_experts < cfg.num_moe_experts:
+    experts, neurons = _expert_cuts(cfg, new)
+    if experts:
         out.append([{"expert_metric": m} for m in EXPERT_METRICS])
-    if cfg.moe and new.mlp_width < cfg.mlp_width:
+    if neurons:
         out.append([{"expert_neurons": m} for m in EXPERT_NEURONS])
     if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
         out.append([{"norm_rescale": True}, {"norm_rescale": False}])
@@ -176,13 +177,18 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
     return out
 
 
+def _expert_cuts(cfg: ModelConfig, new: ModelConfig) -> tuple[bool, bool]:
+    """Whether `new` drops experts, and whether it narrows them (where the expert metric and
+    --expert-neurons matter)."""
+    return (cfg.moe and new.num_moe_experts < cfg.num_moe_experts,
+            cfg.moe and new.mlp_width < cfg.mlp_width)
+
+
 def describe(cfg: ModelConfig, t: PruneTarget) -> str:
     grouping = f"{t.groups} whole groups" if t.groups else "heads in groups"
-    new, experts = pruned_config(cfg, t), ""
-    if cfg.moe and new.num_moe_experts < cfg.num_moe_experts:
-        experts += f", expert metric {t.expert_metric}"
-    if cfg.moe and new.mlp_width < cfg.mlp_width:
-        experts += f", expert neurons {t.expert_neurons}"
+    cuts_experts, cuts_neurons = _expert_cuts(cfg, pruned_config(cfg, t))
+    experts = (f", expert metric {t.expert_metric}" if cuts_experts else "") + \
+        (f", expert neurons {t.expert_neurons}" if cuts_neurons else "")
     return (f"order {t.order}, head metric {t.head_metric}, {grouping}{experts}, norm rescale "
             f"{'on' if t.norm_rescale else 'off'}")
 
