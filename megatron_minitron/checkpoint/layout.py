@@ -14,8 +14,9 @@ Facts encoded here:
   its pre-MLP norm `pre_feedforward_layernorm`; Llama's `post_attention_layernorm` is the pre-MLP
   norm;
 - MoE (SequentialMLP): `mlp.router.weight` [experts, h] is HF's `gate`, expert j's SwiGLU is
-  `mlp.experts.local_experts.j.linear_fc1/fc2`; TE fuses no norm into an MoE layer, so its
-  pre-MLP norm keeps the local name. Qwen2-MoE's shared expert is `mlp.shared_experts.linear_*`
+  `mlp.experts.local_experts.j.linear_fc1/fc2`; TE fuses no norm into an MoE layer's MLP, so
+  its pre-MLP norm is a module there too (`pre_mlp_layernorm.weight`, both specs, also in the
+  sharded state dict: see `model.build.local_keys_map`). Qwen2-MoE's shared expert is `mlp.shared_experts.linear_*`
   and its sigmoid gate [1, h] `mlp.shared_experts.gate_weight` (HF `shared_expert_gate`).
 """
 
@@ -63,21 +64,19 @@ def expert_number(name: str) -> int | None:
     return int(rest.split(".", 1)[0]) if sep else None
 
 
-def norm_names(te: bool, moe: bool = False) -> tuple[str, str]:
-    """Megatron names (without `.weight`) of a layer's pre-attention and pre-MLP norms."""
+def norm_prefixes(te: bool, moe: bool = False) -> tuple[str, str]:
+    """Megatron name prefixes (`+ "weight"` / `+ "bias"`) of a layer's pre-attention and pre-MLP
+    norm parameters. TE fuses each norm into the next linear (`linear_qkv.layer_norm_weight`),
+    except an MoE layer's pre-MLP norm: no single linear follows it, so it stays a `TENorm`
+    module (`pre_mlp_layernorm.weight`), as in Megatron-Core's TE spec."""
     if te:
-        return ("self_attention.linear_qkv.layer_norm",
-                "pre_mlp_layernorm" if moe else "mlp.linear_fc1.layer_norm")
-    return "input_layernorm", "pre_mlp_layernorm"
+        return ("self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm." if moe else "mlp.linear_fc1.layer_norm_")
+    return "input_layernorm.", "pre_mlp_layernorm."
 
 
 def _norm_suffixes(cfg: ModelConfig) -> tuple[str, ...]:
     return ("weight", "bias") if cfg.traits.normalization == "LayerNorm" else ("weight",)
-
-
-def _te_suffix(suffix: str, te: bool) -> str:
-    # TE names its fused norm params `layer_norm_weight`, the local norm module `.weight`.
-    return f"_{suffix}" if te else f".{suffix}"
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -172,13 +171,13 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
     it."""
     out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
-    attn_norm, mlp_norm = norm_names(te, cfg.moe)
+    attn_norm, mlp_norm = norm_prefixes(te, cfg.moe)
     post = cfg.traits.post_norms  # Gemma: HF's post_attention_layernorm is a real post-norm
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
         for suf in _norm_suffixes(cfg):
-            out += [Rule(m + attn_norm + _te_suffix(suf, te), (s + f"input_layernorm.{suf}",)),
-                    Rule(m + mlp_norm + _te_suffix(suf, te),
+            out += [Rule(m + attn_norm + suf, (s + f"input_layernorm.{suf}",)),
+                    Rule(m + mlp_norm + suf,
                          (s + ("pre_feedforward_layernorm" if post else
                                "post_attention_layernorm") + f".{suf}",))]
         if post:

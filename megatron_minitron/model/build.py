@@ -154,7 +154,12 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
     )
 
 
-def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
+def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None, te: bool = False):
+    """This stage's decoder block: Megatron's TE layer spec (`te`) or its local spec with
+    `MinitronNorm`. TE's norm class comes from the backend provider Megatron's TE spec uses, so
+    the spec can be built (and its parameter names checked) on a machine without TE by swapping
+    that provider (tests/test_te_spec.py)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -162,44 +167,52 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None):
 
     from megatron_minitron.model.gemma3 import gemma3_spec
 
-    if te_available():
-        from megatron.core.extensions.transformer_engine import TENorm
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        spec = get_gpt_layer_with_transformer_engine_spec(
+    if te:
+        norm = specs.TESpecProvider().layer_norm()
+        layer = specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
             qk_layernorm=cfg.traits.qk_norm)
         if cfg.traits.post_norms:
-            spec = gemma3_spec(spec, cfg.local_rotary_base or cfg.rotary_base, TENorm)
-        return _gate_shared_expert(spec) if cfg.moe_shared_ffn_hidden_size else spec
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+            layer = gemma3_spec(layer, cfg.local_rotary_base or cfg.rotary_base, norm)
+    else:
+        from megatron_minitron.model.norm import MinitronNorm
 
-    from megatron_minitron.model.norm import MinitronNorm
-
-    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
-                                    qk_layernorm=cfg.traits.qk_norm)
-    attn = spec.submodules.self_attention
-    if cfg.traits.qk_norm:  # the local spec's q/k norm refuses sequence parallelism too
-        attn = dataclasses.replace(attn, submodules=dataclasses.replace(
-            attn.submodules, q_layernorm=MinitronNorm, k_layernorm=MinitronNorm))
-    layer = dataclasses.replace(spec, submodules=dataclasses.replace(
-        spec.submodules, input_layernorm=MinitronNorm, pre_mlp_layernorm=MinitronNorm,
-        self_attention=attn))
-    if cfg.traits.post_norms:
-        layer = gemma3_spec(layer, cfg.local_rotary_base or cfg.rotary_base, MinitronNorm)
+        norm = MinitronNorm
+        spec = specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts,
+                                              moe_grouped_gemm=False,
+                                              qk_layernorm=cfg.traits.qk_norm)
+        attn = spec.submodules.self_attention
+        if cfg.traits.qk_norm:  # the local spec's q/k norm refuses sequence parallelism too
+            attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+                attn.submodules, q_layernorm=MinitronNorm, k_layernorm=MinitronNorm))
+        layer = dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules, input_layernorm=MinitronNorm, pre_mlp_layernorm=MinitronNorm,
+            self_attention=attn, sharded_state_dict_keys_map=local_keys_map(
+                spec.submodules.sharded_state_dict_keys_map, cfg.moe)))
+        if cfg.traits.post_norms:
+            layer = gemma3_spec(layer, cfg.local_rotary_base or cfg.rotary_base, MinitronNorm)
     if cfg.moe_shared_ffn_hidden_size:
         layer = _gate_shared_expert(layer)
+    # The final norm too: a bare layer spec would get Megatron's default, apex's or torch's norm,
+    # which refuses zero-centred gamma and sequence parallelism.
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=MinitronNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
+
+
+def local_keys_map(keys_map: dict[str, str], moe: bool) -> dict[str, str]:
+    """The local spec's checkpoint names, made TE's: Megatron-Core's local spec saves its norms
+    under the names of TE's fused norms, but also an MoE layer's pre-MLP norm, which TE keeps
+    as a module of its own (`pre_mlp_layernorm.weight`): a CPU-written MoE checkpoint would not
+    load into a TE model. So for MoE that one entry goes."""
+    return {k: v for k, v in keys_map.items() if not (moe and k == "pre_mlp_layernorm.")}
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype | None = None,
-                layers_per_stage: list[int] | None = None) -> list[torch.nn.Module]:
+                layers_per_stage: list[int] | None = None, te: bool | None = None
+                ) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) on the device, in Megatron's list
     convention; `dtype` defaults to the run's precision. `layers_per_stage` overrides the even
-    split (pruning keeps each layer on its stage)."""
+    split (pruning keeps each layer on its stage); `te` the spec (TE where it runs)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -216,7 +229,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
         vp_stage = vp if parallel.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(cfg, config, vp_stage),
+            transformer_layer_spec=layer_spec(cfg, config, vp_stage,
+                                              te_available() if te is None else te),
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
