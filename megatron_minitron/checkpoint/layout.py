@@ -16,8 +16,9 @@ Facts encoded here:
 - MoE (SequentialMLP): `mlp.router.weight` [experts, h] is HF's `gate`, expert j's SwiGLU is
   `mlp.experts.local_experts.j.linear_fc1/fc2`; TE fuses no norm into an MoE layer's MLP, so
   its pre-MLP norm is a module there too (`pre_mlp_layernorm.weight`, both specs, also in the
-  sharded state dict: see `model.build.local_keys_map`). Qwen2-MoE's shared expert is `mlp.shared_experts.linear_*`
-  and its sigmoid gate [1, h] `mlp.shared_experts.gate_weight` (HF `shared_expert_gate`).
+  sharded state dict: see `model.build.local_keys_map`). Qwen2-MoE's shared expert is
+  `mlp.shared_experts.linear_*` and its sigmoid gate [1, h] `mlp.shared_experts.gate_weight`
+  (HF `shared_expert_gate`).
 """
 
 from __future__ import annotations
