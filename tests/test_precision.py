@@ -113,3 +113,26 @@ def test_other_mismatches_still_fail(tiny_llama_ckpt, tmp_path):
     _, chunks = load_in_process(tiny_llama_ckpt)
     with pytest.raises(ConfigError, match="weights"):
         mcore.load_checkpoint(chunks, other)
+
+
+def test_moe_router_runs_in_fp32_in_a_bf16_model(tmp_path, tiny_tokens):
+    """Top-k is chosen from fp32 logits in a bf16 model: bf16's 8-bit mantissa ties and flips
+    close choices, so routing would differ from the fp32 model's for no reason."""
+    from megatron_minitron.checkpoint.convert import import_weights
+    from megatron_minitron.checkpoint.sources import open_source
+    from megatron_minitron.config import ParallelConfig
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.forward import logits
+    from megatron_minitron.runtime import init_runtime
+
+    source = open_source(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=8), "hf")
+    init_runtime(ParallelConfig())
+    chunks = build_model(source.config, ParallelConfig(), torch.bfloat16)
+    import_weights(chunks, source, te=False)
+    seen = []
+    for layer in chunks[0].decoder.layers:
+        gating = layer.mlp.router.gating
+        layer.mlp.router.gating = lambda x, gating=gating: seen.append(gating(x)) or seen[-1]
+    logits(chunks, tiny_tokens, 2)
+    assert next(chunks[0].parameters()).dtype == torch.bfloat16
+    assert len(seen) == 4 and {t.dtype for t in seen} == {torch.float32}

@@ -69,29 +69,34 @@ def moe_config(cfg: ModelConfig) -> dict:
     gradients on, so a teacher, importance and evaluation never see it."""
     if not cfg.moe:
         return {}
-    shared = {}
+    extra = {}
     if cfg.moe_shared_ffn_hidden_size:
-        shared["moe_shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size
-        if _config_has_shared_gate():  # before 0.16 the gate is a spec parameter (layer_spec)
-            shared["moe_shared_expert_gate"] = True
+        extra["moe_shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size
+        if _config_has("moe_shared_expert_gate"):  # before 0.16 a spec parameter (layer_spec)
+            extra["moe_shared_expert_gate"] = True
+    # The router in fp32 whatever the weights' precision: bf16 logits (8 bits of mantissa) tie
+    # and flip top-k choices between otherwise equal runs, and between TP layouts.
+    if _config_has("moe_router_dtype"):
+        extra["moe_router_dtype"] = "fp32"
     return dict(num_moe_experts=cfg.num_moe_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
                 moe_router_topk=cfg.moe_router_topk,
                 moe_router_pre_softmax=cfg.moe_router_pre_softmax,
                 moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
                 moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
-                moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, **shared)
+                moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, **extra)
 
 
-def _config_has_shared_gate() -> bool:
+def _config_has(field: str) -> bool:
+    """Whether this Megatron-Core's TransformerConfig has `field` (MoE options came one by one)."""
     from megatron.core.transformer import TransformerConfig
 
-    return "moe_shared_expert_gate" in {f.name for f in dataclasses.fields(TransformerConfig)}
+    return field in {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
 def _gate_shared_expert(layer):
     """Megatron-Core before 0.16 takes the shared expert's sigmoid gate from its spec's params."""
     moe = submodules(layer).mlp
-    if _config_has_shared_gate() or not hasattr(moe, "submodules"):
+    if _config_has("moe_shared_expert_gate") or not hasattr(moe, "submodules"):
         return layer
     shared = dataclasses.replace(moe.submodules.shared_experts, params={"gate": True})
     mlp = dataclasses.replace(moe, submodules=dataclasses.replace(moe.submodules,
