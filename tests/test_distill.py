@@ -201,6 +201,31 @@ def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):
         assert abs(a - b) <= 1e-6, (i, a, b)
 
 
+def test_distributed_optimizer_saves_and_resumes_after_sigkill_at_dp2(tiny_setup, tmp_path):
+    """Megatron's distributed optimizer (on by default on GPUs) at DP=2: its checkpoint is written
+    in a format named in the checkpoint (Megatron's default one can no longer be written), and a
+    run SIGKILLed right after its iteration-2 checkpoint resumes to the same per-iteration losses
+    as an uninterrupted one."""
+    args = [*_distill_args(tiny_setup, tmp_path / "straight", 4, "--save-interval", "2"),
+            "--use-distributed-optimizer"]
+    run_cli(*args, nproc=2)
+    killed = [a.replace("straight", "killed") for a in args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "kill_worker.py"), *killed]
+    proc = subprocess.run(cmd, env=child_env(KILL_AT="renamed:killed/latest"),
+                          start_new_session=True, capture_output=True, timeout=600)
+    assert proc.returncode != 0
+    assert (tmp_path / "killed" / "latest").read_text() == "iter_0000002"
+    assert not (tmp_path / "killed" / "iter_0000004").exists()
+    state = json.loads((tmp_path / "killed" / "iter_0000002" / "train_state.json").read_text())
+    assert state["optimizer_format"]["distrib_optim_sharding_type"] == "dp_reshardable"
+    run_cli(*killed, nproc=2)
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert [r[0] for r in resumed] == [1, 2, 3, 4]
+    for (i, a, ga), (_, b, gb) in zip(straight, resumed, strict=True):
+        assert abs(a - b) <= 1e-6 and abs(ga - gb) <= 1e-5, (i, a, b, ga, gb)
+
+
 def test_teacher_as_its_own_student_has_zero_kd_and_hidden_loss(tiny_setup, tmp_path):
     """The hooks pair each microbatch's teacher and student hidden states."""
     from megatron_minitron.config import ParallelConfig

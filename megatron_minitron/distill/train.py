@@ -38,6 +38,13 @@ from megatron_minitron.runtime.progress import Progress
 log = logging.getLogger("minitron")
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
+OPTIMIZER_FORMAT = "optimizer_format"  # train_state's Megatron sharded_state_dict metadata
+# The optimizer checkpoint's format, as Megatron-LM's default names it, kept in train_state so a
+# resume reads what was written: Megatron's own default for the distributed optimizer is a
+# deprecated format it can no longer write (`flattened_range`). dp_reshardable resumes at the same
+# TP/PP (any DP); Megatron's fully_reshardable fails to load into torch's Adam (0.16.1).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
+                      "chained_optim_avoid_prefix": True}
 
 
 def iteration_dir(save: Path, iteration: int) -> Path:
@@ -82,8 +89,8 @@ class DistillConfig:
     split: str = option("98,2,0", help="train,valid,test split of --data when no --valid-data")
     distributed_optimizer: bool | None = option(
         None, flag="--use-distributed-optimizer",
-        help="shard optimizer state over data-parallel ranks (default: on with CUDA, off on "
-             "CPU, where its checkpoints cannot be written)")
+        help="shard optimizer state over data-parallel ranks, Megatron's distributed optimizer "
+             "(default: on with CUDA, off on CPU)")
 
     def validate(self, dp: int) -> None:
         if self.train_iters < 1:
@@ -164,6 +171,39 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     sums = broadcast_from_last_stage(sums if reports else None, (len(keys), 2)).tolist()
     return {k: total / n for k, (total, n) in zip(keys, sums, strict=True) if n > 0}
+
+
+def load_optimizer(optimizer, model_sharded: dict, directory: Path, metadata: dict | None
+                   ) -> None:
+    """Load Megatron's optimizer state saved in `metadata`'s format. Megatron's distributed
+    optimizer on torch's Adam (no TE or apex, as on CPU) trips in three places: building the state
+    dict to load into reads the step from per-parameter state that exists only after a first
+    step; the load itself then refuses that per-parameter step (it restores the group's);
+    and dp_reshardable copies into fp32 main params, views of the weights, outside no_grad. So
+    Adam's initial state is put in first, its per-parameter step taken out before the load and
+    set from the loaded group's after it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    torch_adam = [] if getattr(do, "HAVE_APEX_OR_TE", True) else [
+        o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(o, do.DistributedOptimizer)]
+    for opt in torch_adam:
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            if "step" not in opt.state[p]:
+                opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                    exp_avg_sq=torch.zeros_like(p))
+    loaded = dist_checkpointing.load({"optimizer": optimizer.sharded_state_dict(
+        model_sharded, is_loading=True, metadata=metadata)}, str(directory))
+    for opt in torch_adam:
+        for state in opt.state.values():
+            state.pop("step", None)
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    for opt in torch_adam:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                opt.state[p]["step"] = torch.tensor(float(g["step"]))
 
 
 class Distiller:
@@ -454,15 +494,15 @@ class Distiller:
                                        f"distilled for {self.iteration} iterations"],
                               hidden_map=self.s_meta.hidden_map)
         state = {"iteration": self.iteration, "scheduler": self.scheduler.state_dict(),
-                 "config": asdict(self.cfg)}
+                 "config": asdict(self.cfg), OPTIMIZER_FORMAT: OPTIMIZER_METADATA}
 
         def optimizer_state(stage: Path) -> None:
             if self.rt.is_main:
                 (stage / "optimizer").mkdir()
             dist.barrier()
             sharded = mcore.sharded_state_dict(self.modules)
-            dist_checkpointing.save({"optimizer": self.optimizer.sharded_state_dict(sharded)},
-                                    str(stage / "optimizer"))
+            dist_checkpointing.save({"optimizer": self.optimizer.sharded_state_dict(
+                sharded, metadata=state[OPTIMIZER_FORMAT])}, str(stage / "optimizer"))
             if self.rt.is_main:
                 (stage / TRAIN_STATE).write_text(json.dumps(state, indent=2))
 
@@ -479,8 +519,6 @@ class Distiller:
 
     def resume(self) -> bool:
         """Continue from SAVE/latest if there is one."""
-        from megatron.core import dist_checkpointing
-
         from megatron_minitron.checkpoint import mcore
 
         latest = self.save / LATEST
@@ -489,11 +527,8 @@ class Distiller:
         ckpt = self.save / latest.read_text().strip()
         state = json.loads((ckpt / TRAIN_STATE).read_text())
         mcore.load_checkpoint(self.modules, ckpt)
-        sharded = mcore.sharded_state_dict(self.modules)
-        loaded = dist_checkpointing.load(
-            {"optimizer": self.optimizer.sharded_state_dict(sharded, is_loading=True)},
-            str(ckpt / "optimizer"))
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer(self.optimizer, mcore.sharded_state_dict(self.modules), ckpt / "optimizer",
+                       state.get(OPTIMIZER_FORMAT))
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = state["iteration"]
         log.info("resumed from %s at iteration %d", ckpt, self.iteration)
