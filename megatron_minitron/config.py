@@ -251,6 +251,15 @@ class ParallelConfig:
                                         "fp32 on CPU; convert and prune keep the checkpoint's "
                                         "dtype)")
 
+    distributed_timeout_minutes: float = option(
+        10, help="how long a collective may wait before the job fails (torch.distributed's "
+                 "timeout; NCCL's watchdog enforces it). Rank-0-only work (tokenizing, dataset "
+                 "indices) is waited for without it")
+
+    def layout(self) -> tuple:
+        """What decides Megatron's process groups: equal layouts reuse them."""
+        return self.tp, self.pp, self.vpp, self.ep
+
     def check_sequence(self, seq_length: int, flag: str = "--seq-length") -> None:
         """Sequence parallelism splits every sequence over the TP ranks."""
         if self.sequence_parallel and seq_length % self.tp:

@@ -59,12 +59,12 @@ def preprocess(input: list[Path], tokenizer: Path, output_prefix: str, json_key:
                ) -> str:
     from megatron_minitron.data.preprocess import preprocess as build
     from megatron_minitron.data.preprocess import resolve_tokenizer
-    from megatron_minitron.runtime.distributed import barrier, launch_env
+    from megatron_minitron.runtime.distributed import host_barrier, launch_env
 
     if launch_env()[0] == 0:  # one writer under torchrun / srun (and inside `minitron run`)
         build([Path(f) for f in input], resolve_tokenizer(Path(tokenizer)), output_prefix,
               json_key)
-    barrier()
+    host_barrier()  # tokenizing a corpus may outlast NCCL's watchdog
     return output_prefix
 
 

@@ -329,3 +329,20 @@ def test_directory_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path
     (run / LOCK).write_text("another-host 1")  # cannot be checked from here: counts as alive
     with pytest.raises(ConfigError, match="another-host 1"), directory_lock(run):
         pass
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    """A requeue may put rank 0 on another node: the lock its first run left there cannot be
+    checked from here, but it carries this job's id, and a job runs once at a time."""
+    from megatron_minitron.checkpoint.atomic import LOCK, directory_lock
+    from megatron_minitron.config import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (run / LOCK).write_text("node-a 1234 4242")
+    with directory_lock(run):
+        assert (run / LOCK).read_text().endswith(" 4242")
+    (run / LOCK).write_text("node-a 1234 4241")  # another job's: refused
+    with pytest.raises(ConfigError, match="node-a 1234 4241"), directory_lock(run):
+        pass

@@ -46,3 +46,18 @@ def test_device_follows_local_rank_modulo_visible_gpus():
 
     assert [local_device_index(r, 8) for r in (0, 7)] == [0, 7]
     assert [local_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+
+
+def test_stages_reuse_process_groups_and_ranks_wait_for_rank_0_without_a_timeout(tmp_path):
+    """Two ranks, a 3 s collective timeout: a second runtime at the same layout keeps Megatron's
+    groups, and rank 0's 8 s of host work (Megatron's dataset-index build) is waited for on
+    the host barrier, not inside a device barrier the watchdog would end."""
+    import sys
+
+    from tests.conftest import ROOT, _free_port, _run
+
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(_free_port()), str(ROOT / "tests" / "launch_worker.py"),
+              str(tmp_path / "cache")], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("ok groups reused") == 2 and r.stdout.count("ok rank 0 first") == 2

@@ -93,17 +93,23 @@ LOCK = ".lock"
 
 
 def _holder_alive(text: str) -> bool:
-    """Whether the `host pid` written in a lock file is a live process. A holder on another
-    host (a shared file system under SLURM) cannot be checked here: it counts as alive."""
+    """Whether the `host pid [job]` written in a lock file is a live process. A holder on another
+    host (a shared file system under SLURM) cannot be checked from here: it counts as alive,
+    unless it ran in this same SLURM job. A job runs once at a time, so that holder is the job's
+    run before a requeue, which may have put rank 0 on another node."""
     import socket
 
     try:
-        host, pid = text.split()
+        host, pid, *job = text.split()
         pid = int(pid)
     except ValueError:
         return False  # torn or foreign content: nobody holds it
-    if host != socket.gethostname():
-        return True
+    if job and job[0] == os.environ.get("SLURM_JOB_ID"):
+        return host == socket.gethostname() and _pid_alive(pid)
+    return host != socket.gethostname() or _pid_alive(pid)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,10 +119,16 @@ def _holder_alive(text: str) -> bool:
     return True
 
 
+def _slurm_job() -> list[str]:
+    job = os.environ.get("SLURM_JOB_ID")
+    return [job] if job else []
+
+
 @contextlib.contextmanager
 def directory_lock(directory: Path, is_holder: bool = True):
     """Refuse a second command writing the same run directory at once: DIR/.lock holds the
-    holder's host and pid while it runs; a lock left by a dead process (SIGKILL) is taken over.
+    holder's host, pid and SLURM job while it runs; a lock left by a dead process (SIGKILL) or by
+    this job before its requeue is taken over.
     In a distributed job only the first rank (`is_holder`) takes it."""
     import socket
 
@@ -127,7 +139,7 @@ def directory_lock(directory: Path, is_holder: bool = True):
     created = not directory.exists()  # removed again if the command leaves it empty
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / LOCK
-    me = f"{socket.gethostname()} {os.getpid()}"
+    me = " ".join([socket.gethostname(), str(os.getpid()), *_slurm_job()])
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -9,12 +9,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import ConfigError, ParallelConfig
 from megatron_minitron.runtime import children, cpu_compat
+
+# Ranks waiting for rank 0's host-only work (tokenizing, Megatron's dataset indices) wait on a
+# gloo group with this timeout, outside the NCCL watchdog's window (`host_barrier`).
+HOST_WAIT = timedelta(days=1)
+_host_group = None
+_layout: tuple | None = None  # the parallel layout Megatron's groups were made for
 
 
 @dataclass
@@ -89,15 +96,23 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         cpu_compat.apply()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                init_method=init_method)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        expert_model_parallel_size=parallel.ep,
-    )
+                                init_method=init_method,
+                                timeout=timedelta(minutes=parallel.distributed_timeout_minutes))
+    global _layout, _host_group
+    if _host_group is None and world > 1:
+        _host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT)
+    # Consecutive stages at one layout (a pipeline, search candidates) keep the communicators:
+    # NCCL's cost a collective each to create and GPU memory to hold.
+    if _layout != parallel.layout() or not parallel_state.model_parallel_is_initialized():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+            expert_model_parallel_size=parallel.ep,
+        )
+        _layout = parallel.layout()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return Runtime(rank, world, local_rank, parallel, device())
@@ -130,13 +145,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def host_barrier() -> None:
+    """A world barrier for ranks that wait while rank 0 works on the host: over gloo with a day's
+    timeout, so a long tokenization is not killed by NCCL's watchdog (`--distributed-timeout-
+    minutes` bounds device collectives only). Nothing in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_host_group)
+
+
 def shutdown() -> None:
     """Tear down what `init_runtime` set up; a no-op (and no Megatron import) if it never ran."""
     if not dist.is_initialized():
         return
     from megatron.core import parallel_state
 
+    global _layout, _host_group
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _layout = _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
