@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError) as e:  # exit 2: bad usage or input; 3: training failed
         print(f"minitron {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except interrupt.Preempted as e:
+        print(f"minitron {args.verb}: preempted; {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, nothing half-done stays
         print(f"minitron {args.verb}: interrupted; no partial output was kept", file=sys.stderr)
         return 130

@@ -7,6 +7,8 @@ path contains TEXT:
 - `renamed`: after a file or directory is renamed (`os.replace`/`os.rename`: committed, before
   whatever the command does next).
 
+$KILL_SIGNAL=USR1 sends SLURM's preemption warning to this process instead of killing.
+
 The kill takes the whole process group (start it with start_new_session): the command, its
 checkpoint-writer processes and torchrun ranks die at once, as under `scancel`. The patches are
 inherited by forked writers, so a write made there is a kill point too."""
@@ -29,7 +31,9 @@ def _maybe_kill(event: str, path) -> None:
     global _left
     if event == EVENT and TEXT in str(path):
         _left -= 1
-        if _left == 0:
+        if _left == 0 and os.environ.get("KILL_SIGNAL") == "USR1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        elif _left == 0:
             os.killpg(0, signal.SIGKILL)
 
 

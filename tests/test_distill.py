@@ -201,11 +201,11 @@ def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):
         assert abs(a - b) <= 1e-6, (i, a, b)
 
 
-def test_distributed_optimizer_saves_and_resumes_after_sigkill_at_dp2(tiny_setup, tmp_path):
+def test_distributed_optimizer_resumes_after_sigkill_and_preemption_at_dp2(tiny_setup, tmp_path):
     """Megatron's distributed optimizer (on by default on GPUs) at DP=2: its checkpoint is written
     in a format named in the checkpoint (Megatron's default one can no longer be written), and a
-    run SIGKILLed right after its iteration-2 checkpoint resumes to the same per-iteration losses
-    as an uninterrupted one."""
+    run SIGKILLed right after its iteration-2 checkpoint, or warned of a preemption, resumes to
+    the same per-iteration losses as an uninterrupted one."""
     args = [*_distill_args(tiny_setup, tmp_path / "straight", 4, "--save-interval", "2"),
             "--use-distributed-optimizer"]
     run_cli(*args, nproc=2)
@@ -220,10 +220,23 @@ def test_distributed_optimizer_saves_and_resumes_after_sigkill_at_dp2(tiny_setup
     state = json.loads((tmp_path / "killed" / "iter_0000002" / "train_state.json").read_text())
     assert state["optimizer_format"]["distrib_optim_sharding_type"] == "dp_reshardable"
     run_cli(*killed, nproc=2)
-    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
-    assert [r[0] for r in resumed] == [1, 2, 3, 4]
-    for (i, a, ga), (_, b, gb) in zip(straight, resumed, strict=True):
-        assert abs(a - b) <= 1e-6 and abs(ga - gb) <= 1e-5, (i, a, b, ga, gb)
+    # SLURM's preemption warning (USR1) to rank 0 alone, after iteration 2, between checkpoints:
+    # both ranks stop after that step with a checkpoint of it, and the rerun resumes from it.
+    warned = [a.replace("straight", "warned") for a in args]
+    warned[warned.index("--save-interval") + 1] = "0"
+    cmd[cmd.index("--master_port") + 1] = str(_free_port())
+    proc = subprocess.run([*cmd[:cmd.index(str(ROOT / "tests" / "kill_worker.py")) + 1], *warned],
+                          env=child_env(KILL_AT="open:warned/metrics.jsonl:3", KILL_SIGNAL="USR1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "preempted; stopped after iteration 2" in proc.stderr
+    assert (tmp_path / "warned" / "latest").read_text() == "iter_0000002"
+    run_cli(*warned, nproc=2)
+    straight = _losses(tmp_path / "straight")
+    for name in ("killed", "warned"):
+        resumed = _losses(tmp_path / name)
+        assert [r[0] for r in resumed] == [1, 2, 3, 4], name
+        for (i, a, ga), (_, b, gb) in zip(straight, resumed, strict=True):
+            assert abs(a - b) <= 1e-6 and abs(ga - gb) <= 1e-5, (name, i, a, b, ga, gb)
 
 
 def test_teacher_as_its_own_student_has_zero_kd_and_hidden_loss(tiny_setup, tmp_path):

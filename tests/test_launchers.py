@@ -27,7 +27,8 @@ SCRIPTS = [ROOT / "slurm" / "minitron.sbatch", *sorted((ROOT / "scripts").glob("
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # Fake srun: records its arguments and launch environment, then starts SLURM_NTASKS copies of the
-# command with the variables srun gives each task (or only sleeps, with FAKE_SRUN_SLEEP).
+# command with the variables srun gives each task (or only sleeps, with FAKE_SRUN_SLEEP), and
+# forwards USR1 to them.
 set -u
 printf '%s\n' "$@" > "$FAKE_SLURM/srun.args"
 env | grep -E '^(MASTER_ADDR|MASTER_PORT|SLURM_)' | sort > "$FAKE_SLURM/srun.env"
@@ -37,8 +38,13 @@ while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
     *) shift ;;
   esac
 done
-if [ -n "${FAKE_SRUN_SLEEP:-}" ]; then exec sleep "$FAKE_SRUN_SLEEP"; fi
 pids=()
+# As srun does, USR1 is passed on to every task.
+trap 'echo USR1 >> "$FAKE_SLURM/srun.signals"; kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+if [ -n "${FAKE_SRUN_SLEEP:-}" ]; then
+  sleep "$FAKE_SRUN_SLEEP" & pids+=($!)
+  wait "${pids[0]}"; wait "${pids[0]}"; exit 0
+fi
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$FAKE_SLURM/task$i.log" 2>&1 &
   pids+=($!)
@@ -106,13 +112,14 @@ def test_sbatch_starts_every_rank_with_the_slurm_environment(tiny_llama_ckpt, tm
     assert (tmp_path / "task1.log").exists()
 
 
-def test_sbatch_in_a_container_requeues_itself_on_usr1(tmp_path):
+@pytest.mark.parametrize("mounts", [None, "/data:/data"])
+def test_sbatch_in_a_container_passes_usr1_to_the_ranks_then_requeues(mounts, tmp_path):
     env = _fake_slurm(tmp_path, CONTAINER="nvcr.io/nvidia/pytorch:25.01-py3",
-                      MOUNTS="/data:/data", FAKE_SRUN_SLEEP="60")
+                      FAKE_SRUN_SLEEP="60", **({"MOUNTS": mounts} if mounts else {}))
     log = tmp_path / "job.out"
     with log.open("w") as f:
         proc = subprocess.Popen(["bash", str(ROOT / "slurm" / "minitron.sbatch"), "run", "x.yaml"],
-                                env=env, stdout=f, stderr=subprocess.STDOUT,
+                                env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
                                 start_new_session=True)
     try:
         deadline = time.time() + 30
@@ -127,10 +134,19 @@ def test_sbatch_in_a_container_requeues_itself_on_usr1(tmp_path):
     out = log.read_text()
     assert "requeueing" in out
     assert "requeue 4242" in (tmp_path / "scontrol.calls").read_text()
+    assert (tmp_path / "srun.signals").read_text() == "USR1\n"  # the ranks were warned
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[args.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
-    assert args[args.index("--container-mounts") + 1] == "/data:/data"
+    # Without MOUNTS the submit directory is mounted at its own path, as the workdir needs.
+    assert args[args.index("--container-mounts") + 1] == (mounts or f"{tmp_path}:{tmp_path}")
     assert args[-5:] == ["python", "-m", "megatron_minitron", "run", "x.yaml"]
+
+
+def test_torchrun_launcher_refuses_several_nodes_without_a_master_address():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "torchrun.sh"), "eval"],
+                       env={**child_env(NNODES="2"), "MASTER_ADDR": ""}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in r.stderr, r.stderr
 
 
 def test_torchrun_launcher_runs_two_ranks(tiny_llama_ckpt, tmp_path, capsys):

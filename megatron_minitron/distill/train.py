@@ -33,6 +33,7 @@ from megatron_minitron.distill.hidden import FinalHidden, cosine_loss_sum, hidde
 from megatron_minitron.distill.losses import kd_loss, top_k_logits
 from megatron_minitron.options import option
 from megatron_minitron.runtime.distributed import device, to_device
+from megatron_minitron.runtime.interrupt import Preempted, preemption_requested
 from megatron_minitron.runtime.progress import Progress
 
 log = logging.getLogger("minitron")
@@ -536,6 +537,13 @@ class Distiller:
 
     # --- the loop ------------------------------------------------------------------------------
 
+    def _preempted(self) -> bool:
+        """Whether any rank got SLURM's preemption warning: all stop after the same step."""
+        flag = torch.tensor([float(preemption_requested())], device=device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run(self) -> Path:
         from megatron_minitron.distill.report import MetricsLog
 
@@ -564,7 +572,12 @@ class Distiller:
                                  f"{row['tokens_per_s']:.0f} tok/s")
                 progress.update(pending)
                 pending = 0
-            if last or (cfg.save_interval and self.iteration % cfg.save_interval == 0):
+            saved = last or (cfg.save_interval and self.iteration % cfg.save_interval == 0)
+            if saved:
                 self.save_checkpoint()
+            if not last and self._preempted():
+                dst = iteration_dir(self.save, self.iteration) if saved else self.save_checkpoint()
+                raise Preempted(f"stopped after iteration {self.iteration}, saved as {dst}; "
+                                "the same command resumes from it")
         metrics.close(plot=True)
         return iteration_dir(self.save, self.iteration)
