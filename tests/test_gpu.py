@@ -3,12 +3,14 @@ bf16, importance equal to the CPU's, and every verb end to end in bf16 (the GPU 
 without CUDA; `scripts/gpu_check.sh` runs this module on a lent GPU."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import hf_logits, run_cli, tiny_hf_dir
+from tests.conftest import ROOT, child_env, hf_logits, run_cli, tiny_hf_dir
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -140,3 +142,42 @@ def test_gpu_moe_prune_and_distill_in_bf16(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 3 and all(r["router"] > 0 for r in steps), rows
     assert all(torch.isfinite(torch.tensor([r["loss"], r["router"]])).all() for r in steps)
+
+
+def test_gpu_te_and_cpu_moe_checkpoints_interchange_and_the_distributed_optimizer_resumes(
+        tmp_path):
+    """A Mixtral converted on the CPU (local spec) evaluates on the GPU (TE spec: its pre-MLP norm
+    is a TENorm of its own) as on the CPU; KD with Megatron's distributed optimizer saves, resumes
+    for one more step, and its GPU-written checkpoint evaluates on the CPU."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
+    ckpt, valid = tmp_path / "teacher", held_out_plays()[0]
+    run_cli("convert", str(tiny_hf_dir(tmp_path / "hf", "mixtral", seed=3)), str(ckpt), env=cpu)
+
+    def loss(path, env=None):
+        out = run_cli("eval", "--load", str(path), "--data", str(valid), "--seq-length", "64",
+                      "--max-windows", "4", "--fp32", env={"NVIDIA_TF32_OVERRIDE": "0",
+                                                           **(env or {})}).stdout
+        return float(out.split("loss ")[1].split()[0])
+
+    on_cpu, on_gpu = loss(ckpt, cpu), loss(ckpt)
+    print(f"CPU-written Mixtral: loss {on_cpu:.6f} on the CPU, {on_gpu:.6f} on the GPU")
+    assert abs(on_cpu - on_gpu) < 1e-3
+    for name, play in (("train", train_plays()[1]), ("valid", valid)):
+        run_cli("preprocess", "--input", str(play), "--tokenizer", str(ckpt), "--output-prefix",
+                str(tmp_path / name))
+    kd = ["distill", "--teacher", str(ckpt), "--student", str(ckpt), "--data",
+          str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"), "--save",
+          str(tmp_path / "kd"), "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-3",
+          "--eval-iters", "1", "--save-interval", "1", "--use-distributed-optimizer",
+          "--train-iters", "3"]
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_worker.py"), *kd],
+                            env=child_env(KILL_AT="renamed:kd/latest:2"),
+                            start_new_session=True, capture_output=True, timeout=600)
+    assert killed.returncode != 0 and (tmp_path / "kd" / "latest").read_text() == "iter_0000002"
+    run_cli(*kd)  # resumes from iteration 2
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").open()]
+    assert [r["iteration"] for r in rows if "loss" in r] == [1, 2, 3], rows
+    out = tmp_path / "kd" / "iter_0000003"
+    print(f"GPU-written student: loss {loss(out, cpu):.6f} on the CPU")

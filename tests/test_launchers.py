@@ -158,3 +158,23 @@ def test_torchrun_launcher_runs_two_ranks(tiny_llama_ckpt, tmp_path, capsys):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert abs(_loss(r.stdout) - single) <= 1e-4
+
+
+def test_gpu_check_reports_every_step_even_when_steps_time_out(tmp_path):
+    """scripts/gpu_check.sh on this CPU with limits too short for its steps: the tests' and a
+    benchmark's time-outs are reported, the rest is marked not validated, the spec is named and
+    the run stays within its own limits."""
+    t = time.time()
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+                       env=child_env(OUT=str(tmp_path), GPU_CHECK_TEST_S="1",
+                                     GPU_CHECK_BENCH_S="4"),
+                       capture_output=True, text=True, timeout=300)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("SUMMARY ")]
+    assert r.returncode == 1 and time.time() - t < 120, r.stdout[-3000:] + r.stderr[-3000:]
+    assert lines == (tmp_path / "summary.txt").read_text().splitlines()
+    text = "\n".join(lines)
+    assert "SUMMARY spec: local (TE spec NOT validated)" in lines
+    assert "GPU tests: TIMED OUT after 1s" in text
+    assert "bench llama-1b-bf16: TIMED OUT (NOT validated)" in text
+    assert "bench llama-1b-fp32: NOT RUN" in text
+    assert lines[-1].startswith("SUMMARY total ") and lines[-1].endswith("exit 1")
