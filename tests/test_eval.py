@@ -34,3 +34,27 @@ def test_eval_perplexity_matches_transformers(smol_ckpt, smol_hf_model, tmp_path
     print(f"held-out perplexity: minitron {ours['perplexity']:.4f}, transformers {ref:.4f}")
     assert ours["tokens"] == SEQ * WINDOWS
     assert abs(ours["perplexity"] - ref) / ref < 0.005
+
+
+def test_generate_continues_a_prompt_as_transformers_greedy_does(tiny_llama_hf, tiny_llama_ckpt,
+                                                                   tmp_path, capsys):
+    """`minitron generate` (the demo's last step), in one process and at PP=2: the greedy
+    continuation transformers' `generate` gives for the same weights and tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_cli
+
+    prompt = "To be, or not to be, that is"
+    tok = load_tokenizer(tiny_llama_ckpt)
+    ids = tok.prefix + tok.encode(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    expected = prompt + tok.decode(out[0, len(ids):].tolist())
+    assert len(out[0]) > len(ids) and expected != prompt
+    args = ["generate", "--load", str(tiny_llama_ckpt), "--prompt", prompt, "--max-new-tokens",
+            "12"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert run_cli(*args, "--pp", "2", nproc=2).stdout.rstrip("\n") == expected

@@ -79,3 +79,55 @@ def test_lm_eval_unknown_task_is_named(smol_ckpt, tmp_path, capsys):
     assert main(["eval", "--load", str(smol_ckpt), "--tasks", "shakespeare-cloze", "--limit",
                  "1", "--lm-eval", "no_such_task", "--lm-eval-include", str(tmp_path)]) == 2
     assert "lm-eval tasks not found: no_such_task" in capsys.readouterr().err
+
+
+GEN_YAML = """task: local_greedy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_generate_until_gives_transformers_greedy_text(tiny_llama_hf, tiny_llama_ckpt,
+                                                               tmp_path, monkeypatch):
+    """A generate_until task whose targets are transformers' own greedy continuations (cut at
+    the stop string) of the same weights: every one matched exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_minitron.data.demo import held_out_plays
+    from megatron_minitron.data.tokenizer import load_tokenizer
+
+    for k, v in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"),
+                 ("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))):
+        monkeypatch.setenv(k, v)
+    tok = load_tokenizer(tiny_llama_ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_hf, dtype=torch.float32).eval()
+    lines = [x for x in held_out_plays()[0].read_text().splitlines() if len(x) > 30][10:14]
+    rows = []
+    for context in lines:
+        ids = tok.prefix + tok.encode(context)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+        cont = [i for i in out[0, len(ids):].tolist() if i != tok.eos_id]
+        rows.append({"context": context, "target": tok.decode(cont).split("\n")[0]})
+    assert any(r["target"].strip() for r in rows)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "gen.yaml").write_text(GEN_YAML.format(data=_jsonl(tmp_path / "gen.jsonl", rows)))
+    out = tmp_path / "out.json"
+    assert main(["eval", "--load", str(tiny_llama_ckpt), "--seq-length", "64",
+                 "--max-windows", "1", "--lm-eval",
+                 "local_greedy", "--lm-eval-include", str(tasks), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lm_eval"]["local_greedy"]["exact_match,none"] == 1.0
