@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_minitron.cli import main
-from tests.conftest import fails, run_cli
+from tests.conftest import fails, load_in_process, run_cli
 
 
 def _nothing_at(dst):
@@ -271,11 +271,15 @@ def test_nan_in_training_exits_3_and_keeps_the_last_checkpoint(tiny_llama_ckpt, 
                 "--data", str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"),
                 "--save", str(save), "--train-iters", "4", "--global-batch-size", "2",
                 "--seq-length", "32", "--lr", "1e30", "--clip-grad", "0", "--kd-weight", "0",
-                "--lm-weight", "1", "--save-interval", "1", "--eval-iters", "1", check=False)
+                "--lm-weight", "1", "--save-interval", "1", "--eval-iters", "1",
+                "--warmup-iters", "1", check=False)  # step 1 at lr 0: a good checkpoint first
     err = [line for line in r.stderr.splitlines() if line.startswith("minitron distill")]
     assert r.returncode == 3 and len(err) == 1 and "NaN/Inf" in err[0], r.stderr[-2000:]
-    kept = (save / "latest").read_text().strip() if (save / "latest").exists() else None
-    assert kept is None or (save / kept / "minitron.json").is_file()
+    kept = save / (save / "latest").read_text().strip()
+    assert kept.name in ("iter_0000001", "iter_0000002"), kept
+    _, chunks = load_in_process(kept)
+    assert all(torch.isfinite(p).all() for p in chunks[0].parameters())
+    assert not (save / "iter_0000003").exists() and not (save / "iter_0000004").exists()
 
 
 @pytest.mark.parametrize("damage, needle", [
