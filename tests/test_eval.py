@@ -33,7 +33,7 @@ def test_eval_perplexity_matches_transformers(smol_ckpt, smol_hf_model, tmp_path
     ref = _transformers_perplexity(smol_hf_model, smol_ckpt)
     print(f"held-out perplexity: minitron {ours['perplexity']:.4f}, transformers {ref:.4f}")
     assert ours["tokens"] == SEQ * WINDOWS
-    assert abs(ours["perplexity"] - ref) / ref < 0.005
+    assert abs(ours["perplexity"] - ref) / ref < 1e-4  # docs: 38.924 vs 38.924
 
 
 def test_generate_continues_a_prompt_as_transformers_greedy_does(tiny_llama_hf, tiny_llama_ckpt,

@@ -34,7 +34,7 @@ def test_gpu_config_dry_run_matches_the_published_size(name, capsys):
     teacher, student = (float(line.split(":")[1].split("B")[0]) * 1e9 for line in
                         out.splitlines() if line.strip().startswith(("teacher ", "student ")))
     want_t, want_s = PUBLISHED[name]
-    assert abs(teacher / want_t - 1) <= 0.05 and abs(student / want_s - 1) <= 0.05, out
+    assert abs(teacher / want_t - 1) <= 0.007 and abs(student / want_s - 1) <= 0.007, out
     assert "distill" in out and "valid" in out
 
 
