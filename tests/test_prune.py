@@ -394,8 +394,8 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
                                                                         capsys):
     """Mixtral, 2 of 4 experts kept per layer by routed-output norm: the pruned checkpoint and
     its export give the logits of transformers' Mixtral holding only those experts (router rows
-    sliced, survivors renumbered), pruned at EP1, EP2 and TP2 x EP2. The scores count every routed
-    token. Experts with hidden and heads pruned too export to a model transformers loads with
+    sliced, survivors renumbered), pruned at EP1, EP2, TP2 x EP2 and PP2. The scores count every
+    routed token. Experts with hidden and heads pruned too export to a model transformers loads with
     the same logits. Impossible expert targets and MoE-only / dense-only axes are refused in one
     line."""
     from safetensors.torch import load_file
@@ -424,8 +424,11 @@ def test_moe_expert_pruning_keeps_the_top_experts_as_transformers_would(tmp_path
     run_cli("prune", "--load", str(ckpt), "--scores", str(scores), *width,
             "--out", str(tmp_path / "w4"), "--tp", "2", "--ep", "2", "--sequence-parallel",
             nproc=4)
+    # and at PP2 (each stage prunes its own layers' experts)
+    run_cli("prune", "--load", str(ckpt), "--scores", str(scores), *width,
+            "--out", str(tmp_path / "wpp"), "--pp", "2", nproc=2)
     one = in_process_logits(tmp_path / "w1", tiny_tokens)
-    for name in ("w2", "w4"):
+    for name in ("w2", "w4", "wpp"):
         assert torch.equal(in_process_logits(tmp_path / name, tiny_tokens), one), name
     # --expert-neurons common: every kept expert keeps the same neurons, the best by their
     # token-weighted score over the kept experts

@@ -133,12 +133,13 @@ def test_moe_expert_parallel_import_load_and_export(tmp_path, tiny_tokens, tiny_
           "needs a mixture-of-experts model")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "nemotron", "qwen3", "gemma3", "mixtral",
+                                    "qwen3_moe", "qwen2_moe"])
 def test_family_tp2_sp_pp2_and_ep2_logits_match_transformers(family, tmp_path, tiny_tokens):
-    """The families whose layers add shared parameters (q/k norms; Gemma's post-norms and
-    sliding layers; MoE routers, experts and the shared expert split over TP) at TP2+SP and PP2,
-    the MoE families at EP2 too. Qwen2's TP-split QKV biases are covered by pruning the same
-    checkpoint at TP2 (test_prune)."""
+    """Every family but Llama (tested on its own and on SmolLM2) at TP2+SP and PP2: Mistral's
+    head_dim, Qwen2's TP-split QKV biases, Nemotron's LayerNorm1P and partial RoPE, q/k norms,
+    Gemma's post-norms and sliding layers, MoE routers, experts and the shared expert split over
+    TP; the MoE families at EP2 too."""
     hf = tiny_hf_dir(tmp_path / "hf", family, seed=3)
     run_cli("convert", str(hf), str(tmp_path / "mcore"))
     ref = hf_logits(hf, tiny_tokens)
