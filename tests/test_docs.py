@@ -40,15 +40,26 @@ def _quoted_lines() -> list[tuple[str, str, bool]]:
     return out
 
 
-def _commands():
-    found = []
-    for where, line, whole in _quoted_lines():
-        for path in _FILE.findall(line):
-            found.append(pytest.param(where, line, path, None, whole, id=f"{where}:{path}"))
-        m = _LAUNCH.search(line)
-        if m and m.group(1) in _verbs():
-            found.append(pytest.param(where, line, None, m, whole, id=f"{where}:{line[:40]}"))
-    return found
+def _problems(line: str, whole: bool) -> list[str]:
+    """What is wrong with one quoted line: a file it names that does not exist, a flag its verb
+    does not have, or (a whole command without placeholders) a command that does not parse."""
+    out = [f"names {path}, which does not exist" for path in _FILE.findall(line)
+           if not (ROOT / path).exists()]
+    m = _LAUNCH.search(line)
+    if not (m and m.group(1) in _verbs()):
+        return out
+    verb, rest = m.group(1), m.group(2)
+    sub = _verbs()[verb]
+    flags = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest)
+    unknown = [f for f in flags if f not in sub._option_string_actions]
+    if unknown:
+        out.append(f"`minitron {verb}` has no {unknown}")
+    if whole and not unknown and not re.search(r"[\[\]|]|\.\.|\b[A-Z][A-Z_]{2,}\b", rest):
+        try:
+            build_parser().parse_args([verb, *shlex.split(rest)])
+        except SystemExit:
+            out.append(f"`minitron {verb}{rest}` does not parse")
+    return out
 
 
 def _verbs() -> dict:
@@ -56,24 +67,18 @@ def _verbs() -> dict:
     return next(a for a in parser._actions if a.dest == "verb").choices
 
 
-def test_commands_were_found():
-    kinds = {p.values[0] for p in _commands()}
-    assert {"README.md", "demo.yaml", "llama31-8b-to-4b-width.yaml"} <= kinds
+def _documents() -> list[str]:
+    return sorted({where for where, _, _ in _quoted_lines()})
 
 
-@pytest.mark.parametrize(("where", "line", "path", "match", "whole"), _commands())
-def test_quoted_command(where, line, path, match, whole):
-    if path is not None:
-        assert (ROOT / path).exists(), f"{where} names {path}, which does not exist: {line}"
-        return
-    verb, rest = match.group(1), match.group(2)
-    sub = _verbs()[verb]
-    flags = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest)
-    unknown = [f for f in flags if f not in sub._option_string_actions]
-    assert not unknown, f"{where}: `minitron {verb}` has no {unknown}: {line}"
-    concrete = whole and not re.search(r"[\[\]|]|\.\.|\b[A-Z][A-Z_]{2,}\b", rest)
-    if concrete:
-        try:
-            build_parser().parse_args([verb, *shlex.split(rest)])
-        except SystemExit:
-            pytest.fail(f"{where}: `minitron {verb}{rest}` does not parse")
+def test_every_document_quotes_commands():
+    assert {"README.md", "demo.yaml", "llama31-8b-to-4b-width.yaml"} <= set(_documents())
+
+
+@pytest.mark.parametrize("where", _documents())
+def test_commands_and_files_a_document_quotes_are_real(where):
+    """One test per document (README, each docs/ page, each config's comments)."""
+    lines = [(line, whole) for w, line, whole in _quoted_lines() if w == where]
+    assert any(_FILE.search(line) or _LAUNCH.search(line) for line, _ in lines), where
+    problems = [f"{p}: {line}" for line, whole in lines for p in _problems(line, whole)]
+    assert not problems, f"{where}:\n" + "\n".join(problems)
