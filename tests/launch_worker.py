@@ -11,8 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_minitron.config import ParallelConfig
-from megatron_minitron.distill.data import main_rank_first
-from megatron_minitron.runtime.distributed import init_runtime, shutdown
+from megatron_minitron.runtime.distributed import init_runtime, main_rank_first, shutdown
 
 
 def main(cache: Path) -> None:

@@ -87,32 +87,13 @@ def build_datasets(prefixes: list[str], weights: list[float] | None, tok: Tokeni
         tokenizer=_DatasetTokenizer(tok.vocab_size, tok.eos_id, {
             "class": "minitron", "sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False)
+    from megatron_minitron.runtime.distributed import main_rank_first
+
     train, valid, _ = main_rank_first(BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, cfg).build)
     if train is None or (valid_samples and valid is None):
         raise ConfigError(f"split {split!r} leaves no training or validation data")
     return train, valid
-
-
-def main_rank_first(build):
-    """`build()` on every rank, rank 0 first and alone. Megatron's dataset builder writes its
-    index files on rank 0 while the other ranks wait in a device barrier, which NCCL's watchdog
-    ends after the process group's timeout; a large corpus takes longer. So rank 0 builds alone
-    first (the builder's barriers, which no other rank meets then, skipped) while the others wait
-    on the host barrier, which has no such limit; then every rank builds, from rank 0's cache,
-    through the builder's own barriers at no wait."""
-    from unittest import mock
-
-    import torch.distributed as dist
-
-    from megatron_minitron.runtime.distributed import host_barrier
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_rank() == 0:
-            with mock.patch.object(dist, "barrier", lambda *args, **kwargs: None):
-                build()
-        host_barrier()
-    return build()
 
 
 def with_prefix(sample: dict, prefix: list[int]) -> dict:

@@ -153,6 +153,23 @@ def host_barrier() -> None:
         dist.barrier(group=_host_group)
 
 
+def main_rank_first(build):
+    """`build()` on every rank, rank 0 first and alone. Megatron's dataset builder writes its
+    index files on rank 0 while the other ranks wait in a device barrier, which NCCL's watchdog
+    ends after the process group's timeout; a large corpus takes longer. So rank 0 builds alone
+    first (the builder's barriers, which no other rank meets then, skipped) while the others wait
+    on the host barrier, which has no such limit; then every rank builds, from rank 0's cache,
+    through the builder's own barriers at no wait."""
+    from unittest import mock
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            with mock.patch.object(dist, "barrier", lambda *args, **kwargs: None):
+                build()
+        host_barrier()
+    return build()
+
+
 def shutdown() -> None:
     """Tear down what `init_runtime` set up; a no-op (and no Megatron import) if it never ran."""
     if not dist.is_initialized():
