@@ -201,6 +201,10 @@ def test_killed_run_resumes_exactly(tiny_setup, tmp_path, capsys):
         assert abs(a - b) <= 1e-6, (i, a, b)
 
 
+@pytest.mark.skipif(
+    tuple(int(x) for x in __import__("megatron.core").core.__version__.split(".")[:2]) < (0, 16),
+    reason="megatron-core 0.15's distributed-optimizer save asserts on torch Adam's 0-d step "
+           "(no TE/apex, as on CPU); tested on 0.16.1")
 def test_distributed_optimizer_resumes_after_sigkill_and_preemption_at_dp2(tiny_setup, tmp_path):
     """Megatron's distributed optimizer (on by default on GPUs) at DP=2: its checkpoint is written
     in a format named in the checkpoint (Megatron's default one can no longer be written), and a
