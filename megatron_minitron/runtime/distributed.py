@@ -21,7 +21,6 @@ from megatron_minitron.runtime import children, cpu_compat
 # gloo group with this timeout, outside the NCCL watchdog's window (`host_barrier`).
 HOST_WAIT = timedelta(days=1)
 _host_group = None
-_layout: tuple | None = None  # the parallel layout Megatron's groups were made for
 
 
 @dataclass
@@ -98,12 +97,12 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 init_method=init_method,
                                 timeout=timedelta(minutes=parallel.distributed_timeout_minutes))
-    global _layout, _host_group
+    global _host_group
     if _host_group is None and world > 1:
         _host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT)
     # Consecutive stages at one layout (a pipeline, search candidates) keep the communicators:
     # NCCL's cost a collective each to create and GPU memory to hold.
-    if _layout != parallel.layout() or not parallel_state.model_parallel_is_initialized():
+    if _megatron_layout() != parallel.layout():
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
@@ -112,10 +111,20 @@ def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
             virtual_pipeline_model_parallel_size=parallel.vpp,
             expert_model_parallel_size=parallel.ep,
         )
-        _layout = parallel.layout()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return Runtime(rank, world, local_rank, parallel, device())
+
+
+def _megatron_layout() -> tuple | None:
+    """The layout Megatron's process groups were made for (ParallelConfig.layout's order)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size())
 
 
 def device() -> torch.device:
@@ -176,9 +185,9 @@ def shutdown() -> None:
         return
     from megatron.core import parallel_state
 
-    global _layout, _host_group
+    global _host_group
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    _layout = _host_group = None
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
