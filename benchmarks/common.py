@@ -1,13 +1,16 @@
-"""Shared benchmark plumbing: the model under test, a peak-memory meter, timing by alternation."""
+"""Shared benchmark plumbing: the model under test, a peak-memory meter, timing by alternation
+and ratios reported with their run-to-run spread."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
+import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -108,11 +111,53 @@ def peak_memory(fn) -> int:
     return peak[0]
 
 
-def alternate(runs: dict, repeats: int = 3, before: dict | None = None
-              ) -> dict[str, tuple[float, int]]:
-    """Median seconds of each callable over `repeats` interleaved runs (A B A B ..., so drift
-    hits all alike), then each one's peak memory. `before[name]`, untimed, precedes every run
-    of `name` (a run that consumes its input gets a fresh one)."""
+@dataclass
+class Timing:
+    """Seconds of each repeat of one callable (in run order) and its peak memory in bytes."""
+
+    seconds: list[float]
+    peak: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def __add__(self, other: Timing) -> Timing:
+        """Both run one after the other, repeat by repeat (a step made of two measured parts)."""
+        return Timing([a + b for a, b in zip(self.seconds, other.seconds, strict=True)],
+                      max(self.peak, other.peak))
+
+    def __str__(self) -> str:
+        unit, scale = ("ms", 1e3) if self.median < 1 else ("s", 1)
+        lo, mid, hi = (x * scale for x in (min(self.seconds), self.median, max(self.seconds)))
+        return f"{mid:7.2f} {unit} (min {lo:.2f}, max {hi:.2f}, {len(self.seconds)} runs)"
+
+
+def ratio(new: Timing, base: Timing, goal: float | None = None) -> str:
+    """new / base from the repeats run side by side (pair i: the i-th run of each), as median,
+    min and max over the pairs, with a verdict that says when the pairs fall on both sides of
+    the goal (or of 1, without one): then the ratio is within the run-to-run noise."""
+    pairs = sorted(n / b for n, b in zip(new.seconds, base.seconds, strict=True))
+    text = (f"{statistics.median(pairs):.3f} (min {pairs[0]:.3f}, max {pairs[-1]:.3f} over "
+            f"{len(pairs)} pairs)")
+    if len(pairs) < 3:
+        return f"{text}; under 3 pairs: run-to-run noise not measured"
+    line = goal if goal is not None else 1.0
+    if pairs[0] <= line <= pairs[-1]:
+        verdict = (f"goal <= {goal} within the run-to-run noise" if goal is not None
+                   else "no difference beyond the run-to-run noise")
+    elif pairs[-1] < line:
+        verdict = f"goal <= {goal} met in every pair" if goal is not None else "lower in every pair"
+    else:
+        verdict = f"goal <= {goal} missed in every pair" if goal is not None else \
+            "higher in every pair"
+    return f"{text}: {verdict}"
+
+
+def alternate(runs: dict, repeats: int = 3, before: dict | None = None) -> dict[str, Timing]:
+    """Each callable timed over `repeats` interleaved runs (A B A B ..., so drift hits all
+    alike), then its peak memory. `before[name]`, untimed, precedes every run of `name` (a run
+    that consumes its input gets a fresh one)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     before = before or {}
     for _ in range(repeats):
@@ -129,4 +174,4 @@ def alternate(runs: dict, repeats: int = 3, before: dict | None = None
     for name, fn in runs.items():
         before.get(name, lambda: None)()
         peaks[name] = peak_memory(fn)
-    return {k: (sorted(v)[len(v) // 2], peaks[k]) for k, v in times.items()}
+    return {k: Timing(v, peaks[k]) for k, v in times.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, kd_data, teacher_checkpoint  # noqa: E402
+from benchmarks.common import alternate, kd_data, ratio, teacher_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -73,21 +73,16 @@ def main() -> None:
     cached_kd_step()  # fills the cache for batch 0
     res = alternate({"kd": kd_step, "student": student_step, "teacher": teacher_forward,
                      "top_k": lambda: kd_step(a.top_k), "cached": cached_kd_step}, a.repeats)
-    (tk, mk), (ts, ms), (tt, mt) = res["kd"], res["student"], res["teacher"]
+    kd, student, teacher_fwd = res["kd"], res["student"], res["teacher"]
     print(f"{a.global_batch_size} x {a.seq_length} tokens per step, micro-batch "
-          f"{a.micro_batch_size}, median of {a.repeats}")
-    print(f"teacher forward                          {tt:7.2f} s  peak {mt / 2**20:6.0f} MiB")
-    print(f"student forward+backward+optimizer step  {ts:7.2f} s  peak {ms / 2**20:6.0f} MiB")
-    print(f"KD step                                  {tk:7.2f} s  peak {mk / 2**20:6.0f} MiB")
-    t_top, m_top = res["top_k"]
-    print(f"KD step, teacher top-{a.top_k} logits kept        {t_top:7.2f} s  "
-          f"peak {m_top / 2**20:6.0f} MiB")
-    t_cached, m_cached = res["cached"]
-    print(f"KD step, top-{a.top_k} read from the teacher cache  {t_cached:7.2f} s  "
-          f"peak {m_cached / 2**20:6.0f} MiB")
-    print(f"ratio KD step / (teacher + student)  {tk / (tt + ts):.3f}  (goal <= 1.05)")
-    print(f"ratio cached top-k KD step / student step  {t_cached / ts:.3f}")
-
+          f"{a.micro_batch_size}")
+    for name, t in (("teacher forward", teacher_fwd),
+                    ("student forward+backward+optimizer step", student), ("KD step", kd),
+                    (f"KD step, teacher top-{a.top_k} logits kept", res["top_k"]),
+                    (f"KD step, top-{a.top_k} read from the teacher cache", res["cached"])):
+        print(f"{name:48} {t}  peak {t.peak / 2**20:6.0f} MiB")
+    print(f"ratio KD step / (teacher + student)  {ratio(kd, teacher_fwd + student, 1.05)}")
+    print(f"ratio cached top-k KD step / student step  {ratio(res['cached'], student)}")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, calibration_samples, load_teacher  # noqa: E402
+from benchmarks.common import alternate, calibration_samples, load_teacher, ratio  # noqa: E402
 
 TARGET = dict(ffn=1024, hidden=448, heads=6, layers=24)
 
@@ -88,19 +88,20 @@ def main() -> None:
                      "torch.save": torch_save, "copy+save": copy_and_save}, a.repeats,
                     before={"prune+write": lambda: (clear("pruned")(), load_source()),
                             "dist save": clear("dist"), "copy+save": clear("dist")})
-    (ts, ms), (td, _), (tp, mp) = res["torch.save"], res["dist save"], res["prune+write"]
-    tf = res["copy+save"][0]
+    ts, td, tp, tf = (res[k] for k in ("torch.save", "dist save", "prune+write", "copy+save"))
     pruned_bytes = sum(v.numel() * v.element_size() for v in state_dict().values())
     print(f"{ckpt.name}: {plan.summary()}; source {model_bytes / 2**20:.0f} MiB, pruned "
           f"{pruned_bytes / 2**20:.0f} MiB")
-    print(f"torch.save of the pruned state dict  {ts:7.2f} s  (peak {ms / 2**20:.0f} MiB)")
-    print(f"Megatron dist-checkpoint save of it  {td:7.2f} s")
-    print(f"fresh copy of it + that save (floor) {tf:7.2f} s")
-    print(f"prune + dist-checkpoint write        {tp:7.2f} s  (peak {mp / 2**20:.0f} MiB)")
-    print(f"time ratio  {tp / ts:.2f} over torch.save (goal <= 1.5); {tp / td:.2f} over the "
-          f"dist-checkpoint save alone (goal <= 1.2); {tp / tf:.2f} over the floor")
+    print(f"torch.save of the pruned state dict  {ts}  (peak {ts.peak / 2**20:.0f} MiB)")
+    print(f"Megatron dist-checkpoint save of it  {td}")
+    print(f"fresh copy of it + that save (floor) {tf}")
+    print(f"prune + dist-checkpoint write        {tp}  (peak {tp.peak / 2**20:.0f} MiB)")
+    print(f"time ratio over torch.save  {ratio(tp, ts, 1.5)}")
+    print(f"time ratio over the dist-checkpoint save alone  {ratio(tp, td, 1.2)}")
+    print(f"time ratio over the floor  {ratio(tp, tf)}")
     print(f"peak memory of prune + write over torch.save of its result: "
-          f"+{(mp - ms) / model_bytes:.2f} x the source model's size (it starts from the loaded "
+          f"+{(tp.peak - ts.peak) / model_bytes:.2f} x the source model's size (it starts from "
+          "the loaded "
           "source: 1.00)")
     shutil.rmtree(work, ignore_errors=True)
 

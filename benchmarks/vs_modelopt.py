@@ -4,17 +4,22 @@
     python benchmarks/vs_modelopt.py [--load CKPT] [--samples 32] [--seq-length 128]
 
 Same model (SmolLM2-135M, TP=1), same calibration samples, same targets; prints the held-out loss
-right after pruning (no retraining) per axis and combined: ours as the paper does it (joint,
-activation head metric) and with `--strategy auto` (chosen on calibration windows drawn after the
-importance samples; the held-out plays are never looked at), and the heads row against random
-heads kept in every group. The peer only knows Megatron's own norm
-classes (apex / TE), so its generic dynamic LayerNorm is registered for our local-spec norm: that
-slices the weights exactly as its own norms would.
+right after pruning (no retraining) per axis and combined, as the markdown table README.md and
+docs/pruning.md show. Every column is named by the flags it adds to `minitron importance
+--samples 32 --seq-length 128 --depth-samples 8 --micro-batch-size 4` and `minitron prune`:
+the paper's recipe (our defaults, norms sliced without rescale), our defaults, blocks of 6
+layers measured for depth, and `--strategy auto` with the head-masking losses (chosen on
+calibration windows drawn after the importance samples; the held-out plays are never looked
+at); then heads ranked at random, the masking loss and block influence as extra lines. The peer
+only knows Megatron's own norm classes (apex / TE), so its generic dynamic LayerNorm is
+registered for our local-spec norm: that slices the weights exactly as its own norms would.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +40,14 @@ ROWS = {  # the peer's export_config names
 # What only we can do: the same head count as whole query groups (the peer removed group pruning).
 GROUPS_ROW = ("all four, heads as 2 groups", {"ffn_hidden_size": 1024, "hidden_size": 448,
                                               "num_query_groups": 2, "num_layers": 24})
+PEER = "modelopt 0.43.0"
+
+
+def columns(head_samples: int) -> dict[str, tuple[str, str]]:
+    """Ours, each column by the flags (importance, prune) it adds to the common ones."""
+    return {"paper": ("", "--no-norm-rescale"), "defaults": ("", ""),
+            "blocks": ("--block-sizes 1 6", ""),
+            "auto": (f"--block-sizes 1 6 --head-samples {head_samples}", "--strategy auto")}
 
 
 def _register_norm_with_modelopt() -> None:
@@ -49,6 +62,29 @@ def _register_norm_with_modelopt() -> None:
             self._register_hparam("num_features", num_features)
             self._register_dynamic_attribute("weight", self._cut_to_active_features)
             self._register_dynamic_attribute("bias", self._cut_to_active_features)
+
+
+def _header(name: str, flags: tuple[str, str] | None) -> str:
+    if flags is None:
+        return f"{PEER} `mcore_minitron`"
+    imp, prune = flags
+    flags = " · ".join(f"`{cmd} {f}`" for cmd, f in (("importance", imp), ("prune", prune)) if f)
+    return f"{name}: {flags}" if flags else f"{name}: no flags"
+
+
+def markdown_table(losses: dict[str, dict[str, float]], params: dict[str, str],
+                   ours: dict[str, tuple[str, str]]) -> str:
+    """The table README.md shows: a row per target, a column per recipe, the row's best bold."""
+    cols = [*ours, PEER]
+    lines = ["| pruned (parameters) | " + " | ".join(_header(c, ours.get(c)) for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for row, by_col in losses.items():
+        shown = {c: f"{v:.3f}" for c, v in by_col.items()}
+        best = min(shown.values(), key=float)
+        cells = [("(cannot)" if c not in shown else
+                  f"**{shown[c]}**" if shown[c] == best else shown[c]) for c in cols]
+        lines.append(f"| {row} ({params[row]}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -97,43 +133,58 @@ def main() -> None:
 
     chunks = fresh()
     teacher = evaluate_windows(chunks, held_out, 4).loss
-    t = time.time()
-    scores = compute_importance(chunks, meta.model, samples, ImportanceConfig(
-        samples=a.samples, seq_length=a.seq_length, block_sizes=(1, 6),
-        depth_samples=a.depth_samples, head_samples=a.head_samples, micro_batch_size=4))
-    print(f"ours: importance in {time.time() - t:.0f} s ({scores.meta['seconds']})")
-    cal = Calibration(samples, select, scores.meta, micro_batch_size=4)
+    base = ImportanceConfig(samples=a.samples, seq_length=a.seq_length,
+                            depth_samples=a.depth_samples, micro_batch_size=4)
+    scores = {}
+    for name, cfg in (("defaults", base),
+                      ("blocks", dataclasses.replace(base, block_sizes=(1, 6),
+                                                     head_samples=a.head_samples))):
+        t = time.time()
+        scores[name] = compute_importance(chunks, meta.model, samples, cfg)
+        print(f"importance ({name}) in {time.time() - t:.0f} s: {scores[name].meta['seconds']}")
+    cal = Calibration(samples, select, scores["blocks"].meta, micro_batch_size=4)
 
     def held_out_loss(plan) -> float:
         return evaluate_windows(prune_model(chunks, meta.model, plan, rt.parallel), held_out,
                                 4).loss
 
-    ours, auto, chosen = {}, {}, {}
+    losses: dict[str, dict[str, float]] = {}
+    params: dict[str, str] = {}
+    chosen = {}
     for row, exp in [*ROWS.items(), GROUPS_ROW]:
         target = PruneTarget(hidden=exp.get("hidden_size"), ffn=exp.get("ffn_hidden_size"),
                              heads=exp.get("num_attention_heads"),
                              groups=exp.get("num_query_groups"), layers=exp.get("num_layers"))
-        ours[row] = held_out_loss(make_plan(meta.model, target, scores))
+        plans = {"paper": make_plan(meta.model, dataclasses.replace(target, norm_rescale=False),
+                                    scores["defaults"]),
+                 "defaults": make_plan(meta.model, target, scores["defaults"]),
+                 "blocks": make_plan(meta.model, target, scores["blocks"])}
         t = time.time()
-        plan, table = choose_plan(chunks, meta.model, target, scores, cal, rt.parallel)
-        auto[row] = held_out_loss(plan)
-        chosen[row] = (plan.notes[-1].split("auto: ")[-1].split(" had")[0],
-                       plan.model.num_parameters(), len(table), time.time() - t)
+        plans["auto"], table = choose_plan(chunks, meta.model, target, scores["blocks"], cal,
+                                           rt.parallel)
+        chosen[row] = (plans["auto"].notes[-1].split("auto: ")[-1].split(" had")[0],
+                       len(table), time.time() - t)
         print(f"auto, {row}:", *(f"  {c['loss']:.4f} {c['parameters']:,} {c['strategy']}"
                                  for c in table), sep="\n")
-    heads_row = "heads 9 -> 6"
+        losses[row] = {c: held_out_loss(plan) for c, plan in plans.items()}
+        counts = sorted({plan.model.num_parameters() for plan in plans.values()}, reverse=True)
+        params[row] = " / ".join(f"{n / 1e6:.1f}M" for n in counts)
+
+    heads = PruneTarget(heads=6)
     random_losses = [held_out_loss(with_random_heads(
-        make_plan(meta.model, PruneTarget(heads=6), scores), meta.model, seed))
+        make_plan(meta.model, heads, scores["defaults"]), meta.model, seed))
         for seed in range(a.random_draws)]
-    loss_metric = held_out_loss(make_plan(meta.model, PruneTarget(heads=6, head_metric="loss"),
-                                          scores))
+    masking = held_out_loss(make_plan(meta.model, dataclasses.replace(heads, head_metric="loss"),
+                                      scores["blocks"]))
+    influence = held_out_loss(make_plan(meta.model, PruneTarget(
+        layers=24, depth_metric="block_influence"), scores["defaults"]))
+
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
     _register_norm_with_modelopt()
     mbs = [{"tokens": s[:, :-1].contiguous()} for s in torch.split(samples, 4)]
     scores_path = Path(tempfile.mkdtemp()) / "modelopt_scores.pth"
-    theirs = {}
     for row, exp in ROWS.items():
         model = fresh()[0]
         t = time.time()
@@ -142,23 +193,24 @@ def main() -> None:
             constraints={"export_config": dict(exp)}, dummy_input=None,
             config={"forward_loop": lambda m: forward_microbatches([m], mbs, discard_output),
                     "scores_path": str(scores_path)})
-        theirs[row] = evaluate_windows([model], held_out, 4).loss
+        losses[row][PEER] = evaluate_windows([model], held_out, 4).loss
         print(f"modelopt: {row} pruned in {time.time() - t:.0f} s")
 
     print(f"\nSmolLM2-135M, calibration {a.samples} x {a.seq_length} training-play tokens (same "
-          f"for both; auto chooses on {a.select_samples} more), held-out loss over "
-          f"{held_out.numel() - len(held_out)} tokens; teacher {teacher:.4f}")
-    print("| pruned | ours, paper default | ours, --strategy auto | modelopt 0.43.0 |")
-    print("|---|---|---|---|")
-    for row in [*ROWS, GROUPS_ROW[0]]:
-        peer = f"{theirs[row]:.4f}" if row in theirs else "(cannot)"
-        print(f"| {row} | {ours[row]:.4f} | {auto[row]:.4f} | {peer} |")
+          f"for every column; auto chooses on {a.select_samples} more), held-out loss over "
+          f"{held_out.numel() - len(held_out)} tokens; teacher {teacher:.3f}. Every column of "
+          f"ours runs `minitron importance --samples {a.samples} --seq-length {a.seq_length} "
+          f"--depth-samples {a.depth_samples} --micro-batch-size 4` and `minitron prune`, "
+          "adding the flags its heading names.\n")
+    print(markdown_table(losses, params, columns(a.head_samples)))
     print("\nauto chose:")
-    for row, (what, params, n, secs) in chosen.items():
-        print(f"  {row}: {what} ({params:,} parameters; {n} candidates in {secs:.0f} s)")
-    print(f"\n{heads_row} inside the 3 groups: activation {ours[heads_row]:.4f}, LM-loss masking "
-          f"{loss_metric:.4f}, random heads mean {sum(random_losses) / len(random_losses):.4f} "
-          f"(range {min(random_losses):.4f}-{max(random_losses):.4f}, {len(random_losses)} draws)")
+    for row, (what, n, secs) in chosen.items():
+        print(f"  {row}: {what} ({n} candidates in {secs:.0f} s)")
+    print(f"\nheads 9 -> 6 inside the 3 groups: activation {losses['heads 9 -> 6']['defaults']:.3f}"
+          f", masking loss (--head-metric loss) {masking:.3f}, random heads mean "
+          f"{statistics.mean(random_losses):.3f} (range {min(random_losses):.3f}-"
+          f"{max(random_losses):.3f}, {len(random_losses)} draws)")
+    print(f"layers 30 -> 24 by block influence (--depth-metric block_influence): {influence:.3f}")
 
 
 if __name__ == "__main__":
