@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron_minitron import stages
 from megatron_minitron.checkpoint.hf_io import SHARD_BYTES
+from megatron_minitron.checkpoint.mcore import FORMATS
 from megatron_minitron.config import ParallelConfig
 from megatron_minitron.distill.train import DistillConfig
 from megatron_minitron.evaluate.suite import EvalConfig
@@ -63,11 +64,17 @@ CKPT = arg("--load", type=Path, required=True, help="checkpoint")
 DATA_HELP = "indexed-dataset prefixes, optionally weighted: W1 PREFIX1 W2 PREFIX2"
 
 VERBS: dict[str, Verb] = {
-    "convert": Verb(stages.convert, "HF dir / GGUF / Megatron checkpoint -> mcore or HF", (
-        arg("src", type=Path, help="HF directory, .gguf file or minitron checkpoint"),
+    "convert": Verb(stages.convert, "HF dir / GGUF / Megatron checkpoint -> mcore, Megatron-LM "
+                                    "or HF", (
+        arg("src", type=Path, help="HF directory, .gguf file, minitron checkpoint or Megatron-LM "
+                                   "save directory (its latest iteration) or iter_* directory"),
         arg("dst", type=Path, help="new directory"),
-        arg("--to", choices=("mcore", "hf"), default="mcore",
-            help="write a minitron (Megatron dist) checkpoint or a HF directory"),
+        arg("--to", choices=("mcore", "megatron-lm", "hf"), default="mcore",
+            help="write a minitron (Megatron dist) checkpoint, a Megatron-LM save directory "
+                 "(release/, loads with pretrain_gpt.py --load DST) or a HF directory"),
+        arg("--tokenizer", type=Path, help="tokenizer file or directory to carry along, for a "
+                                           "Megatron-LM source whose args name none on this "
+                                           "machine"),
         arg("--max-shard-size", type=parse_bytes, default=SHARD_BYTES, metavar="SIZE",
             help="largest safetensors file of a HF export (5GB, 500MB, 2GiB), as transformers' "
                  "max_shard_size"), JSON_OUT)),
@@ -98,6 +105,8 @@ VERBS: dict[str, Verb] = {
         arg("--out", type=Path, required=True, help="new checkpoint directory"),
         arg("--hf-out", type=Path, help="also export the pruned model as a Hugging Face "
                                         "directory"),
+        arg("--out-format", choices=FORMATS, default="minitron",
+            help="--out as a minitron checkpoint or a Megatron-LM save directory"),
         arg("--dry-run", action="store_true", default=False,
             help="print the plan (shape, parameters, dropped layers, how they were chosen); "
                  "write nothing"),

@@ -41,15 +41,16 @@ def write_json(path: Path | None, record: dict) -> None:
 
 
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
-            json_out: Path | None = None, max_shard_size: int | None = None) -> Path:
+            json_out: Path | None = None, max_shard_size: int | None = None,
+            tokenizer: Path | None = None) -> Path:
     from megatron_minitron.checkpoint import mcore
     from megatron_minitron.checkpoint.convert import convert as convert_checkpoint
 
     out = convert_checkpoint(Path(src), Path(dst), to=to, parallel=parallel,
-                             max_shard_bytes=max_shard_size)
+                             max_shard_bytes=max_shard_size, tokenizer=tokenizer)
     log.info("converted %s -> %s (%s)", src, out, to)
     if json_out is not None:
-        model = mcore.read_meta(out if to == "mcore" else Path(src)).model
+        model = mcore.read_meta(out if to != "hf" else Path(src)).model
         write_json(json_out, {"src": str(src), "dst": str(out), "to": to,
                               "model": model.to_dict(), "parameters": model.num_parameters()})
     return out
@@ -135,7 +136,7 @@ def _prune_record(src: Path, out: Path, model: ModelConfig, plan, written: bool,
 
 def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
           scores: Path | None = None, hf_out: Path | None = None, dry_run: bool = False,
-          json_out: Path | None = None) -> Path:
+          json_out: Path | None = None, out_format: str = "minitron") -> Path:
     import torch.distributed as dist
 
     from megatron_minitron.checkpoint import mcore
@@ -156,6 +157,10 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     meta = mcore.read_meta(src)
     # written at this TP and EP
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
+    if out_format == "megatron-lm":
+        from megatron_minitron.checkpoint.megatron_lm import check_describable
+
+        check_describable(meta.model)
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
@@ -189,7 +194,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     mcore.save_checkpoint(new, CheckpointMeta(model=plan.model, tokenizer=meta.tokenizer,
                                               source=f"mcore:{src.resolve()}", history=history,
                                               hidden_map=plan.hidden.tolist()),
-                          out, mcore.tokenizer_files(src))
+                          out, mcore.tokenizer_files(src), fmt=out_format)
     if hf_out:
         from megatron_minitron.checkpoint.convert import export_hf
 

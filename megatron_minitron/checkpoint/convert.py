@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_minitron.checkpoint import hf_io, mcore
+from megatron_minitron.checkpoint import hf_io, mcore, megatron_lm
 from megatron_minitron.checkpoint.atomic import atomic_directory, check_destination
 from megatron_minitron.checkpoint.layout import EMBEDDING, LOCAL_EXPERTS, OUTPUT_LAYER, Rule, rules
 from megatron_minitron.checkpoint.sources import Source, detect_format, open_source
@@ -158,20 +158,32 @@ def export_hf(chunks, cfg: ModelConfig, ckpt: Path, dst: Path,
             progress.update(1)
         if is_main_rank():
             hf_io.write_config(stage, cfg, next(chunks[0].parameters()).dtype,
-                               ckpt / mcore.TOKENIZER_DIR)
+                               mcore.tokenizer_dir(ckpt))
             if len(names) > 1:
                 hf_io.write_index(stage, {n: f for n, (f, _) in file_of.items()},
                                   sum(e.nbytes for group in every for e in group))
 
 
 def convert(src: Path, dst: Path, to: str = "mcore", parallel: ParallelConfig | None = None,
-            max_shard_bytes: int | None = None) -> Path:
+            max_shard_bytes: int | None = None, tokenizer: Path | None = None) -> Path:
     with tensors_freed_to_the_os():
-        return _convert(src, dst, to, parallel, max_shard_bytes)
+        return _convert(src, dst, to, parallel, max_shard_bytes, tokenizer)
+
+
+def _given_tokenizer(path: Path) -> dict[str, Path]:
+    """--tokenizer: a tokenizer file (with the config beside it), or a directory's files."""
+    d = path if path.is_dir() else path.parent
+    files = {n: d / n for n in hf_io.TOKENIZER_FILES if (d / n).is_file()}
+    if path.is_file():
+        files = {n: f for n, f in files.items() if n == path.name or n.endswith("config.json")}
+        files[path.name] = path
+    if not {"tokenizer.json", "tokenizer.model"} & set(files):
+        raise ConfigError(f"--tokenizer {path}: no tokenizer.json or tokenizer.model there")
+    return files
 
 
 def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
-             max_shard_bytes: int | None) -> Path:
+             max_shard_bytes: int | None, tokenizer: Path | None) -> Path:
     from megatron_minitron.model import build_model, load_model, te_available
     from megatron_minitron.runtime import init_runtime
 
@@ -179,14 +191,21 @@ def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
     parallel = parallel or ParallelConfig()
     check_destination(dst)
     fmt = detect_format(src)
-    if to not in ("mcore", "hf"):
-        raise ConfigError(f"unknown target format {to!r} (mcore or hf)")
+    if to not in ("mcore", "megatron-lm", "hf"):
+        raise ConfigError(f"unknown target format {to!r} (mcore, megatron-lm or hf)")
+    save_as = "megatron-lm" if to == "megatron-lm" else "minitron"
+    if save_as == "megatron-lm":
+        megatron_lm.check_describable(mcore.read_meta(src).model if fmt == "mcore" else
+                                      open_source(src, fmt).config)
 
     if fmt == "mcore":
+        tokens = _given_tokenizer(Path(tokenizer)) if tokenizer else mcore.tokenizer_files(src)
         rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
-        if to == "mcore":  # reshard: save at this run's TP/PP
+        meta.tokenizer = next((n for n in ("tokenizer.json", "tokenizer.model") if n in tokens),
+                              None)
+        if to != "hf":  # reshard: save at this run's TP/PP
             meta.history.append(f"resharded at tp={parallel.tp} pp={parallel.pp}")
-            mcore.save_checkpoint(chunks, meta, dst, mcore.tokenizer_files(src))
+            mcore.save_checkpoint(chunks, meta, dst, tokens, fmt=save_as)
         else:
             export_hf(chunks, meta.model, src, dst, max_shard_bytes or hf_io.SHARD_BYTES)
         return dst
@@ -208,6 +227,6 @@ def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
                           history=[f"converted from {fmt}"
                                    + (f" at tp={parallel.tp} pp={parallel.pp}"
                                       if rt.world_size > 1 else "")])
-    mcore.save_checkpoint(chunks, meta, dst, tokens, discard_model=True)
+    mcore.save_checkpoint(chunks, meta, dst, tokens, discard_model=True, fmt=save_as)
     log.info("wrote %s (%d parameters)", dst, cfg.num_parameters())
     return dst

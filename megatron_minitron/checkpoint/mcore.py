@@ -1,9 +1,11 @@
-"""Self-describing Megatron dist checkpoints.
+"""Megatron dist checkpoints: ours (self-describing) and Megatron-LM's, read and written alike.
 
-Layout of a checkpoint directory:
+Layout of our checkpoint directory:
   minitron.json   model shape, family, tokenizer file, provenance (CheckpointMeta)
   tokenizer/      tokenizer.json or tokenizer.model (+ tokenizer_config.json)
   weights/        Megatron-Core dist checkpoint (torch_dist), loadable at any TP/PP
+A Megatron-LM save directory holds the same dist checkpoint under iter_*/ or release/, described
+by its training args instead (checkpoint/megatron_lm.py). FORMATS names both for --to.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_minitron.checkpoint import megatron_lm
 from megatron_minitron.checkpoint.atomic import atomic_directory
 from megatron_minitron.checkpoint.layout import OUTPUT_LAYER
 from megatron_minitron.config import CheckpointMeta, ConfigError
@@ -29,16 +32,34 @@ log = logging.getLogger("minitron")
 META_FILE = "minitron.json"
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_DIR = "weights"
+FORMATS = ("minitron", "megatron-lm")
 
 
 def is_mcore_dir(path: Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """A Megatron-Core checkpoint this package loads: ours or Megatron-LM's."""
+    return (Path(path) / META_FILE).is_file() or megatron_lm.is_megatron_lm_dir(path)
+
+
+def weights_dir(path: Path) -> Path:
+    path = Path(path)
+    if megatron_lm.is_megatron_lm_dir(path):
+        return megatron_lm.iteration_dir(path)
+    return path / WEIGHTS_DIR
+
+
+def tokenizer_dir(path: Path) -> Path | None:
+    path = Path(path)
+    if megatron_lm.is_megatron_lm_dir(path):
+        return megatron_lm.tokenizer_dir(path)
+    return path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else None
 
 
 def read_meta(path: Path) -> CheckpointMeta:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
+    if megatron_lm.is_megatron_lm_dir(path):
+        return megatron_lm.read_meta(path)
     meta = CheckpointMeta.from_file(path / META_FILE)
     if not (path / WEIGHTS_DIR / "metadata.json").is_file():
         raise ConfigError(f"checkpoint {path} has no weights/ (incomplete or corrupt)")
@@ -85,38 +106,47 @@ def _move_views_out(sharded: dict) -> None:
 
 def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                     tokenizer_files: dict[str, bytes | Path], extra=None,
-                    discard_model: bool = False) -> None:
+                    discard_model: bool = False, fmt: str = "minitron") -> None:
     """Every rank calls this; the directory appears at `dst` only when all shards are written.
     A meta without a fingerprint (new weights) gets a fresh one. `extra(stage)` runs on every rank
     inside the staging directory. `discard_model`: the caller drops the chunks after the save
-    (an import), which lets the save free their memory as it goes."""
+    (an import), which lets the save free their memory as it goes. `fmt` megatron-lm: a
+    Megatron-LM save directory (`release/`, its args in common.pt) instead of ours."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _writer_errors() as logged, \
                 atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
+            lm = fmt == "megatron-lm"
+            weights = stage / (megatron_lm.RELEASE if lm else WEIGHTS_DIR)
             if _rank() == 0:
-                (stage / WEIGHTS_DIR).mkdir()
+                weights.mkdir()
             _barrier()
+            meta.params_dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
             sharded = sharded_state_dict(chunks)
+            if lm:  # the rest goes to common.pt, as Megatron-LM's save puts it
+                sharded.update(megatron_lm.common_state(meta, Path(dst).resolve() / (
+                    megatron_lm.RELEASE), tokenizer_files))
             if discard_model:
                 _move_views_out(sharded)
             with interrupt.deferred():  # the writer forks: see runtime/interrupt.py
-                dist_checkpointing.save(sharded, str(stage / WEIGHTS_DIR))
+                dist_checkpointing.save(sharded, str(weights))
                 if extra is not None:  # more state in the same directory (training: optimizer)
                     extra(stage)
             if _rank() == 0:
-                tok = stage / TOKENIZER_DIR
+                tok = (weights / megatron_lm.TOKENIZER_DIR) if lm else stage / TOKENIZER_DIR
                 tok.mkdir()
                 for name, content in tokenizer_files.items():
                     if isinstance(content, Path):
                         shutil.copy2(content, tok / name)
                     else:
                         (tok / name).write_bytes(content)
-                meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
-                meta.params_dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
-                (stage / META_FILE).write_text(meta.to_json())
+                if lm:
+                    (stage / megatron_lm.TRACKER).write_text(megatron_lm.RELEASE)
+                else:
+                    meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
+                    (stage / META_FILE).write_text(meta.to_json())
     except (OSError, CheckpointException) as e:  # a full or failing disk: one line, dst untouched
         log.debug("writing %s failed", dst, exc_info=True)
         cause = _cause(e)
@@ -143,8 +173,10 @@ def _writer_errors() -> Iterator[list[str]]:
 
 
 def tokenizer_files(ckpt: Path) -> dict[str, Path]:
-    d = Path(ckpt) / TOKENIZER_DIR
-    return {p.name: p for p in sorted(d.iterdir())} if d.is_dir() else {}
+    from megatron_minitron.checkpoint.hf_io import TOKENIZER_FILES
+
+    d = tokenizer_dir(ckpt)  # a Megatron-LM arg may name a whole HF model dir: its tokenizer only
+    return {p.name: p for p in sorted(d.iterdir()) if p.name in TOKENIZER_FILES} if d else {}
 
 
 def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
@@ -159,7 +191,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     in_place = {name: _build_factories(d) for name, d in sharded.items()}
     _install_safe_metadata_reader()
     try:
-        weights = Path(ckpt) / WEIGHTS_DIR
+        weights = weights_dir(ckpt)
         loaded, ckpt_only, model_only = dist_checkpointing.load(
             sharded, str(weights), strict=StrictHandling.RETURN_ALL,
             **common_file_optional(dist_checkpointing.load, weights))
@@ -168,10 +200,11 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
         raise ConfigError(f"checkpoint {ckpt}: weights cannot be loaded ({_cause(e)})") from None
     # Transformer Engine modules carry `_extra_state` (FP8 metadata) that the local spec lacks,
     # and the reverse: either side may miss it (CPU-converted checkpoints train on TE GPUs).
-    # 0.19 keeps the (empty) common state in the checkpoint as an object. Any other mismatch is
-    # an error.
+    # 0.19 keeps the (empty) common state in the checkpoint as an object; Megatron-LM's hold the
+    # optimizer and RNG too. Any other mismatch is an error.
     mismatched = sorted(k for k in (*ckpt_only, *model_only)
-                        if "_extra_state" not in k and k != COMMON_OBJECT)
+                        if "_extra_state" not in k and k != COMMON_OBJECT and (
+                            k in model_only or k.startswith(megatron_lm.MODEL_KEY_PREFIXES)))
     if mismatched:
         raise ConfigError(f"checkpoint {ckpt}: weights do not match the model ({len(mismatched)} "
                           f"keys, e.g. {', '.join(mismatched[:3])})")
@@ -184,7 +217,7 @@ def load_checkpoint(chunks, ckpt: Path) -> CheckpointMeta:
     return meta
 
 
-COMMON_FILE = "common.pt"  # up to megatron-core 0.18
+COMMON_FILE = megatron_lm.COMMON_FILE  # written up to megatron-core 0.18
 COMMON_OBJECT = "common_state"  # from 0.19
 
 
@@ -192,11 +225,12 @@ def common_file_optional(load, weights: Path) -> dict:
     """Keyword arguments for Megatron's `dist_checkpointing.load` that read a checkpoint written
     by megatron-core 0.19, which no longer writes `common.pt` (the non-sharded state, empty in a
     model's checkpoint), with releases up to 0.18, which require the file: a common strategy that
-    reads a missing file as empty. 0.19's `load` takes no common strategy (nor needs one)."""
+    reads a missing file as empty. 0.19's `load` takes no common strategy (nor needs one).
+    Megatron-LM's common.pt (training args: read apart, through the allow-list) is skipped too."""
     import inspect
 
-    if (weights / COMMON_FILE).exists() or "common_strategy" not in inspect.signature(
-            load).parameters:
+    if "common_strategy" not in inspect.signature(load).parameters or (
+            (weights / COMMON_FILE).exists() and not megatron_lm.is_megatron_lm_dir(weights)):
         return {}
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 

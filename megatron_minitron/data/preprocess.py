@@ -19,13 +19,13 @@ log = logging.getLogger("minitron")
 
 def resolve_tokenizer(path: Path) -> Tokenizer:
     """A tokenizer file, a directory holding one, or a checkpoint (its tokenizer/)."""
-    from megatron_minitron.checkpoint.mcore import TOKENIZER_DIR
+    from megatron_minitron.checkpoint.mcore import is_mcore_dir, tokenizer_dir
 
     path = Path(path)
     if path.is_file():
         return Tokenizer(path)
-    for d in (path, path / TOKENIZER_DIR):
-        f = find_tokenizer_file(d) if d.is_dir() else None
+    for d in (path, tokenizer_dir(path) if is_mcore_dir(path) else None):
+        f = find_tokenizer_file(d) if d and d.is_dir() else None
         if f is not None:
             return Tokenizer(f)
     raise ConfigError(f"no tokenizer.json or tokenizer.model at {path}")

@@ -59,9 +59,10 @@ def find_tokenizer_file(directory: Path) -> Path | None:
 
 
 def load_tokenizer(ckpt: Path) -> Tokenizer:
-    from megatron_minitron.checkpoint.mcore import TOKENIZER_DIR
+    from megatron_minitron.checkpoint.mcore import tokenizer_dir
 
-    f = find_tokenizer_file(Path(ckpt) / TOKENIZER_DIR)
+    d = tokenizer_dir(Path(ckpt))
+    f = find_tokenizer_file(d) if d else None
     if f is None:
         raise ConfigError(f"checkpoint {ckpt} carries no tokenizer")
     return Tokenizer(f)
