@@ -7,10 +7,22 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_minitron.checkpoint import megatron_lm
 from megatron_minitron.cli import main
-from tests.conftest import fails, hf_logits, in_process_logits, tiny_hf_dir, torchrun_logits
+from tests.conftest import (
+    ROOT,
+    fails,
+    hf_logits,
+    in_process_logits,
+    tiny_hf_dir,
+    torchrun_logits,
+)
+
+# Written by Megatron-LM's own save_checkpoint (core_v0.16.1, on CPU, iteration 3 with Adam's
+# state): tests/assets/megatron_lm/make_fixture.py; its SOURCE.md says how.
+SAVED_BY_MEGATRON_LM = ROOT / "tests" / "assets" / "megatron_lm" / "llama_tiny"
 
 
 def _weights(ckpt) -> dict[str, torch.Tensor]:
@@ -19,6 +31,30 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
 
     _, _, chunks = load_model(ckpt, ParallelConfig(), keep_dtype=True)
     return {k: v.clone() for k, v in chunks[0].state_dict().items() if "_extra_state" not in k}
+
+
+def test_a_checkpoint_megatron_lm_saved_loads_with_megatron_lms_own_logits(tmp_path):
+    """Read where it lies (the tracker's iteration; Adam's state beside the model ignored): the
+    logits are those Megatron-LM computed before saving, the padded vocabulary (250 -> 256)
+    included; exported, transformers gives them too; written back as Megatron-LM it is the same
+    tensors, and loads at PP2."""
+    from megatron_minitron.checkpoint import mcore
+
+    ref = load_file(str(SAVED_BY_MEGATRON_LM / "reference.safetensors"))
+    meta = mcore.read_meta(SAVED_BY_MEGATRON_LM)
+    assert (meta.model.family, meta.model.vocab_size, meta.model.num_query_groups) == \
+        ("llama", 256, 2)
+    assert (in_process_logits(SAVED_BY_MEGATRON_LM, ref["tokens"]) - ref["logits"]).abs().max() \
+        <= 1e-5
+    hf_out, lm = tmp_path / "hf", tmp_path / "megatron_lm"
+    assert main(["convert", str(SAVED_BY_MEGATRON_LM), str(hf_out), "--to", "hf"]) == 0
+    assert (hf_logits(hf_out, ref["tokens"]) - ref["logits"]).abs().max() <= 1e-5
+    assert main(["convert", str(SAVED_BY_MEGATRON_LM / "iter_0000003"), str(lm), "--to",
+                 "megatron-lm"]) == 0
+    original = _weights(SAVED_BY_MEGATRON_LM)
+    assert all(torch.equal(v, original[k]) for k, v in _weights(lm).items())
+    assert (torchrun_logits(lm, ref["tokens"], tmp_path, 2, "--pp", "2") - ref["logits"]
+            ).abs().max() <= 1e-5
 
 
 def _to_megatron_lm(tmp_path, family: str, **hf):
