@@ -53,6 +53,7 @@ COMPAT_TESTS ?= $(T)/test_layout.py $(T)/test_precision.py \
 	$(T)/test_roundtrip.py::test_a_checkpoint_written_by_megatron_core_0_15_loads \
 	$(T)/test_roundtrip.py::test_a_checkpoint_written_by_megatron_core_0_19_loads \
 	$(T)/test_roundtrip.py::test_the_common_file_adapter_follows_each_release_signature \
+	$(T)/test_megatron_lm.py::test_a_checkpoint_megatron_lm_saved_loads_with_megatron_lms_own_logits \
 	$(T)/test_distill.py::test_loss_trajectory_is_the_same_under_dp_tp_and_pp \
 	$(T)/test_distill.py::test_killed_run_resumes_exactly \
 	$(T)/test_distill.py::test_kd_loss_vocab_parallel_tp2 \

@@ -63,11 +63,15 @@ def iteration_dir(path: Path) -> Path:
 
 
 def _safe_globals() -> list:
-    try:  # Megatron-Core's allow-list: what Megatron-LM itself reads back from common.pt
+    """Megatron-Core's allow-list (what Megatron-LM itself reads back from common.pt), and the
+    plain types a newer release's args hold that an older list lacks (0.16's `exit_signal`)."""
+    import signal
+
+    try:
         from megatron.core.safe_globals import SAFE_GLOBALS
-        return list(SAFE_GLOBALS)
     except ImportError:
-        return [argparse.Namespace]
+        SAFE_GLOBALS = []
+    return [*SAFE_GLOBALS, argparse.Namespace, signal.Signals]
 
 
 def read_common(it: Path) -> dict[str, Any]:
