@@ -68,10 +68,11 @@ def _safe_globals() -> list:
     import signal
 
     try:
-        from megatron.core.safe_globals import SAFE_GLOBALS
+        from megatron.core import safe_globals
+        allowed = list(safe_globals.SAFE_GLOBALS)
     except ImportError:
-        SAFE_GLOBALS = []
-    return [*SAFE_GLOBALS, argparse.Namespace, signal.Signals]
+        allowed = []
+    return [*allowed, argparse.Namespace, signal.Signals]
 
 
 def read_common(it: Path) -> dict[str, Any]:
