@@ -69,9 +69,10 @@ VERBS: dict[str, Verb] = {
         arg("src", type=Path, help="HF directory, .gguf file, minitron checkpoint or Megatron-LM "
                                    "save directory (its latest iteration) or iter_* directory"),
         arg("dst", type=Path, help="new directory"),
-        arg("--to", choices=("mcore", "megatron-lm", "hf"), default="mcore",
+        arg("--to", choices=("mcore", "megatron-lm", "megatron-bridge", "hf"), default="mcore",
             help="write a minitron (Megatron dist) checkpoint, a Megatron-LM save directory "
-                 "(release/, loads with pretrain_gpt.py --load DST) or a HF directory"),
+                 "(release/, loads with pretrain_gpt.py --load DST), a Megatron-Bridge one "
+                 "(iter_0000000/ with run_config.yaml) or a HF directory"),
         arg("--tokenizer", type=Path, help="tokenizer file or directory to carry along, for a "
                                            "Megatron-LM source whose args name none on this "
                                            "machine"),
@@ -106,7 +107,8 @@ VERBS: dict[str, Verb] = {
         arg("--hf-out", type=Path, help="also export the pruned model as a Hugging Face "
                                         "directory"),
         arg("--out-format", choices=FORMATS, default="minitron",
-            help="--out as a minitron checkpoint or a Megatron-LM save directory"),
+            help="--out as a minitron checkpoint, a Megatron-LM or a Megatron-Bridge save "
+                 "directory"),
         arg("--dry-run", action="store_true", default=False,
             help="print the plan (shape, parameters, dropped layers, how they were chosen); "
                  "write nothing"),

@@ -319,7 +319,8 @@ class CheckpointMeta:
                     if (d / "config.json").is_file() else
                     f"run `minitron convert {d} CKPT` and use CKPT"
                     if d.suffix == ".gguf" else
-                    "give a directory written by minitron convert, prune or distill")
+                    "give a directory written by minitron convert, prune or distill, or a "
+                    "Megatron-LM save directory")
             raise ConfigError(f"{d} is not a megatron-minitron checkpoint ({Path(path).name} "
                               f"not found); {hint}") from None
         except json.JSONDecodeError as e:

@@ -157,7 +157,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     meta = mcore.read_meta(src)
     # written at this TP and EP
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
-    if out_format == "megatron-lm":
+    if out_format != "minitron":
         from megatron_minitron.checkpoint.megatron_lm import check_describable
 
         check_describable(meta.model)

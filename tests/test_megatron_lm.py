@@ -1,5 +1,5 @@
-"""Megatron-LM save directories in and out: read where `--load` is, written by `convert --to
-megatron-lm` and `prune --out-format megatron-lm`, hostile args refused."""
+"""Megatron-LM and Megatron-Bridge save directories in and out: read where `--load` is, written by
+`convert --to megatron-lm|megatron-bridge` and `prune --out-format ...`, hostile args refused."""
 
 import argparse
 import dataclasses
@@ -23,6 +23,8 @@ from tests.conftest import (
 # Written by Megatron-LM's own save_checkpoint (core_v0.16.1, on CPU, iteration 3 with Adam's
 # state): tests/assets/megatron_lm/make_fixture.py; its SOURCE.md says how.
 SAVED_BY_MEGATRON_LM = ROOT / "tests" / "assets" / "megatron_lm" / "llama_tiny"
+# Written by megatron-bridge 0.3.1's save_megatron_model on CPU: tests/assets/megatron_bridge/.
+SAVED_BY_BRIDGE = ROOT / "tests" / "assets" / "megatron_bridge" / "llama_tiny"
 
 
 def _weights(ckpt) -> dict[str, torch.Tensor]:
@@ -159,3 +161,42 @@ def test_a_family_megatron_lm_cannot_describe_is_refused(tmp_path, capsys):
     fails(capsys, ["convert", str(tmp_path / "ckpt"), str(tmp_path / "lm"), "--to",
                    "megatron-lm"], "gemma3", "Hugging Face")
     assert not (tmp_path / "lm").exists()
+
+
+def test_a_checkpoint_megatron_bridge_saved_loads_and_writes_back(tmp_path, capsys):
+    """Bridge's run_config.yaml (read, never instantiated) gives the shape, its stored
+    embedding the padded vocabulary; the logits are Bridge's own, and ours written back in
+    Bridge's layout read back the same tensors and describe the model with the same provider
+    fields."""
+    import yaml
+
+    from megatron_minitron.checkpoint import mcore, megatron_bridge
+
+    ref = load_file(str(SAVED_BY_BRIDGE / "reference.safetensors"))
+    meta = mcore.read_meta(SAVED_BY_BRIDGE)
+    assert (meta.model.family, meta.model.vocab_size) == ("llama", 256)
+    assert (in_process_logits(SAVED_BY_BRIDGE, ref["tokens"]) - ref["logits"]).abs().max() \
+        <= 1e-5
+    out = tmp_path / "bridge"
+    assert main(["prune", "--load", str(SAVED_BY_BRIDGE), "--drop-layers", "1", "--out",
+                 str(out), "--out-format", "megatron-bridge"]) == 0
+    assert (out / megatron_lm.TRACKER).read_text() == "0"
+    theirs = yaml.safe_load((SAVED_BY_BRIDGE / "iter_0000000" / "run_config.yaml").read_text())
+    ours = yaml.safe_load((out / "iter_0000000" / "run_config.yaml").read_text())
+    assert ours["model"]["num_layers"] == 1
+    for field in ("_target_", "hidden_size", "num_query_groups", "kv_channels", "normalization",
+                  "gated_linear_unit", "activation_func", "add_bias_linear",
+                  "share_embeddings_and_output_weights", "position_embedding_type"):
+        assert ours["model"][field] == theirs["model"][field], field
+    assert mcore.read_meta(out).model.num_layers == 1
+    pruned_here = tmp_path / "pruned"
+    assert main(["prune", "--load", str(SAVED_BY_BRIDGE), "--drop-layers", "1", "--out",
+                 str(pruned_here)]) == 0
+    assert torch.equal(in_process_logits(out, ref["tokens"]),
+                       in_process_logits(pruned_here, ref["tokens"]))
+    run = out / "iter_0000000" / megatron_bridge.RUN_CONFIG
+    ours["model"]["activation_func"]["_target_"] = "torch.nn.functional.gelu"
+    run.write_text(yaml.safe_dump(ours))
+    capsys.readouterr()
+    fails(capsys, ["eval", "--load", str(out)], "Megatron-Bridge model field activation_func",
+          "gelu")

@@ -191,10 +191,11 @@ def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
     parallel = parallel or ParallelConfig()
     check_destination(dst)
     fmt = detect_format(src)
-    if to not in ("mcore", "megatron-lm", "hf"):
-        raise ConfigError(f"unknown target format {to!r} (mcore, megatron-lm or hf)")
-    save_as = "megatron-lm" if to == "megatron-lm" else "minitron"
-    if save_as == "megatron-lm":
+    if to not in ("mcore", "megatron-lm", "megatron-bridge", "hf"):
+        raise ConfigError(f"unknown target format {to!r} (mcore, megatron-lm, megatron-bridge "
+                          "or hf)")
+    save_as = "minitron" if to == "mcore" else to
+    if save_as != "minitron":
         megatron_lm.check_describable(mcore.read_meta(src).model if fmt == "mcore" else
                                       open_source(src, fmt).config)
 

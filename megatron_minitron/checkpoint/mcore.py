@@ -5,7 +5,8 @@ Layout of our checkpoint directory:
   tokenizer/      tokenizer.json or tokenizer.model (+ tokenizer_config.json)
   weights/        Megatron-Core dist checkpoint (torch_dist), loadable at any TP/PP
 A Megatron-LM save directory holds the same dist checkpoint under iter_*/ or release/, described
-by its training args instead (checkpoint/megatron_lm.py). FORMATS names both for --to.
+by its training args instead (checkpoint/megatron_lm.py), a Megatron-Bridge one by its model
+provider (checkpoint/megatron_bridge.py). FORMATS names the three for --to.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_minitron.checkpoint import megatron_lm
+from megatron_minitron.checkpoint import megatron_bridge, megatron_lm
 from megatron_minitron.checkpoint.atomic import atomic_directory
 from megatron_minitron.checkpoint.layout import OUTPUT_LAYER
 from megatron_minitron.config import CheckpointMeta, ConfigError
@@ -32,7 +33,7 @@ log = logging.getLogger("minitron")
 META_FILE = "minitron.json"
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_DIR = "weights"
-FORMATS = ("minitron", "megatron-lm")
+FORMATS = ("minitron", "megatron-lm", "megatron-bridge")
 
 
 def is_mcore_dir(path: Path) -> bool:
@@ -49,6 +50,9 @@ def weights_dir(path: Path) -> Path:
 
 def tokenizer_dir(path: Path) -> Path | None:
     path = Path(path)
+    if megatron_bridge.is_bridge_dir(path):
+        it = megatron_lm.iteration_dir(path) / megatron_lm.TOKENIZER_DIR
+        return it if it.is_dir() else None
     if megatron_lm.is_megatron_lm_dir(path):
         return megatron_lm.tokenizer_dir(path)
     return path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else None
@@ -58,6 +62,8 @@ def read_meta(path: Path) -> CheckpointMeta:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
+    if megatron_bridge.is_bridge_dir(path):
+        return megatron_bridge.read_meta(path)
     if megatron_lm.is_megatron_lm_dir(path):
         return megatron_lm.read_meta(path)
     meta = CheckpointMeta.from_file(path / META_FILE)
@@ -111,15 +117,19 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
     A meta without a fingerprint (new weights) gets a fresh one. `extra(stage)` runs on every rank
     inside the staging directory. `discard_model`: the caller drops the chunks after the save
     (an import), which lets the save free their memory as it goes. `fmt` megatron-lm: a
-    Megatron-LM save directory (`release/`, its args in common.pt) instead of ours."""
+    Megatron-LM save directory (`release/`, its args in common.pt) instead of ours;
+    megatron-bridge: Bridge's (`iter_0000000/`, its model provider in run_config.yaml)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _writer_errors() as logged, \
                 atomic_directory(Path(dst), is_writer=_rank() == 0, barrier=_barrier) as stage:
-            lm = fmt == "megatron-lm"
-            weights = stage / (megatron_lm.RELEASE if lm else WEIGHTS_DIR)
+            if fmt not in FORMATS:
+                raise ConfigError(f"unknown checkpoint format {fmt!r} ({', '.join(FORMATS)})")
+            lm, bridge = fmt == "megatron-lm", fmt == "megatron-bridge"
+            weights = stage / {"megatron-lm": megatron_lm.RELEASE,
+                               "megatron-bridge": "iter_0000000"}.get(fmt, WEIGHTS_DIR)
             if _rank() == 0:
                 weights.mkdir()
             _barrier()
@@ -128,6 +138,9 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
             if lm:  # the rest goes to common.pt, as Megatron-LM's save puts it
                 sharded.update(megatron_lm.common_state(meta, Path(dst).resolve() / (
                     megatron_lm.RELEASE), tokenizer_files))
+            elif bridge:
+                megatron_lm.check_describable(meta.model)
+                sharded.update(checkpoint_version=megatron_lm.CHECKPOINT_VERSION, iteration=0)
             if discard_model:
                 _move_views_out(sharded)
             with interrupt.deferred():  # the writer forks: see runtime/interrupt.py
@@ -135,7 +148,8 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                 if extra is not None:  # more state in the same directory (training: optimizer)
                     extra(stage)
             if _rank() == 0:
-                tok = (weights / megatron_lm.TOKENIZER_DIR) if lm else stage / TOKENIZER_DIR
+                tok = weights / megatron_lm.TOKENIZER_DIR if lm or bridge else \
+                    stage / TOKENIZER_DIR
                 tok.mkdir()
                 for name, content in tokenizer_files.items():
                     if isinstance(content, Path):
@@ -144,6 +158,9 @@ def save_checkpoint(chunks, meta: CheckpointMeta, dst: Path,
                         (tok / name).write_bytes(content)
                 if lm:
                     (stage / megatron_lm.TRACKER).write_text(megatron_lm.RELEASE)
+                elif bridge:
+                    megatron_bridge.write_description(stage, weights, meta.model,
+                                                      meta.params_dtype)
                 else:
                     meta.fingerprint = meta.fingerprint or uuid.uuid4().hex
                     (stage / META_FILE).write_text(meta.to_json())

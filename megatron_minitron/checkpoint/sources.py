@@ -116,7 +116,8 @@ def detect_format(src: Path) -> str:
     if hf_io.is_hf_dir(src):
         return "hf"
     raise ConfigError(f"source {src}: neither a HF model dir (config.json), a GGUF file, "
-                      f"nor a megatron-minitron checkpoint ({mcore.META_FILE})")
+                      f"a megatron-minitron checkpoint ({mcore.META_FILE}) nor a Megatron-LM or "
+                      "Megatron-Bridge save directory (latest_checkpointed_iteration.txt)")
 
 
 def open_source(src: Path, fmt: str) -> Source:
