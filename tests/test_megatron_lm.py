@@ -59,6 +59,23 @@ def test_a_checkpoint_megatron_lm_saved_loads_with_megatron_lms_own_logits(tmp_p
             ).abs().max() <= 1e-5
 
 
+def test_a_megatron_lm_checkpoint_without_a_tokenizer_takes_one_given(tiny_llama_hf, tmp_path,
+                                                                     capsys):
+    """The fixture's args name a NullTokenizer: text commands say so in one line, and `convert
+    --tokenizer` carries one along."""
+    from megatron_minitron.checkpoint import mcore
+
+    assert mcore.read_meta(SAVED_BY_MEGATRON_LM).tokenizer is None
+    fails(capsys, ["eval", "--load", str(SAVED_BY_MEGATRON_LM)], "carries no tokenizer",
+          "--tokenizer")
+    out = tmp_path / "with_tokenizer"
+    assert main(["convert", str(SAVED_BY_MEGATRON_LM), str(out), "--tokenizer",
+                 str(tiny_llama_hf / "tokenizer.json")]) == 0
+    assert mcore.read_meta(out).tokenizer == "tokenizer.json"
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tiny_llama_hf / "tokenizer.json").read_bytes()
+
+
 def _to_megatron_lm(tmp_path, family: str, **hf):
     hf_dir = tiny_hf_dir(tmp_path / "hf", family, **hf)
     ckpt, lm = tmp_path / "ckpt", tmp_path / "megatron_lm"

@@ -64,5 +64,6 @@ def load_tokenizer(ckpt: Path) -> Tokenizer:
     d = tokenizer_dir(Path(ckpt))
     f = find_tokenizer_file(d) if d else None
     if f is None:
-        raise ConfigError(f"checkpoint {ckpt} carries no tokenizer")
+        raise ConfigError(f"checkpoint {ckpt} carries no tokenizer (one from Megatron-LM: "
+                          f"`minitron convert {ckpt} NEW --tokenizer PATH` adds one)")
     return Tokenizer(f)
