@@ -195,7 +195,7 @@ def _convert(src: Path, dst: Path, to: str, parallel: ParallelConfig | None,
         raise ConfigError(f"unknown target format {to!r} (mcore, megatron-lm, megatron-bridge "
                           "or hf)")
     save_as = "minitron" if to == "mcore" else to
-    if save_as != "minitron":
+    if save_as in ("megatron-lm", "megatron-bridge"):
         megatron_lm.check_describable(mcore.read_meta(src).model if fmt == "mcore" else
                                       open_source(src, fmt).config)
 
