@@ -23,6 +23,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",  # run-report plots (PNG)
+        "einops",  # imported by Megatron-Core's Mamba mixer (hybrid families)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -15,6 +15,12 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Each pytest-xdist worker computes in its own process: at torch's default (a thread per core)
+# two workers oversubscribe the cores and every in-process forward runs at half speed. One share
+# of the cores each, as the commands the tests start get (OMP_NUM_THREADS=1).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def run_cli(*args: str, nproc: int = 1, check: bool = True, env: dict | None = None
             ) -> subprocess.CompletedProcess:
