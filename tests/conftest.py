@@ -46,21 +46,31 @@ def fails(capsys, args: list[str], *needles: str) -> str:
 
 
 def converted(src: Path, dst: Path) -> Path:
-    """`minitron convert SRC DST` in a fresh process; returns DST."""
-    run_cli("convert", str(src), str(dst))
+    """`minitron convert SRC DST` in this process (no import to pay again); returns DST."""
+    from megatron_minitron.cli import main
+
+    assert main(["convert", str(src), str(dst)]) == 0
     return dst
 
 
 def torchrun_logits(ckpt: Path, tokens: torch.Tensor, tmp: Path, nproc: int,
                     *flags: str) -> torch.Tensor:
     """Logits from `tests/dist_worker.py` launched with torchrun at the given parallel flags."""
-    tok_file, out = tmp / "tokens.safetensors", tmp / f"logits{'_'.join(flags)}.safetensors"
+    return torchrun_logits_of([ckpt], tokens, tmp, nproc, *flags)[0]
+
+
+def torchrun_logits_of(ckpts: list[Path], tokens: torch.Tensor, tmp: Path, nproc: int,
+                       *flags: str) -> list[torch.Tensor]:
+    """The logits of each checkpoint, all from one torchrun launch at the given parallel flags."""
+    tok_file = tmp / "tokens.safetensors"
+    outs = [tmp / f"logits{i}{'_'.join(flags)}.safetensors" for i in range(len(ckpts))]
     save_file({"tokens": tokens.contiguous()}, str(tok_file))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_worker.py"),
-           "--load", str(ckpt), "--tokens", str(tok_file), "--out", str(out), *flags]
+           "--load", *map(str, ckpts), "--tokens", str(tok_file), "--out", *map(str, outs),
+           *flags]
     _run(cmd, True)
-    return load_file(str(out))["logits"]
+    return [load_file(str(out))["logits"] for out in outs]
 
 
 def child_env(**extra: str) -> dict[str, str]:

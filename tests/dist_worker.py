@@ -1,4 +1,5 @@
-"""Run under torchrun by the tests: load a checkpoint at some TP/PP/SP and dump its logits."""
+"""Run under torchrun by the tests: load checkpoints at some TP/PP/SP and dump their logits. Several
+checkpoints share one launch (one import, one set of process groups)."""
 
 import argparse
 from pathlib import Path
@@ -16,18 +17,19 @@ from megatron_minitron.runtime.distributed import shutdown
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--load", required=True)
+    p.add_argument("--load", required=True, nargs="+")
     p.add_argument("--tokens", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, nargs="+")
     p.add_argument("--micro-batch-size", type=int, default=1)
     add_options(p, ParallelConfig)
     a = p.parse_args()
     _quiet_third_party()
-    rt, _, chunks = load_model(Path(a.load), from_args(ParallelConfig, a))
     tokens = load_file(a.tokens)["tokens"]
-    out = logits(chunks, tokens, a.micro_batch_size)
-    if out is not None and torch.distributed.get_rank() == rt.world_size - 1:
-        save_file({"logits": out.float().cpu().contiguous()}, str(Path(a.out)))
+    for ckpt, dst in zip(a.load, a.out, strict=True):
+        rt, _, chunks = load_model(Path(ckpt), from_args(ParallelConfig, a))
+        out = logits(chunks, tokens, a.micro_batch_size)
+        if out is not None and torch.distributed.get_rank() == rt.world_size - 1:
+            save_file({"logits": out.float().cpu().contiguous()}, dst)
     shutdown()
 
 
