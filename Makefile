@@ -41,9 +41,10 @@ COMPAT_VENV ?= .venv-mcore-$(COMPAT_MCORE)
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 # The compat leg: one test per Megatron API we call (layer specs of every family, dist checkpoints
 # and their formats, TP/SP/PP/VPP/EP forward, DDP, the optimizer and its checkpoint, the pipeline
-# schedules, the module structure hooks and pruning rely on), not the whole suite again.
+# schedules, the module structure hooks and pruning rely on, MambaModel and its mixer), not the
+# whole suite again.
 T := tests
-COMPAT_TESTS ?= $(T)/test_layout.py $(T)/test_precision.py \
+COMPAT_TESTS ?= $(T)/test_layout.py $(T)/test_precision.py $(T)/test_mamba.py \
 	$(T)/test_roundtrip.py::test_family_logits_match_transformers \
 	$(T)/test_roundtrip.py::test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers \
 	$(T)/test_roundtrip.py::test_tp2_sequence_parallel_logits_match_transformers \

@@ -76,6 +76,10 @@ FAMILIES = {
     "mixtral": FamilyTraits("MixtralForCausalLM", "mixtral", "silu"),
     "qwen3_moe": FamilyTraits("Qwen3MoeForCausalLM", "qwen3_moe", "silu", qk_norm=True),
     "qwen2_moe": FamilyTraits("Qwen2MoeForCausalLM", "qwen2_moe", "silu", qkv_bias=True),
+    # Hybrid Mamba-2 / attention / MLP layers (`ModelConfig.hybrid_pattern`), no position
+    # embedding: Nemotron-H, Nemotron Nano 2.
+    "nemotron_h": FamilyTraits("NemotronHForCausalLM", "nemotron_h", "relu2",
+                               activation="squared_relu"),
 }
 
 
@@ -124,6 +128,18 @@ class ModelConfig:
     moe_shared_ffn_hidden_size: int | None = None
     # Weight of the router's load-balancing loss in training (HF router_aux_loss_coef); 0: off.
     moe_aux_loss_coeff: float = 0.0
+    # Hybrid models (Nemotron-H): layer i is a Mamba-2 mixer ("M"), self-attention ("*") or an
+    # MLP ("-") after its own norm, Megatron's and transformers' pattern string. A Mamba mixer has
+    # `mamba_heads` heads of `mamba_head_dim` channels whose B and C are shared within each of
+    # `mamba_groups` groups, `mamba_state` state channels, a causal conv of
+    # `mamba_conv_kernel` taps, and scans in chunks of `mamba_chunk_size` tokens.
+    hybrid_pattern: str | None = None
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_groups: int = 0
+    mamba_state: int = 0
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
 
     @property
     def traits(self) -> FamilyTraits:
@@ -132,6 +148,15 @@ class ModelConfig:
     @property
     def moe(self) -> bool:
         return self.num_moe_experts is not None
+
+    @property
+    def hybrid(self) -> bool:
+        return self.hybrid_pattern is not None
+
+    @property
+    def mamba_inner(self) -> int:
+        """A Mamba mixer's channels (heads x head_dim): the width of x, z and the gated norm."""
+        return self.mamba_heads * self.mamba_head_dim
 
     @property
     def mlp_width(self) -> int:
@@ -151,6 +176,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}")
+        if self.hybrid:
+            self._validate_hybrid()
         if self.moe:
             if self.num_moe_experts < 1 or not self.moe_ffn_hidden_size:
                 raise ConfigError(f"num_moe_experts={self.num_moe_experts} and "
@@ -162,6 +189,25 @@ class ModelConfig:
             if not 1 <= self.moe_router_topk <= self.num_moe_experts:
                 raise ConfigError(f"moe_router_topk={self.moe_router_topk} must be between 1 "
                                   f"and num_moe_experts={self.num_moe_experts}")
+
+    def require_transformer(self, verb: str) -> None:
+        """Refuse a hybrid model in a verb that does not handle Mamba layers yet."""
+        if self.hybrid:
+            raise ConfigError(f"{verb} does not handle hybrid Mamba models yet ({self.family}, "
+                              f"layers {self.hybrid_pattern}); convert, eval, generate and the "
+                              "Hugging Face export do")
+
+    def _validate_hybrid(self) -> None:
+        if len(self.hybrid_pattern) != self.num_layers or set(self.hybrid_pattern) - set("M*-"):
+            raise ConfigError(f"hybrid_pattern {self.hybrid_pattern!r} must give each of the "
+                              f"{self.num_layers} layers one of M (Mamba), * (attention), - (MLP)")
+        for name in ("mamba_heads", "mamba_head_dim", "mamba_groups", "mamba_state",
+                     "mamba_conv_kernel", "mamba_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mamba_heads % self.mamba_groups:
+            raise ConfigError(f"mamba_heads={self.mamba_heads} is not a multiple of "
+                              f"mamba_groups={self.mamba_groups}")
 
     def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """Raise unless this shape can be split over `tp` tensor, `pp` pipeline and `ep` expert
@@ -176,7 +222,8 @@ class ModelConfig:
                               f"num_moe_experts={self.num_moe_experts}")
         for name in ("num_attention_heads", "num_query_groups",
                      *(("moe_ffn_hidden_size", "moe_shared_ffn_hidden_size") if self.moe
-                       else ("ffn_hidden_size",))):
+                       else ("ffn_hidden_size",)),
+                     *(("mamba_heads", "mamba_groups") if self.hybrid else ())):
             if (getattr(self, name) or 0) % tp:
                 raise ConfigError(f"tensor parallel size {tp} does not divide "
                                   f"{name}={getattr(self, name)}")
@@ -202,13 +249,25 @@ class ModelConfig:
             mlp = (self.num_moe_experts * h + (self.moe_router_topk if active else
                                                self.num_moe_experts) * mlp
                    + (mlp_of(shared) + h if shared else 0))
-        layer = h * (q + kv) + q * h + mlp + 2 * norm
-        layer += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
-        layer += 2 * norm if t.post_norms else 0
-        total = self.num_layers * layer + norm
+        attention = h * (q + kv) + q * h
+        attention += (q + kv if t.qkv_bias else 0) + (2 * self.kv_channels if t.qk_norm else 0)
+        if self.hybrid:  # each layer is one block after its own norm
+            size = {"M": self._mamba_parameters(), "*": attention, "-": mlp}
+            total = sum(size[k] + norm for k in self.hybrid_pattern) + norm
+        else:
+            layer = attention + mlp + 2 * norm + (2 * norm if t.post_norms else 0)
+            total = self.num_layers * layer + norm
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return total
+
+    def _mamba_parameters(self) -> int:
+        """in_proj (z, x, B, C, dt), the depthwise conv over x, B, C with its bias, A, D and the
+        dt bias per head, the gated norm, out_proj."""
+        h, inner, heads = self.hidden_size, self.mamba_inner, self.mamba_heads
+        conv = inner + 2 * self.mamba_groups * self.mamba_state
+        return (h * (inner + conv + heads) + conv * (self.mamba_conv_kernel + 1) + 3 * heads +
+                inner + inner * h)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,6 +84,7 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
         raise ConfigError(f"scores file {out} exists or its directory does not; choose a new "
                           "path")
     meta = mcore.read_meta(load)
+    meta.model.require_transformer("importance")
     parallel.check_sequence(cfg.seq_length)
     cfg.validate(meta.model)
     files = [Path(f) for f in data] if data else train_plays()
@@ -155,6 +156,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         raise ConfigError("no pruning target: give --target-hidden, --target-ffn, "
                           "--target-heads, --target-groups, --target-layers or --drop-layers")
     meta = mcore.read_meta(src)
+    meta.model.require_transformer("prune")
     # written at this TP and EP
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
     if out_format != "minitron":

@@ -32,7 +32,7 @@ def test_every_verb_in_strict_device_mode(layout, tiny_llama_ckpt, tmp_path):
            "teacher": {"source": str(resharded)}, "parallel": parallel,
            "data": {"train": [str(train_plays()[1])], "valid": [str(held_out_plays()[0])]},
            "importance": {"samples": 4, "seq_length": 32, "depth_samples": 0},
-           "search": {"target_params": 100000, "tolerance": 0.1, "candidates": 2,
+           "search": {"target_params": 100000, "tolerance": 0.1, "candidates": 1,
                       "axes": ["hidden", "ffn"], "step": 16, "kd_tokens": 128,
                       "kd": {"global_batch_size": 4, "seq_length": 32, "eval_iters": 1}},
            "distill": {"train_iters": 2, "global_batch_size": 4, "seq_length": 32,

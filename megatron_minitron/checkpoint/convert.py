@@ -11,7 +11,15 @@ import torch.distributed as dist
 
 from megatron_minitron.checkpoint import hf_io, mcore, megatron_lm
 from megatron_minitron.checkpoint.atomic import atomic_directory, check_destination
-from megatron_minitron.checkpoint.layout import EMBEDDING, LOCAL_EXPERTS, OUTPUT_LAYER, Rule, rules
+from megatron_minitron.checkpoint.layout import (
+    EMBEDDING,
+    LOCAL_EXPERTS,
+    OUTPUT_LAYER,
+    Rule,
+    block_shard,
+    mamba_segments,
+    rules,
+)
 from megatron_minitron.checkpoint.sources import Source, detect_format, open_source
 from megatron_minitron.config import CheckpointMeta, ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.runtime.host_memory import tensors_freed_to_the_os
@@ -67,7 +75,11 @@ def import_weights(chunks, source: Source, te: bool) -> None:
     with torch.no_grad():
         for name, p in params:
             rule, dim = local[name], split_dim(p)
-            parts = [source.read(hf, dim, tp, rank) for hf in rule.hf]
+            blocks = mamba_segments(name, cfg) if dim is not None else None
+            if blocks:  # a rank's part of each block: read whole (a Mamba mixer's small tensors)
+                parts = [block_shard(source.read(rule.hf[0]), blocks, rank, tp)]
+            else:
+                parts = [source.read(hf, dim, tp, rank) for hf in rule.hf]
             for hf, t in zip(rule.hf, parts, strict=True):
                 if t.is_floating_point() and not _all_finite(t):
                     raise ConfigError(f"{source.path}: tensor {hf} contains NaN or Inf")

@@ -4,7 +4,8 @@ All functions work on full (TP=1) tensors keyed by name; sharding is Megatron's 
 Facts encoded here:
 - fused QKV: rows grouped per query group g = [q heads of g | k_g | v_g];
 - SwiGLU `linear_fc1` = [gate; up] (HF gate_proj, up_proj); under TP each rank holds
-  [gate_r; up_r], not a contiguous slice of the full tensor;
+  [gate_r; up_r], not a contiguous slice of the full tensor (`tp_blocks`); a Mamba mixer's
+  `in_proj` = [z | x | B | C | dt] and its conv over [x | B | C] likewise;
 - `linear_proj` input columns are head-major (head h = columns h*d .. (h+1)*d);
 - local spec norms are `input_layernorm` / `pre_mlp_layernorm`; TE fuses them into
   `linear_qkv.layer_norm_*` / `linear_fc1.layer_norm_*`;
@@ -136,16 +137,24 @@ def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor, width: int) -> torch.Tenso
     return neurons
 
 
-def swiglu_from_shards(shards: list[torch.Tensor]) -> torch.Tensor:
-    """Full [gate; up] from TP shards that each hold [gate_r; up_r]."""
-    halves = [s.chunk(2) for s in shards]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+def tp_blocks(name: str, rows: int, cfg: ModelConfig) -> list[int] | None:
+    """The row blocks of a fused tensor that TP splits one by one (each rank holds its part of
+    every block, in order): SwiGLU's `linear_fc1` [gate; up] and a Mamba mixer's fused tensors
+    (`mamba_segments`). None where a rank holds a contiguous slice."""
+    if cfg.traits.gated and name.endswith("linear_fc1.weight"):
+        return [rows // 2, rows // 2]
+    return mamba_segments(name, cfg)
 
 
-def swiglu_shard(full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
-    """TP rank `rank`'s [gate_r; up_r] of a full [gate; up]."""
-    gate, up = full.chunk(2)
-    return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+def from_block_shards(shards: list[torch.Tensor], blocks: list[int]) -> torch.Tensor:
+    """The full tensor from TP shards that each hold their part of every block."""
+    parts = [s.split([b // len(shards) for b in blocks]) for s in shards]
+    return torch.cat([p[i] for i in range(len(blocks)) for p in parts])
+
+
+def block_shard(full: torch.Tensor, blocks: list[int], rank: int, tp: int) -> torch.Tensor:
+    """TP rank `rank`'s part of every block of a full fused tensor."""
+    return torch.cat([b.chunk(tp)[rank] for b in full.split(blocks)])
 
 
 @dataclass(frozen=True)
@@ -168,9 +177,56 @@ def _mlp_rules(mc: str, hf: str, gated: bool, gate: str = "gate_proj", up: str =
     return [Rule(mc + "linear_fc2.weight", (hf + f"{down}.weight",)), fc1]
 
 
+# A Mamba mixer's parameters, the same names in transformers' NemotronH and Megatron's MambaMixer.
+MAMBA_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias",
+                "norm.weight", "out_proj.weight")
+
+
+def mamba_segments(name: str, cfg: ModelConfig) -> list[int] | None:
+    """The row blocks TP splits one by one in a Mamba mixer's fused tensors: `in_proj` is
+    [z | x | B | C | dt] and the conv runs over [x | B | C]; under TP each rank holds its part
+    of every block in that order (heads, and the groups their B and C belong to). None for
+    every other tensor."""
+    if not cfg.hybrid or ".mixer." not in name:
+        return None
+    bc = cfg.mamba_groups * cfg.mamba_state
+    if name.endswith("mixer.in_proj.weight"):
+        return [cfg.mamba_inner, cfg.mamba_inner, bc, bc, cfg.mamba_heads]
+    if name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
+        return [cfg.mamba_inner, bc, bc]
+    return None
+
+
+def _hybrid_rules(cfg: ModelConfig) -> list[Rule]:
+    """NemotronH as its files name it (`backbone.`, which transformers maps to `model.` in
+    memory): `layers.i.norm` then `.mixer`, a Mamba mixer, an attention block (q/k/v/o_proj) or
+    an MLP (up/down_proj) by the pattern; Megatron's local stack names the norm after the block
+    (`norm`, `input_layernorm`, `pre_mlp_layernorm`)."""
+    out = [Rule(EMBEDDING, ("backbone.embeddings.weight",))]
+    for i, kind in enumerate(cfg.hybrid_pattern):
+        s, m = f"backbone.layers.{i}.", MC_LAYER.format(i=i)
+        norm = {"M": "norm.", "*": "input_layernorm.", "-": "pre_mlp_layernorm."}[kind]
+        out.append(Rule(m + norm + "weight", (s + "norm.weight",)))
+        if kind == "M":
+            out += [Rule(m + "mixer." + p, (s + "mixer." + p,)) for p in MAMBA_PARAMS]
+        elif kind == "*":
+            out += [Rule(m + "self_attention.linear_qkv.weight",
+                         tuple(s + f"mixer.{x}_proj.weight" for x in "qkv"),
+                         lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)),
+                    Rule(m + "self_attention.linear_proj.weight", (s + "mixer.o_proj.weight",))]
+        else:
+            out += _mlp_rules(m + "mlp.", s + "mixer.", gated=False)
+    out.append(Rule("decoder.final_norm.weight", ("backbone.norm_f.weight",)))
+    if not cfg.tie_embeddings:
+        out.append(Rule(OUTPUT_LAYER, ("lm_head.weight",)))
+    return out
+
+
 def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
-    it."""
+    it. Hybrid models are built on the local stack on every machine (model/hybrid.py)."""
+    if cfg.hybrid:
+        return _hybrid_rules(cfg)
     out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
     attn_norm, mlp_norm = norm_prefixes(te, cfg.moe)
     post = cfg.traits.post_norms  # Gemma: HF's post_attention_layernorm is a real post-norm
@@ -234,6 +290,11 @@ UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "attn_logit_softcappi
                "final_logit_softcapping": None, "use_sliding_window": False,
                "use_bidirectional_attention": False, "qkv_bias": True}
 LAYER_TYPES = {"full_attention": 0, "sliding_attention": 1}
+# A hybrid model's layer kinds: our pattern symbol -> transformers' NemotronH layer type, and the
+# names transformers (and NVIDIA's hub configs) have used for them.
+HYBRID_HF = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+HYBRID_SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*",
+                  "mlp": "-", "M": "M", "*": "*", "-": "-"}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -258,6 +319,8 @@ def hf_config(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
     }
+    if cfg.hybrid:
+        return _nemotron_h_config(cfg, out)
     if t.normalization == "LayerNorm":  # Nemotron
         return {**out, "norm_eps": cfg.norm_epsilon, "partial_rotary_factor": cfg.rotary_percent,
                 "rope_parameters": {**rope, "partial_rotary_factor": cfg.rotary_percent}}
@@ -306,6 +369,19 @@ def hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
+def _nemotron_h_config(cfg: ModelConfig, common: dict) -> dict:
+    """config.json of transformers' NemotronH (as its `save_pretrained` writes it)."""
+    drop = ("hidden_act", "rope_theta", "rope_parameters")
+    return {**{k: v for k, v in common.items() if k not in drop},
+            "layers_block_type": [HYBRID_HF[k] for k in cfg.hybrid_pattern],
+            "layer_norm_epsilon": cfg.norm_epsilon, "mlp_hidden_act": cfg.traits.hidden_act,
+            "mamba_hidden_act": "silu", "mamba_num_heads": cfg.mamba_heads,
+            "mamba_head_dim": cfg.mamba_head_dim, "n_groups": cfg.mamba_groups,
+            "ssm_state_size": cfg.mamba_state, "conv_kernel": cfg.mamba_conv_kernel,
+            "chunk_size": cfg.mamba_chunk_size, "use_conv_bias": True, "use_bias": False,
+            "mamba_proj_bias": False, "mlp_bias": False, "attention_bias": False}
+
+
 def _integral(x: float) -> float | int:
     return round(x) if abs(x - round(x)) < 1e-6 else x
 
@@ -318,7 +394,7 @@ def _refuse_unsupported(hf: dict, source: str) -> None:
             raise ConfigError(f"{source}: config field {key}={hf[key]!r} changes the network and "
                               "is not supported")
     unknown = set(hf.get("layer_types") or ()) - set(LAYER_TYPES)
-    if unknown:
+    if unknown and hf.get("model_type") != "nemotron_h":
         raise ConfigError(f"{source}: layer types {sorted(unknown)} are not supported "
                           f"({', '.join(LAYER_TYPES)})")
 
@@ -360,7 +436,9 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     window, window_layers = _windows(hf, family)
     cfg = ModelConfig(
         family=family,
-        num_layers=hf["num_hidden_layers"],
+        # NemotronH's config.json gives its layers only as their kinds
+        num_layers=hf.get("num_hidden_layers") or len(hf.get("layers_block_type") or
+                                                      hf.get("hybrid_override_pattern") or ""),
         hidden_size=hf["hidden_size"],
         ffn_hidden_size=hf["intermediate_size"],
         num_attention_heads=heads,
@@ -371,7 +449,8 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rotary_percent=float(rope.get("partial_rotary_factor",
                                       hf.get("partial_rotary_factor", 1.0))),
-        norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps", 1e-5))),
+        norm_epsilon=float(hf.get("rms_norm_eps", hf.get("norm_eps",
+                                                         hf.get("layer_norm_epsilon", 1e-5)))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling_factor=scaling,
         sliding_window=window,
@@ -379,9 +458,39 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         local_rotary_base=float(local) if local is not None and window_layers else None,
         softmax_scale=None if scalar == head_dim else float(scalar) ** -0.5,
         **_moe_fields(hf, family, source),
+        **_hybrid_fields(hf, family, source),
     )
     cfg.validate()
     return cfg
+
+
+def _hybrid_fields(hf: dict, family: str, source: str) -> dict:
+    """NemotronH's layer pattern and Mamba shape. Refused: MoE layers, biases, another
+    activation, a clamped time step (Megatron's mixer does not clamp)."""
+    from megatron_minitron.config import ConfigError
+
+    if family != "nemotron_h":
+        return {}
+    kinds = hf.get("layers_block_type") or list(hf.get("hybrid_override_pattern") or "")
+    unknown = sorted(set(kinds) - set(HYBRID_SYMBOLS))
+    if unknown or not kinds:
+        raise ConfigError(f"{source}: hybrid layer types {unknown or 'missing'} are not supported "
+                          "(Mamba, attention and MLP layers; not MoE)")
+    refused = {"use_bias": False, "mamba_proj_bias": False, "use_conv_bias": True,
+               "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2"}
+    for key, ok in refused.items():
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"{source}: config field {key}={hf[key]!r} is not supported "
+                              f"(expected {ok!r})")
+    limit = hf.get("time_step_limit") or [0.0, None]
+    if float(limit[0]) != 0.0 or not (limit[1] is None or isinstance(limit[1], dict) or
+                                     float(limit[1]) == float("inf")):
+        raise ConfigError(f"{source}: time_step_limit {limit} is not supported (no clamp)")
+    return dict(hybrid_pattern="".join(HYBRID_SYMBOLS[k] for k in kinds),
+                mamba_heads=hf["mamba_num_heads"], mamba_head_dim=hf["mamba_head_dim"],
+                mamba_groups=hf["n_groups"], mamba_state=hf["ssm_state_size"],
+                mamba_conv_kernel=hf.get("conv_kernel", 4),
+                mamba_chunk_size=hf.get("chunk_size", 128))
 
 
 def _moe_fields(hf: dict, family: str, source: str) -> dict:

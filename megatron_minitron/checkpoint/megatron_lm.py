@@ -197,6 +197,9 @@ def check_describable(cfg: ModelConfig) -> None:
     if cfg.window_layers is not None:
         raise ConfigError("sliding window in some layers only has no Megatron-LM args "
                           "equivalent: export it to Hugging Face instead")
+    if cfg.hybrid:  # Megatron-LM's pretrain_mamba.py args: not written yet
+        raise ConfigError("hybrid Mamba models are written in this project's format or as "
+                          "Hugging Face only (not yet Megatron-LM's or Megatron-Bridge's)")
 
 
 def args_from_model_config(cfg: ModelConfig, params_dtype: str, tokenizer: Path | None,

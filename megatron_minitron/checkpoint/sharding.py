@@ -1,8 +1,9 @@
 """A rank's parameters under TP/PP, named and shaped as in the full (TP=1, PP=1) model.
 
 Megatron names a pipeline stage's layers from 0 and splits TP parameters along `partition_dim`
-(SwiGLU's fc1 as [gate_r; up_r], see layout.py); these helpers undo both, one parameter at a time,
-so that import, export and pruning never materialise more than one full tensor.
+(fused blocks such as SwiGLU's fc1 block by block, see layout.tp_blocks); these helpers undo
+both, one parameter at a time, so that import, export and pruning never materialise more than
+one full tensor.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch.distributed as dist
 
 from megatron_minitron.checkpoint.layout import (
     MC_LAYER,
+    block_shard,
+    from_block_shards,
     renumber_expert,
-    swiglu_from_shards,
-    swiglu_shard,
+    tp_blocks,
 )
 from megatron_minitron.config import ModelConfig
 
@@ -30,8 +32,12 @@ def tp_rank_world_group():
 
 
 def split_dim(p: torch.Tensor) -> int | None:
-    """The dimension TP splits `p` along, None for a replicated parameter."""
-    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+    """The dimension TP splits `p` along, None for a replicated parameter. Megatron's Mamba mixer
+    marks its per-head and per-channel tensors (conv, A, D, dt bias, gated norm) TP-split without
+    a `partition_dim`: they split along rows."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    return getattr(p, "partition_dim", 0)
 
 
 def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -42,13 +48,10 @@ def global_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
             if name.startswith("decoder.layers."):
                 local, rest = name.removeprefix("decoder.layers.").split(".", 1)
                 layer = layers[int(local)]  # expert parallelism numbers experts per rank
-                rest = renumber_expert(rest, lambda j, m=layer.mlp: m.local_expert_indices[j])
+                rest = renumber_expert(rest,
+                                       lambda j, lr=layer: lr.mlp.local_expert_indices[j])
                 name = MC_LAYER.format(i=layer.layer_number - 1) + rest
             yield name, p
-
-
-def _is_swiglu_fc1(name: str, cfg: ModelConfig) -> bool:
-    return cfg.traits.gated and name.endswith("linear_fc1.weight")
 
 
 def full_tensor(name: str, p: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -59,9 +62,8 @@ def full_tensor(name: str, p: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         return p.detach()
     shards = [torch.empty_like(p) for _ in range(tp)]
     dist.all_gather(shards, p.detach().contiguous(), group=group)
-    if _is_swiglu_fc1(name, cfg):
-        return swiglu_from_shards(shards)
-    return torch.cat(shards, dim=dim)
+    blocks = tp_blocks(name, p.shape[0] * tp, cfg) if dim == 0 else None
+    return from_block_shards(shards, blocks) if blocks else torch.cat(shards, dim=dim)
 
 
 def local_shard(name: str, full: torch.Tensor, like: torch.Tensor, cfg: ModelConfig
@@ -71,6 +73,5 @@ def local_shard(name: str, full: torch.Tensor, like: torch.Tensor, cfg: ModelCon
     dim = split_dim(like)
     if tp == 1 or dim is None:
         return full
-    if _is_swiglu_fc1(name, cfg):
-        return swiglu_shard(full, rank, tp)
-    return full.chunk(tp, dim=dim)[rank]
+    blocks = tp_blocks(name, full.shape[0], cfg) if dim == 0 else None
+    return block_shard(full, blocks, rank, tp) if blocks else full.chunk(tp, dim=dim)[rank]

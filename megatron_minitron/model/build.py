@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.config import ModelConfig, ParallelConfig
+from megatron_minitron.model.hybrid import build_hybrid_model, mamba_config_fields
 from megatron_minitron.model.spec_compat import submodules, with_submodules
 
 
@@ -125,6 +126,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.
         add_qkv_bias=t.qkv_bias,
         qk_layernorm=t.qk_norm,
         **moe_config(cfg),
+        **mamba_config_fields(cfg),
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         window_attn_skip_freq=cfg.window_layers,
         softmax_scale=cfg.softmax_scale,
@@ -229,6 +231,9 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
         _router_without_te()
     cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp, parallel.ep)
     config = transformer_config(cfg, parallel, dtype, layers_per_stage)
+    if cfg.hybrid:
+        model = build_hybrid_model(cfg, parallel, config, layers_per_stage)
+        return [model.to(device())]
     chunks = []
     for vp in range(parallel.vpp or 1):
         vp_stage = vp if parallel.vpp else None

@@ -2,51 +2,33 @@
 
 Megatron-Core ships only a Transformer Engine spec for `MambaModel` (its stack's final norm is a
 `TENorm` even there). `local_stack_spec` is the same stack on Megatron's own parallel linears and
-`MinitronNorm`, so that it builds without TE: a Mamba layer is norm -> mixer, an attention layer
-norm -> self-attention (no position embedding, as Nemotron-H), an MLP layer norm -> MLP. The
-layer kinds come from the pattern string both Megatron and transformers use: `M` Mamba, `*`
-attention, `-` MLP (`E`, MoE, is refused for now). On a GPU without `mamba_ssm`, and on CPU,
-`runtime.mamba_cpu` stands in for the SSD kernels.
+`MinitronNorm`, so that it builds without TE, and it is the spec on every machine for now: a
+Mamba layer is norm -> mixer, an attention layer norm -> self-attention (no position embedding,
+as Nemotron-H), an MLP layer norm -> MLP, by `ModelConfig.hybrid_pattern`. Without `mamba_ssm`
+(CPU, or a GPU without it) `runtime.mamba_cpu` stands in for the SSD kernels.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-# transformers' layer type names -> Megatron's pattern symbols.
-HF_LAYER_TYPES = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
-                  "mlp": "-"}
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 
 
-def pattern_from_layer_types(layer_types: list[str]) -> str:
-    """Megatron's `hybrid_override_pattern` from transformers' `layers_block_type`."""
-    unknown = sorted(set(layer_types) - set(HF_LAYER_TYPES))
-    if unknown:
-        from megatron_minitron.config import ConfigError
-
-        raise ConfigError(f"hybrid layer types {unknown} are not supported "
-                          f"({', '.join(sorted(HF_LAYER_TYPES))})")
-    return "".join(HF_LAYER_TYPES[t] for t in layer_types)
+def mamba_config_fields(cfg: ModelConfig) -> dict:
+    """TransformerConfig's Mamba fields."""
+    if not cfg.hybrid:
+        return {}
+    return dict(mamba_state_dim=cfg.mamba_state, mamba_head_dim=cfg.mamba_head_dim,
+                mamba_num_groups=cfg.mamba_groups, mamba_num_heads=cfg.mamba_heads)
 
 
-@dataclasses.dataclass(frozen=True)
-class MambaShape:
-    """A Mamba-2 mixer's shape: heads of `head_dim` channels, B/C shared by `groups` groups of
-    heads, `state` channels of SSM state, a causal conv of `conv_kernel` taps."""
-
-    heads: int
-    head_dim: int
-    groups: int
-    state: int
-    conv_kernel: int = 4
-    chunk_size: int = 128
-
-
-def local_stack_spec(shape: MambaShape):
+def local_stack_spec(cfg: ModelConfig):
     """`MambaStack` spec on Megatron's local layers with `MinitronNorm` (the final norm too); the
     mixer's conv width and scan chunk are spec parameters (not TransformerConfig fields)."""
+    from megatron_minitron.runtime import mamba_cpu
+
+    mamba_cpu.install()  # before Megatron's mixer is imported
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -77,8 +59,8 @@ def local_stack_spec(shape: MambaShape):
 
     mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
         norm=MinitronNorm,
-        mixer=ModuleSpec(module=MambaMixer, params={"d_conv": shape.conv_kernel,
-                                                    "chunk_size": shape.chunk_size},
+        mixer=ModuleSpec(module=MambaMixer, params={"d_conv": cfg.mamba_conv_kernel,
+                                                    "chunk_size": cfg.mamba_chunk_size},
                          submodules=MambaMixerSubmodules(
             in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
         mamba_bda=get_bias_dropout_add))
@@ -100,37 +82,25 @@ def local_stack_spec(shape: MambaShape):
         mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp))
 
 
-def mamba_config_fields(shape: MambaShape) -> dict:
-    """TransformerConfig's Mamba fields."""
-    return dict(mamba_state_dim=shape.state, mamba_head_dim=shape.head_dim,
-                mamba_num_groups=shape.groups, mamba_num_heads=shape.heads)
+def build_hybrid_model(cfg: ModelConfig, parallel: ParallelConfig, config,
+                       layers_per_stage: list[int] | None) -> torch.nn.Module:
+    """This rank's `MambaModel` (one pipeline stage: Megatron's hybrid stack has no virtual
+    stages, and splits the layers evenly)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.mamba import MambaModel
 
-
-def nemotron_h_to_mcore(hf: dict[str, torch.Tensor], pattern: str, attention
-                        ) -> dict[str, torch.Tensor]:
-    """transformers' NemotronH tensors -> MambaModel's (local spec, TP=1). Attention's q, k, v
-    fuse per query group as in a GPT layer (`attention` holds heads, groups and head size as a
-    ModelConfig names them)."""
-    from megatron_minitron.checkpoint.layout import fuse_qkv
-
-    out = {"embedding.word_embeddings.weight": hf["model.embeddings.weight"],
-           "decoder.final_norm.weight": hf["model.norm_f.weight"]}
-    if "lm_head.weight" in hf:
-        out["output_layer.weight"] = hf["lm_head.weight"]
-    for i, kind in enumerate(pattern):
-        s, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        if kind == "M":
-            out[m + "norm.weight"] = hf[s + "norm.weight"]
-            for name in ("in_proj.weight", "out_proj.weight", "conv1d.weight", "conv1d.bias",
-                         "A_log", "D", "dt_bias", "norm.weight"):
-                out[m + "mixer." + name] = hf[s + "mixer." + name]
-        elif kind == "*":
-            out[m + "input_layernorm.weight"] = hf[s + "norm.weight"]
-            out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
-                *(hf[s + f"mixer.{x}_proj.weight"] for x in "qkv"), attention)
-            out[m + "self_attention.linear_proj.weight"] = hf[s + "mixer.o_proj.weight"]
-        else:
-            out[m + "pre_mlp_layernorm.weight"] = hf[s + "norm.weight"]
-            out[m + "mlp.linear_fc1.weight"] = hf[s + "mixer.up_proj.weight"]
-            out[m + "mlp.linear_fc2.weight"] = hf[s + "mixer.down_proj.weight"]
-    return out
+    if parallel.vpp or layers_per_stage:
+        raise ConfigError("hybrid Mamba models take no virtual pipeline stages and no uneven "
+                          "layer split (Megatron's MambaStack splits layers evenly)")
+    model = MambaModel(
+        config=config, mamba_stack_spec=local_stack_spec(cfg), vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        hybrid_override_pattern=cfg.hybrid_pattern, position_embedding_type="none",
+        share_embeddings_and_output_weights=cfg.tie_embeddings)
+    for layer in model.decoder.layers:
+        norm = getattr(getattr(layer, "mixer", None), "norm", None)
+        if norm is not None:  # split over TP by channel; megatron-core 0.15 does not mark it
+            norm.weight.tensor_model_parallel, norm.weight.partition_dim = True, 0
+    return model
