@@ -45,6 +45,26 @@ def test_gpu_logits_match_transformers(family, tmp_path):
     assert rel < 0.03
 
 
+def test_gpu_nemotron_h_logits_match_transformers(tmp_path):
+    """A hybrid model on the GPU: Megatron's MambaMixer with mamba_ssm's kernels where they are
+    installed, else the PyTorch scan of runtime/mamba_cpu.py on CUDA tensors (printed)."""
+    from tests.test_mamba import tiny_nemotron_h
+
+    hf = tiny_nemotron_h(tmp_path / "hf")
+    ckpt = tmp_path / "mcore"
+    run_cli("convert", str(hf), str(ckpt))
+    tokens = torch.randint(0, 128, (2, 64))
+    ref = hf_logits(hf, tokens)
+    fp32 = _gpu_logits(ckpt, tokens, "fp32")
+    from megatron.core.ssm import mamba_mixer  # imported by the build, after runtime.mamba_cpu
+
+    kernels = "PyTorch scan" if getattr(mamba_mixer, "_minitron_cpu", False) else "mamba_ssm"
+    print(f"nemotron_h ({kernels}): fp32 max diff {(fp32 - ref).abs().max():.2e}")
+    assert (fp32 - ref).abs().max() <= 1e-3  # TF32 matmuls allowed
+    bf16 = _gpu_logits(ckpt, tokens, "bf16")
+    assert (bf16 - ref).abs().mean() / ref.abs().mean() < 0.03
+
+
 def test_gpu_smollm2_parity(smol_ckpt, smol_hf_model, shakespeare_tokens):
     ref = hf_logits(smol_hf_model, shakespeare_tokens)
     ours = _gpu_logits(smol_ckpt, shakespeare_tokens, "fp32")
