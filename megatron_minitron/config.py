@@ -194,8 +194,9 @@ class ModelConfig:
         """Refuse a hybrid model in a verb that does not handle Mamba layers yet."""
         if self.hybrid:
             raise ConfigError(f"{verb} does not handle hybrid Mamba models yet ({self.family}, "
-                              f"layers {self.hybrid_pattern}); convert, eval, generate and the "
-                              "Hugging Face export do")
+                              f"layers {self.hybrid_pattern}); convert, eval, generate, "
+                              "importance, prune (--strategy given) and the Hugging Face export "
+                              "do")
 
     def _validate_hybrid(self) -> None:
         if len(self.hybrid_pattern) != self.num_layers or set(self.hybrid_pattern) - set("M*-"):

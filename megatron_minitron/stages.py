@@ -84,7 +84,6 @@ def importance(load: Path, out: Path, settings: ImportanceConfig,
         raise ConfigError(f"scores file {out} exists or its directory does not; choose a new "
                           "path")
     meta = mcore.read_meta(load)
-    meta.model.require_transformer("importance")
     parallel.check_sequence(cfg.seq_length)
     cfg.validate(meta.model)
     files = [Path(f) for f in data] if data else train_plays()
@@ -154,9 +153,9 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         check_destination(Path(hf_out))
     if not settings.needs_scores() and not settings.drop_layers:
         raise ConfigError("no pruning target: give --target-hidden, --target-ffn, "
-                          "--target-heads, --target-groups, --target-layers or --drop-layers")
+                          "--target-heads, --target-groups, --target-layers, --drop-layers or "
+                          "(hybrid models) --target-mamba-heads/--target-mamba-head-dim")
     meta = mcore.read_meta(src)
-    meta.model.require_transformer("prune")
     # written at this TP and EP
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
     if out_format != "minitron":
@@ -168,6 +167,8 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
     rechoose = settings.strategy == "auto" or settings.order != "joint"
+    if rechoose:
+        meta.model.require_transformer("--strategy auto and --order")
     if rechoose and loaded is None:
         raise ConfigError("--strategy auto and --order re-score on calibration data: they need "
                           "--scores")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_minitron.cli import main
-from megatron_minitron.importance.scores import FORMAT, WIDTH_AXES, Scores
+from megatron_minitron.importance.scores import FORMAT, Scores
 from tests.conftest import (
     converted,
     fails,
@@ -36,18 +36,22 @@ def _save_modified(src: Path, dst: Path, modify) -> Path:
     return dst
 
 
-def _scores_dropping(ckpt: Path, out: Path, ffn=None, heads=None, hidden=None, layer=None
-                     ) -> Path:
-    """Hand-made scores: 0 for the given units, 1 for all others."""
+def _scores_dropping(ckpt: Path, out: Path, ffn=None, heads=None, hidden=None, layer=None,
+                     mamba=None) -> Path:
+    """Hand-made scores: 0 for the given units (per layer: neurons, heads, Mamba channels; the
+    hidden channels; one layer), 1 for all others."""
     from megatron_minitron.checkpoint import mcore
 
     meta = mcore.read_meta(ckpt)
     m = meta.model
     widths = {"ln_attn": m.hidden_size, "ln_mlp": m.hidden_size,
-              "heads": m.num_attention_heads, "ffn": m.ffn_hidden_size}
-    t = {f"sums.{a}": torch.ones(m.num_layers, 3, 2, widths[a], dtype=torch.float64)
-         for a in WIDTH_AXES}
+              "heads": m.num_attention_heads, "ffn": m.ffn_hidden_size,
+              **({"mamba": m.mamba_inner} if m.hybrid else {})}
+    t = {f"sums.{a}": torch.ones(m.num_layers, 3, 2, w, dtype=torch.float64)
+         for a, w in widths.items()}
     for i in range(m.num_layers):
+        if mamba is not None:
+            t["sums.mamba"][i, ..., mamba[i]] = 0
         if ffn is not None:
             t["sums.ffn"][i, ..., ffn[i]] = 0
         if heads is not None:

@@ -40,7 +40,11 @@ LOCAL_EXPERTS = "mlp.experts.local_experts."  # + expert number: global in our n
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # Norm parameters under both specs: local `input_layernorm.weight`, TE `layer_norm_weight`.
-NORM_PARAMS = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
+# Norm parameters: GPTModel's layer norms (fused into TE's linears or not), a hybrid layer's
+# `norm` and MambaStack's `final_norm`.
+NORM_PARAMS = ("norm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias")
+FINAL_NORMS = ("decoder.final_layernorm", "decoder.final_norm")  # GPTModel, MambaModel
+MAMBA_MIXER = "mixer."  # a hybrid layer's Mamba mixer, before its tensor names
 QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3, Gemma 3)
 
 
@@ -187,7 +191,7 @@ def mamba_segments(name: str, cfg: ModelConfig) -> list[int] | None:
     [z | x | B | C | dt] and the conv runs over [x | B | C]; under TP each rank holds its part
     of every block in that order (heads, and the groups their B and C belong to). None for
     every other tensor."""
-    if not cfg.hybrid or ".mixer." not in name:
+    if not cfg.hybrid:
         return None
     bc = cfg.mamba_groups * cfg.mamba_state
     if name.endswith("mixer.in_proj.weight"):
@@ -195,6 +199,23 @@ def mamba_segments(name: str, cfg: ModelConfig) -> list[int] | None:
     if name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
         return [cfg.mamba_inner, bc, bc]
     return None
+
+
+def mamba_channels(cfg: ModelConfig, heads: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """A mixer's channels (x, z, the gated norm, out_proj's input) of the kept `heads` and
+    head dimensions `dims` (global, sorted): channel h * head_dim + d, head by head."""
+    return (heads[:, None] * cfg.mamba_head_dim + dims).flatten()
+
+
+def mamba_rows(name: str, cfg: ModelConfig, heads: torch.Tensor, dims: torch.Tensor
+               ) -> torch.Tensor:
+    """Rows of `in_proj` [z | x | B | C | dt] or of the conv [x | B | C] that keep `heads` x
+    `dims`: every group's B and C stay (heads are pruned within groups), dt per kept head."""
+    ch, inner = mamba_channels(cfg, heads, dims), cfg.mamba_inner
+    bc = torch.arange(2 * cfg.mamba_groups * cfg.mamba_state)
+    if name.endswith("in_proj.weight"):
+        return torch.cat([ch, inner + ch, 2 * inner + bc, 2 * inner + len(bc) + heads])
+    return torch.cat([ch, inner + bc])
 
 
 def _hybrid_rules(cfg: ModelConfig) -> list[Rule]:

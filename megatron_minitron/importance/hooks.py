@@ -18,6 +18,10 @@ Sites, per transformer layer (Megatron-Core names):
   the tokens routed to it and the probability mass it got. Each rank scores its own experts
   (global numbers); an expert split over TP gives partial outputs, summed over TP first.
 - `shared_ffn`: input of the shared expert's `linear_fc2` (Qwen2-MoE), as `ffn`.
+- `mamba` (a hybrid's Mamba layers): input of the mixer's `out_proj` (after the gated norm), per
+  channel, for this TP rank's heads; head and head-dimension scores are derived from it
+  (prune.plan.mamba_scores). A Mamba layer's norm is its `ln_attn`; a hybrid's attention layers
+  have no `ln_mlp` and its MLP layers no `ln_attn` or heads.
 - `moe_ffn`: per expert and neuron, token sums of |x|, x, x^2 at the input of the expert's
   `linear_fc2`, over the tokens routed to it (its columns on each expert-TP rank).
 """
@@ -33,12 +37,20 @@ from megatron_minitron.model.norm import apply_norm
 from megatron_minitron.runtime.distributed import device
 
 # columns split across TP ranks; the others are replicated
-TP_SPLIT_SITES = ("heads", "heads_out", "ffn", "shared_ffn")
+TP_SPLIT_SITES = ("heads", "heads_out", "ffn", "shared_ffn", "mamba")
 
 
 def decoder_layers(chunks):
     for chunk in chunks:
         yield from chunk.decoder.layers
+
+
+def _present(module) -> bool:
+    """False for the IdentityOp a hybrid's attention-only or MLP-only layer has in place of the
+    other block."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return not isinstance(module, IdentityOp)
 
 
 def _norm_site(layer, which: str):
@@ -75,7 +87,21 @@ class ImportanceHooks:
     def __enter__(self) -> ImportanceHooks:
         for layer in decoder_layers(self.chunks):
             i = layer.layer_number - 1
-            for site, which in (("ln_attn", "attn"), ("ln_mlp", "mlp")):
+            self._handles += [
+                layer.register_forward_pre_hook(
+                    lambda m, args, kwargs, i=i: self._keep_input(i, args, kwargs),
+                    with_kwargs=True),
+                layer.register_forward_hook(lambda m, args, out, i=i: self._add_influence(i, out)),
+            ]
+            if hasattr(layer, "mixer"):  # a hybrid's Mamba layer: norm -> mixer
+                self._handles += [
+                    layer.norm.register_forward_hook(
+                        lambda m, args, out, i=i: self._add(i, "ln_attn", out, True)),
+                    layer.mixer.out_proj.register_forward_pre_hook(
+                        lambda m, args, i=i: self._add(i, "mamba", args[0], False))]
+                continue
+            attention, mlp = _present(layer.self_attention), _present(layer.mlp)
+            for site, which in (("ln_attn", "attn"),) * attention + (("ln_mlp", "mlp"),) * mlp:
                 module, fused = _norm_site(layer, which)
                 if fused:
                     self._handles.append(module.register_forward_pre_hook(
@@ -83,23 +109,18 @@ class ImportanceHooks:
                 else:
                     self._handles.append(module.register_forward_hook(
                         lambda m, args, out, i=i, site=site: self._add(i, site, out, True)))
-            if hasattr(layer.mlp, "router"):
+            if mlp and hasattr(layer.mlp, "router"):
                 self._hook_experts(i, layer.mlp)
                 if layer.mlp.shared_experts is not None:
                     self._handles.append(
                         layer.mlp.shared_experts.linear_fc2.register_forward_pre_hook(
                             lambda m, args, i=i: self._add(i, "shared_ffn", args[0], False)))
-            else:
+            elif mlp:
                 self._handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
                     lambda m, args, i=i: self._add(i, "ffn", args[0], False)))
-            self._handles += [
-                layer.self_attention.linear_proj.register_forward_pre_hook(
-                    lambda m, args, i=i: self._add_heads(i, args[0], m.weight)),
-                layer.register_forward_pre_hook(
-                    lambda m, args, kwargs, i=i: self._keep_input(i, args, kwargs),
-                    with_kwargs=True),
-                layer.register_forward_hook(lambda m, args, out, i=i: self._add_influence(i, out)),
-            ]
+            if attention:
+                self._handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
+                    lambda m, args, i=i: self._add_heads(i, args[0], m.weight)))
         return self
 
     def __exit__(self, *exc) -> None:

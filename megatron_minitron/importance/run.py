@@ -49,6 +49,8 @@ class ImportanceConfig:
             if not 1 <= k < num_layers:
                 raise ConfigError(f"block size {k} must be between 1 and {num_layers - 1} "
                                   f"(the model has {num_layers} layers)")
+        if self.head_samples and model.hybrid:
+            model.require_transformer("--head-samples")
         if min(self.depth_samples, self.head_samples) < 0 or self.micro_batch_size < 1:
             raise ConfigError("depth and head samples must be >= 0 and micro batch size >= 1")
 
@@ -69,7 +71,8 @@ def activation_pass(chunks, samples: torch.Tensor, micro_batch_size: int,
               "heads": model.num_attention_heads, "heads_out": model.num_attention_heads,
               "ffn": model.ffn_hidden_size,
               **({"shared_ffn": model.moe_shared_ffn_hidden_size}
-                 if model.moe_shared_ffn_hidden_size else {})}
+                 if model.moe_shared_ffn_hidden_size else {}),
+              **({"mamba": model.mamba_inner} if model.hybrid else {})}
     with ImportanceHooks(chunks) as hooks:
         forward_with_progress(chunks, mbs, discard_output, progress)
         return hooks.reduce(model.num_layers, widths)

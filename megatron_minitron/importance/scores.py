@@ -6,6 +6,8 @@ Tensors (L = layers):
   sums.heads_out         [L, 3, 2, heads]    (what each head writes through W_O)
   sums.ffn               [L, 3, 2, ffn]      so one calibration serves every choice and target
   sums.shared_ffn        [L, 3, 2, shared]   MoE: the shared expert's neurons (Qwen2-MoE)
+  sums.mamba             [L, 3, 2, heads x head_dim]  hybrid: a Mamba mixer's channels at its
+                                             output projection's input (after the gated norm)
   depth.block_influence  [L]                 mean over tokens of 1 - cos(layer in, layer out)
   depth.base_loss        [1]                 LM loss on the depth samples
   depth.skip_loss.k{K}   [L - K + 1]         LM-loss increase when layers i..i+K-1 are skipped
@@ -30,6 +32,7 @@ from megatron_minitron.importance import stats
 FORMAT = "minitron-importance-v1"
 WIDTH_AXES = ("ln_attn", "ln_mlp", "heads", "ffn")  # in every scores file
 MOE_AXES = ("shared_ffn",)
+HYBRID_AXES = ("mamba",)
 # How heads are ranked: the paper's activation norm, what the head writes through W_O, or the
 # LM-loss rise when it alone is masked.
 HEAD_METRICS = {"activation": "heads", "output": "heads_out", "loss": "mask_loss"}
@@ -49,8 +52,8 @@ class Scores:
     def axis(self, name: str, seq: str | None = None, samples: str | None = None
              ) -> torch.Tensor:
         """Per-layer scores [L, width] of one width axis (ln_attn, ln_mlp, heads, heads_out,
-        ffn, shared_ffn)."""
-        if name not in (*WIDTH_AXES, *HEAD_METRICS.values(), *MOE_AXES):
+        ffn, shared_ffn, mamba); zero in layers without that site (a hybrid's)."""
+        if name not in (*WIDTH_AXES, *HEAD_METRICS.values(), *MOE_AXES, *HYBRID_AXES):
             raise ConfigError(f"unknown importance axis {name!r} ({', '.join(WIDTH_AXES)})")
         if f"sums.{name}" not in self.tensors:
             raise ConfigError(f"the scores have no {name} sums (made by an older version); "
@@ -59,7 +62,8 @@ class Scores:
                               *self._aggs(seq, samples))
 
     def hidden(self, seq: str | None = None, samples: str | None = None) -> torch.Tensor:
-        """Embedding-channel scores [hidden], combined over both norms of every layer: L2 of the
+        """Embedding-channel scores [hidden], combined over the norms of every layer (a hybrid's
+        Mamba and attention layers' in `ln_attn`, its MLP layers' in `ln_mlp`): L2 of the
         per-site scores for L2 aggregation (the same as one L2 over all samples and sites), their
         sum otherwise."""
         seq, samples = self._aggs(seq, samples)

@@ -230,7 +230,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype |
     if cfg.moe:
         _router_without_te()
     cfg.check_parallel(parallel.tp, 1 if layers_per_stage else parallel.pp, parallel.ep)
-    config = transformer_config(cfg, parallel, dtype, layers_per_stage)
+    # MambaStack splits layers evenly itself (build_hybrid_model refuses another split)
+    config = transformer_config(cfg, parallel, dtype, None if cfg.hybrid else layers_per_stage)
     if cfg.hybrid:
         model = build_hybrid_model(cfg, parallel, config, layers_per_stage)
         return [model.to(device())]

@@ -89,9 +89,11 @@ def build_hybrid_model(cfg: ModelConfig, parallel: ParallelConfig, config,
     from megatron.core import parallel_state
     from megatron.core.models.mamba import MambaModel
 
-    if parallel.vpp or layers_per_stage:
-        raise ConfigError("hybrid Mamba models take no virtual pipeline stages and no uneven "
-                          "layer split (Megatron's MambaStack splits layers evenly)")
+    if parallel.vpp or len(set(layers_per_stage or [0])) > 1:
+        raise ConfigError(f"hybrid Mamba models take no virtual pipeline stages and no uneven "
+                          f"layer split (Megatron's MambaStack splits layers evenly; here "
+                          f"{layers_per_stage} per stage): prune them at PP=1, or drop as many "
+                          "layers from each stage")
     model = MambaModel(
         config=config, mamba_stack_spec=local_stack_spec(cfg), vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,

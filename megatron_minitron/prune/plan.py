@@ -54,6 +54,13 @@ class PruneTarget:
                                       "its own highest-scored ones")
     shared_ffn: int | None = option(None, flag="--target-shared-ffn",
                                     help="MoE: neurons kept in the shared expert (Qwen2-MoE)")
+    mamba_heads: int | None = option(
+        None, flag="--target-mamba-heads",
+        help="hybrid models: Mamba heads kept per Mamba layer, the same number in each group "
+             "(its B and C stay whole), each group keeping its highest-scored heads")
+    mamba_head_dim: int | None = option(
+        None, flag="--target-mamba-head-dim",
+        help="hybrid models: channels kept per Mamba head, the same ones in every head of a layer")
     drop_layers: list[int] | None = option(
         None, parse=lambda s: [int(i) for i in s.split(",") if i.strip()],
         render=lambda v: ",".join(map(str, v)), metavar="I,J,...",
@@ -92,7 +99,8 @@ class PruneTarget:
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
                                            self.groups, self.layers, self.experts,
-                                           self.moe_ffn, self.shared_ffn))
+                                           self.moe_ffn, self.shared_ffn, self.mamba_heads,
+                                           self.mamba_head_dim))
 
 
 @dataclass
@@ -107,6 +115,11 @@ class PrunePlan:
     experts: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE; new expert j is
     # source expert experts[i][j]
     shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # shared-expert neurons
+    # hybrid: per Mamba layer, kept heads (global numbers) and the head dimensions every kept
+    # head keeps
+    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_dims: dict[int, torch.Tensor] = field(default_factory=dict)
+    norm_rescale: bool = True  # see slicing: RMSNorm weights keep the pruned channels' share
     notes: list[str] = field(default_factory=list)  # how the choices were made, for the log
 
     def summary(self) -> str:
@@ -115,8 +128,10 @@ class PrunePlan:
                f"ffn {m.ffn_hidden_size}")
         if m.moe_shared_ffn_hidden_size:
             mlp += f" + shared {m.moe_shared_ffn_hidden_size}"
+        mamba = (f", Mamba {m.mamba_heads} heads of {m.mamba_head_dim} ({m.hybrid_pattern})"
+                 if m.hybrid else "")
         return (f"layers {m.num_layers}, hidden {m.hidden_size}, {mlp}, "
-                f"heads {m.num_attention_heads} in {m.num_query_groups} groups")
+                f"heads {m.num_attention_heads} in {m.num_query_groups} groups{mamba}")
 
 
 def _check_range(name: str, value: int | None, original: int) -> None:
@@ -124,9 +139,13 @@ def _check_range(name: str, value: int | None, original: int) -> None:
         raise ConfigError(f"target {name} {value} must be between 1 and the original {original}")
 
 
-def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
-    """The target shape, validated against the original; raises ConfigError naming the problem."""
+def pruned_config(cfg: ModelConfig, t: PruneTarget, kept: list[int] | None = None
+                  ) -> ModelConfig:
+    """The target shape, validated against the original; raises ConfigError naming the problem.
+    A hybrid model's layer pattern follows the `kept` layers (make_plan passes them once chosen;
+    before that, dropped layers or, for a layer count, the pattern's first layers)."""
     experts, moe_ffn, shared_ffn = _moe_target(cfg, t)
+    mamba = _mamba_target(cfg, t)
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
@@ -157,13 +176,18 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
         raise ConfigError(f"target {heads} heads in {groups} groups needs {heads // groups} heads "
                           f"per group; the model has {per_group}")
     hidden, ffn = t.hidden or cfg.hidden_size, t.ffn or cfg.ffn_hidden_size
+    if cfg.hybrid:
+        if kept is None:
+            kept = ([i for i in range(cfg.num_layers) if i not in set(t.drop_layers)]
+                    if t.drop_layers else list(range(layers)))
+        mamba["hybrid_pattern"] = "".join(cfg.hybrid_pattern[i] for i in kept)
     if t.params is not None:
         if t.hidden or t.ffn or t.moe_ffn:
             raise ConfigError("give --target-params or --target-hidden/--target-ffn"
                               f"{'/--target-moe-ffn' if cfg.moe else ''}, not both")
         shape = dataclasses.replace(cfg, num_layers=layers, num_attention_heads=heads,
                                     num_query_groups=groups, num_moe_experts=experts,
-                                    moe_shared_ffn_hidden_size=shared_ffn)
+                                    moe_shared_ffn_hidden_size=shared_ffn, **mamba)
         hidden, width = width_for_params(shape, fraction_of(t.params, cfg.num_parameters()))
         moe_ffn, ffn = (width, ffn) if cfg.moe else (moe_ffn, width)
     new = dataclasses.replace(cfg, num_layers=layers, hidden_size=hidden,
@@ -172,11 +196,29 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget) -> ModelConfig:
                               num_attention_heads=heads, num_query_groups=groups,
                               # which layers slide is known once they are chosen (make_plan)
                               window_layers=cfg.window_layers if layers == cfg.num_layers
-                              else None)
-    if t.norm_rescale and cfg.traits.normalization == "RMSNorm":
+                              else None, **mamba)
+    if t.norm_rescale and cfg.traits.normalization == "RMSNorm" and not cfg.hybrid:
         new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
     new.validate()
     return new
+
+
+def _mamba_target(cfg: ModelConfig, t: PruneTarget) -> dict:
+    """The Mamba fields of the pruned shape: heads stay a multiple of the groups (each group
+    keeps as many, so B and C, shared within a group, stay whole)."""
+    if not cfg.hybrid:
+        for flag, value in (("--target-mamba-heads", t.mamba_heads),
+                            ("--target-mamba-head-dim", t.mamba_head_dim)):
+            if value is not None:
+                raise ConfigError(f"{flag}: this {cfg.family} model has no Mamba layers")
+        return {}
+    _check_range("mamba heads", t.mamba_heads, cfg.mamba_heads)
+    _check_range("mamba head dim", t.mamba_head_dim, cfg.mamba_head_dim)
+    heads = t.mamba_heads or cfg.mamba_heads
+    if heads % cfg.mamba_groups:
+        raise ConfigError(f"target Mamba heads {heads} is not a multiple of the "
+                          f"{cfg.mamba_groups} groups: each group keeps as many heads")
+    return dict(mamba_heads=heads, mamba_head_dim=t.mamba_head_dim or cfg.mamba_head_dim)
 
 
 def _moe_target(cfg: ModelConfig, t: PruneTarget
@@ -293,13 +335,15 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     if scores is None and target.needs_scores():
         raise ConfigError("width targets and --target-layers need a scores file (--scores)")
     notes: list[str] = []
+    layers = _kept_layers(cfg, target, scores, notes)
+    if cfg.hybrid:  # the pattern of the layers actually kept
+        new = pruned_config(cfg, target, layers)
     if target.params is not None:
         want = fraction_of(target.params, cfg.num_parameters())
         notes.append(f"target {want:,.0f} parameters: hidden {cfg.hidden_size} -> "
                      f"{new.hidden_size} and MLP {cfg.mlp_width} -> {new.mlp_width}, "
                      f"about one ratio (width, as the papers' 8B models; depth only when asked), "
                      f"{new.num_parameters() / want - 1:+.1%} from the target")
-    layers = _kept_layers(cfg, target, scores, notes)
     if cfg.window_layers is not None:  # a kept layer keeps its attention type
         new.window_layers = [cfg.window_layers[i] for i in layers]
     full = torch.arange
@@ -309,7 +353,9 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         hidden = _top(scores.hidden(), new.hidden_size)
     else:
         hidden = full(cfg.hidden_size)
-    plan = PrunePlan(new, layers, hidden, notes=notes)
+    plan = PrunePlan(new, layers, hidden, norm_rescale=target.norm_rescale, notes=notes)
+    if cfg.hybrid:
+        _plan_mamba(plan, cfg, scores)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     keep_per_group = new.num_attention_heads // new.num_query_groups
     # each pruned axis's scores once, for every layer (None: the axis keeps all its units)
@@ -348,3 +394,31 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
         plan.heads[i] = torch.cat([g * per_group + _top(head_scores[g], keep_per_group)
                                    for g in groups.tolist()])
     return plan
+
+
+def mamba_scores(scores: Scores, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads [L, heads], head dimensions [L, head_dim]) from the mixer's channel scores: the L2
+    norm of each head's channels, and of each head dimension over the heads."""
+    channels = scores.axis("mamba").view(cfg.num_layers, cfg.mamba_heads, cfg.mamba_head_dim)
+    return channels.norm(dim=2), channels.norm(dim=1)
+
+
+def _plan_mamba(plan: PrunePlan, cfg: ModelConfig, scores: Scores | None) -> None:
+    """Per kept Mamba layer: each group's highest-scored heads, and the head dimensions with the
+    highest scores over all heads (one set for every head: the scan needs one head width)."""
+    new, full = plan.model, torch.arange
+    per_group, keep = (n // cfg.mamba_groups for n in (cfg.mamba_heads, new.mamba_heads))
+    pruned = new.mamba_inner < cfg.mamba_inner
+    by_head, by_dim = mamba_scores(scores, cfg) if pruned else (None, None)
+    for i in plan.layers:
+        if cfg.hybrid_pattern[i] != "M":
+            continue
+        if keep < per_group:
+            groups = by_head[i].view(cfg.mamba_groups, per_group)
+            plan.mamba_heads[i] = torch.cat([g * per_group + _top(groups[g], keep)
+                                             for g in range(cfg.mamba_groups)])
+        else:
+            plan.mamba_heads[i] = full(cfg.mamba_heads)
+        plan.mamba_dims[i] = (_top(by_dim[i], new.mamba_head_dim)
+                              if new.mamba_head_dim < cfg.mamba_head_dim else
+                              full(cfg.mamba_head_dim))

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_minitron.checkpoint.layout import (
     EMBEDDING,
+    FINAL_NORMS,
     LOCAL_EXPERTS,
     OUTPUT_LAYER,
     renumber_expert,
@@ -34,10 +35,12 @@ from megatron_minitron.runtime.progress import Progress
 VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
 
 
-def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "",
-          experts: torch.Tensor | None = None, skip_experts: bool = False) -> None:
-    """Copy every parameter, sliced; names passed to `slicer` carry `prefix`. New expert j is
-    source expert experts[j]; the source's other experts are left behind (all of them with
+def _copy(src_module, dst_module, cfg: ModelConfig, new_cfg: ModelConfig, slicer,
+          prefix: str = "", experts: torch.Tensor | None = None, skip_experts: bool = False
+          ) -> None:
+    """Copy every parameter, sliced (gathered at the source shape `cfg`, sharded again at the
+    pruned one `new_cfg`); names passed to `slicer` carry `prefix`. New expert j is source
+    expert experts[j]; the source's other experts are left behind (all of them with
     `skip_experts`, for `_copy_experts_over_ep`)."""
     def params(module) -> dict:
         return {prefix + n: p for n, p in module.named_parameters()
@@ -55,7 +58,8 @@ def _copy(src_module, dst_module, cfg: ModelConfig, slicer, prefix: str = "",
             if name in VOCAB_PARALLEL:
                 new = slicer(name, p.detach())
             else:
-                new = local_shard(name, slicer(name, full_tensor(name, p, cfg)), dst[name], cfg)
+                new = local_shard(name, slicer(name, full_tensor(name, p, cfg)), dst[name],
+                                  new_cfg)
             if new.shape != dst[name].shape:
                 raise RuntimeError(f"{name}: sliced to {tuple(new.shape)}, the pruned model "
                                    f"expects {tuple(dst[name].shape)}")
@@ -136,7 +140,7 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
         if src_i in src_layers:
             slicer = partial(slice_layer_tensor, src=src, plan=plan, layer=src_i)
             over_ep = src.moe and parallel.ep > 1
-            _copy(src_layers[src_i], new_layers[new_i], src, slicer,
+            _copy(src_layers[src_i], new_layers[new_i], src, plan.model, slicer,
                   experts=None if over_ep else plan.experts.get(src_i), skip_experts=over_ep)
             if over_ep:
                 _copy_experts_over_ep(src_layers[src_i], new_layers[new_i], src, slicer,
@@ -145,11 +149,12 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
                 _release(src_layers[src_i])
         progress.update(1)
     for old, new in zip(chunks, new_chunks, strict=True):
-        for path in ("embedding", "output_layer", "decoder.final_layernorm"):
+        for path in ("embedding", "output_layer", *FINAL_NORMS):
             parent, _, attr = path.rpartition(".")
             a, b = (getattr(m.decoder if parent else m, attr, None) for m in (old, new))
             if a is not None:
-                _copy(a, b, src, lambda name, t: slice_model_tensor(name, t, src, plan),
+                _copy(a, b, src, plan.model,
+                      lambda name, t: slice_model_tensor(name, t, src, plan),
                       prefix=path + ".")
                 if release_source:
                     _release(a)

@@ -3,7 +3,9 @@
 RMSNorm and hidden pruning: a norm over h' < h channels divides by the RMS of h' values. We scale
 the norm weights by sqrt(h / h') and epsilon by h / h' (in `pruned_config`), which is exactly the
 norm over all h channels with the pruned ones at zero: a channel that carried nothing can be
-pruned without changing the function. LayerNorm (Nemotron) is sliced without rescaling.
+pruned without changing the function. LayerNorm (Nemotron) is sliced without rescaling. Hybrid
+models keep epsilon (transformers' NemotronH has one epsilon for its block norms and its Mamba
+gated norms, and Megatron fixes the gated norms' at 1e-5): exact but for epsilon there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from megatron_minitron.checkpoint.layout import (
     EMBEDDING,
+    MAMBA_MIXER,
     NORM_PARAMS,
     OUTPUT_LAYER,
     QK_NORMS,
@@ -21,6 +24,8 @@ from megatron_minitron.checkpoint.layout import (
     expert_number,
     fc1_rows,
     head_columns,
+    mamba_channels,
+    mamba_rows,
     qk_rows_mask,
     qkv_rows,
 )
@@ -42,8 +47,8 @@ def take(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor |
 
 
 def norm_scale(src: ModelConfig, plan: PrunePlan) -> float:
-    if src.traits.normalization != "RMSNorm" or plan.model.norm_epsilon == src.norm_epsilon:
-        return 1.0  # LayerNorm, no hidden pruning, or rescaling switched off
+    if src.traits.normalization != "RMSNorm" or not plan.norm_rescale:
+        return 1.0  # LayerNorm, or rescaling switched off
     return math.sqrt(src.hidden_size / plan.model.hidden_size)
 
 
@@ -91,9 +96,32 @@ def slice_model_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: Prune
     raise KeyError(f"no pruning rule for {name}")
 
 
+def _slice_mixer(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan, layer: int
+                 ) -> torch.Tensor:
+    """A Mamba mixer's tensor (`name` after `mixer.`). The gated norm is an RMSNorm over each
+    group's heads x head_dim channels: with `norm_rescale` its weight is scaled by
+    sqrt(N / N') for N -> N' channels per group, as for the hidden norms (exact for pruned
+    channels that carried nothing but for the norm's fixed epsilon, 1e-5 in Megatron)."""
+    heads, dims, hidden = plan.mamba_heads[layer], plan.mamba_dims[layer], plan.hidden
+    if name in ("in_proj.weight", "conv1d.weight", "conv1d.bias"):
+        return take(t, mamba_rows(name, src, heads, dims), hidden if "in_proj" in name else None)
+    if name in ("A_log", "D", "dt_bias"):
+        return take(t, heads)
+    channels = mamba_channels(src, heads, dims)
+    if name == "out_proj.weight":
+        return take(t, hidden, channels)
+    if name == "norm.weight":
+        t = take(t, channels)
+        scale = math.sqrt(src.mamba_inner / plan.model.mamba_inner)
+        return t if not plan.norm_rescale or scale == 1.0 else (t.float() * scale).to(t.dtype)
+    raise KeyError(f"no pruning rule for Mamba mixer tensor {name}")
+
+
 def slice_layer_tensor(name: str, t: torch.Tensor, src: ModelConfig, plan: PrunePlan,
                        layer: int) -> torch.Tensor:
     """One tensor of source layer `layer`; `name` is relative to the layer module."""
+    if name.startswith(MAMBA_MIXER):
+        return _slice_mixer(name.removeprefix(MAMBA_MIXER), t, src, plan, layer)
     if name.endswith(QK_NORMS):
         return t  # one head's norm, shared by all heads: no pruned axis touches it
     if name.endswith(NORM_PARAMS):

@@ -70,7 +70,7 @@ def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
                      heads=then(first.heads, second.heads), ffn=ffn,
                      experts=then(first.experts, second.experts),
                      shared_ffn=then(first.shared_ffn, second.shared_ffn),
-                     notes=first.notes + second.notes)
+                     norm_rescale=first.norm_rescale, notes=first.notes + second.notes)
 
 
 @dataclass
