@@ -303,9 +303,54 @@ def test_nemotron_h_importance_and_pruning_are_the_same_at_tp1_and_tp2_sp(tmp_pa
     assert (hf_logits(tmp_path / "p1_hf", tiny_tokens) - ours).abs().max() <= 1e-5
 
 
+def test_nemotron_h_student_distils_the_same_under_dp2_and_tp2_sp(tmp_path):
+    """A NemotronH pruned in Mamba heads, hidden and depth learns from its teacher (KL, LM and
+    hidden-state losses; backward through the CPU scan): the trajectory and gradient norm at
+    DP2 and at TP2 with sequence parallelism are one process's, the validation loss falls, and
+    the distilled student exports to a checkpoint transformers loads with its logits."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+    from tests.test_distill import _distill_args, _losses
+
+    teacher = tmp_path / "teacher"
+    assert main(["convert", str(tiny_nemotron_h(tmp_path / "hf", seed=2)), str(teacher)]) == 0
+    d = tmp_path / "data"
+    d.mkdir()
+    scores = _scores_of(teacher, tmp_path / "s.safetensors")
+    assert main(["prune", "--load", str(teacher), "--scores", str(scores), "--target-mamba-heads",
+                 "2", "--target-hidden", "40", "--drop-layers", "4",
+                 "--out", str(d / "student")]) == 0
+    for name, files in (("train", train_plays()[:1]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                     "--output-prefix", str(d / name)]) == 0
+    extra = ("--hidden-weight", "0.5")
+    assert main(_distill_args((teacher, d), tmp_path / "single", 3, *extra)) == 0
+    ref = _losses(tmp_path / "single")
+    for name, flags in (("dp2", ()), ("tp2", ("--tp", "2", "--sequence-parallel"))):
+        run_cli(*_distill_args((teacher, d), tmp_path / name, 3, *extra), *flags, nproc=2)
+        for (i, a, ga), (j, b, gb) in zip(ref, _losses(tmp_path / name), strict=True):
+            assert i == j and abs(a - b) <= 1e-5 and abs(ga - gb) <= 1e-4, (name, i, a, b)
+    metrics = (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+    valid = [r["val_kd"] for r in map(json.loads, metrics) if "val_kd" in r]
+    assert len(valid) >= 2 and valid[-1] < valid[0], valid
+    last = tmp_path / "single" / (tmp_path / "single" / "latest").read_text().strip()
+    assert main(["convert", str(last), str(tmp_path / "out_hf"), "--to", "hf"]) == 0
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    ours = in_process_logits(last, tokens)
+    assert (hf_logits(tmp_path / "out_hf", tokens) - ours).abs().max() <= 1e-5
+
+
+def _scores_of(ckpt, out):
+    from megatron_minitron.data.demo import train_plays
+
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "0",
+                 "--out", str(out)]) == 0
+    return out
+
+
 def test_hybrid_models_are_refused_where_they_are_not_handled_yet(tmp_path, capsys,
                                                                  tiny_llama_ckpt):
-    """Distillation, head-masking losses and re-scored pruning strategies do not handle Mamba
+    """Search, head-masking losses and re-scored pruning strategies do not handle Mamba
     layers yet: each refuses a hybrid checkpoint in one line before any work, as do the
     Megatron-LM format, Mamba targets on a model without Mamba layers or that split the groups
     unevenly, and a NemotronH whose config asks for what the conversion does not implement."""
@@ -322,8 +367,10 @@ def test_hybrid_models_are_refused_where_they_are_not_handled_yet(tmp_path, caps
                             "--head-samples", "2"], "--head-samples"),
             ("prune", ["--load", str(ckpt), "--drop-layers", "1", "--out", str(tmp_path / "p"),
                        "--order", "depth-first"], "--strategy auto and --order"),
-            ("distill", ["--teacher", str(ckpt), "--student", str(ckpt), "--data", data,
-                         "--save", str(tmp_path / "d"), "--train-iters", "1"], "distill")):
+            ("search", ["--load", str(ckpt), "--scores", str(tmp_path / "s.safetensors"),
+                        "--target-params", "0.5", "--data", data, "--valid-data", data,
+                        "--out", str(tmp_path / "d")],
+             "search")):
         fails(capsys, [verb, *args], f"{what} does not handle hybrid Mamba models yet")
     fails(capsys, ["prune", "--load", str(ckpt), "--target-mamba-heads", "3", "--out",
                    str(tmp_path / "p")], "not a multiple of the 2 groups")
@@ -331,7 +378,7 @@ def test_hybrid_models_are_refused_where_they_are_not_handled_yet(tmp_path, caps
                    "--out", str(tmp_path / "p")], "has no Mamba layers")
     fails(capsys, ["convert", str(ckpt), str(tmp_path / "lm"), "--to", "megatron-lm"],
           "hybrid Mamba models are written")
-    assert not any((tmp_path / n).exists() for n in ("s.safetensors", "p", "lm"))
+    assert not any((tmp_path / n).exists() for n in ("s.safetensors", "p", "d", "lm"))
 
     cfg = json.loads((hf / "config.json").read_text())
     for key, value in (("use_conv_bias", False), ("time_step_limit", [0.0, 2.0]),

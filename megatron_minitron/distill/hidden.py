@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_minitron.checkpoint.layout import FINAL_NORMS
 from megatron_minitron.config import CheckpointMeta, ConfigError
 
 
@@ -30,12 +31,14 @@ def hidden_map(teacher: CheckpointMeta, student: CheckpointMeta) -> torch.Tensor
 
 
 class FinalHidden:
-    """Keeps the last output of the final norm of a last-stage GPTModel chunk: [s, b, h]
-    ([s/tp, b, h] under sequence parallelism). Absent (None) on other stages."""
+    """Keeps the last output of the final norm of a last-stage chunk (GPTModel or MambaModel):
+    [s, b, h] ([s/tp, b, h] under sequence parallelism). Absent (None) on other stages."""
 
     def __init__(self, chunk):
         self.value: torch.Tensor | None = None
-        norm = getattr(getattr(chunk, "decoder", None), "final_layernorm", None)
+        decoder = getattr(chunk, "decoder", None)
+        norm = next((n for n in (getattr(decoder, path.rpartition(".")[2], None)
+                                 for path in FINAL_NORMS) if n is not None), None)
         self.handle = norm.register_forward_hook(self._keep) if norm is not None else None
 
     def _keep(self, _module, _inputs, output) -> None:

@@ -222,8 +222,6 @@ class Distiller:
 
         self.cfg, self.save, self.teacher_path = cfg, Path(save), Path(teacher)
         t_meta, self.s_meta = mcore.read_meta(teacher), mcore.read_meta(student)
-        for m in (t_meta, self.s_meta):
-            m.model.require_transformer("distill")
         if cfg.moe_aux_loss_coeff is not None:  # the student trains (and is saved) with it
             if not self.s_meta.model.moe:
                 raise ConfigError("--moe-aux-loss-coeff: the student has no experts")
