@@ -65,7 +65,6 @@ COMPAT_TESTS ?= $(T)/test_layout.py $(T)/test_precision.py \
 	$(T)/test_importance.py::test_every_axis_and_aggregation_matches_naive_reference \
 	$(T)/test_importance.py::test_skip_loss_equals_the_loss_of_an_identity_layer \
 	$(T)/test_importance.py::test_head_mask_loss_equals_the_loss_without_that_heads_output \
-	$(T)/test_importance.py::test_scores_are_identical_under_tp_sp_pp_and_dp \
 	"$(T)/test_prune.py::test_same_pruned_checkpoint_from_any_layout_and_loadable_anywhere[llama]" \
 	"$(T)/test_prune.py::test_pruning_units_that_contribute_nothing_keeps_the_logits[qwen3]"
 
