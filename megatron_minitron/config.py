@@ -154,6 +154,13 @@ class ModelConfig:
         return self.hybrid_pattern is not None
 
     @property
+    def attention_layers(self) -> list[int] | None:
+        """A hybrid's attention layers (None: every layer has attention)."""
+        if not self.hybrid:
+            return None
+        return [i for i, kind in enumerate(self.hybrid_pattern) if kind == "*"]
+
+    @property
     def mamba_inner(self) -> int:
         """A Mamba mixer's channels (heads x head_dim): the width of x, z and the gated norm."""
         return self.mamba_heads * self.mamba_head_dim
@@ -189,14 +196,6 @@ class ModelConfig:
             if not 1 <= self.moe_router_topk <= self.num_moe_experts:
                 raise ConfigError(f"moe_router_topk={self.moe_router_topk} must be between 1 "
                                   f"and num_moe_experts={self.num_moe_experts}")
-
-    def require_transformer(self, verb: str) -> None:
-        """Refuse a hybrid model in a verb that does not handle Mamba layers yet."""
-        if self.hybrid:
-            raise ConfigError(f"{verb} does not handle hybrid Mamba models yet ({self.family}, "
-                              f"layers {self.hybrid_pattern}); convert, eval, generate, "
-                              "importance, prune (--strategy given) and the Hugging Face export "
-                              "do")
 
     def _validate_hybrid(self) -> None:
         if len(self.hybrid_pattern) != self.num_layers or set(self.hybrid_pattern) - set("M*-"):

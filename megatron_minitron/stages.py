@@ -167,8 +167,6 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
     rechoose = settings.strategy == "auto" or settings.order != "joint"
-    if rechoose:
-        meta.model.require_transformer("--strategy auto and --order")
     if rechoose and loaded is None:
         raise ConfigError("--strategy auto and --order re-score on calibration data: they need "
                           "--scores")

@@ -271,7 +271,8 @@ def test_nemotron_h_importance_and_pruning_are_the_same_at_tp1_and_tp2_sp(tmp_pa
     ckpt = tmp_path / "mcore"
     assert main(["convert", str(tiny_nemotron_h(tmp_path / "hf", seed=1)), str(ckpt)]) == 0
     args = ["importance", "--load", str(ckpt), "--data", str(train_plays()[1]), "--samples", "8",
-            "--seq-length", "32", "--depth-samples", "4", "--micro-batch-size", "2", "--out"]
+            "--seq-length", "32", "--depth-samples", "4", "--head-samples", "2",
+            "--micro-batch-size", "2", "--out"]
     assert main([*args, str(tmp_path / "tp1.safetensors")]) == 0
     run_cli(*args, str(tmp_path / "tp2.safetensors"), "--tp", "2", "--sequence-parallel",
             nproc=2)
@@ -279,6 +280,8 @@ def test_nemotron_h_importance_and_pruning_are_the_same_at_tp1_and_tp2_sp(tmp_pa
     assert got.tensors.keys() == ref.tensors.keys()
     for k, v in ref.tensors.items():
         torch.testing.assert_close(got.tensors[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    masked = ref.tensors["heads.mask_loss"].abs().sum(1)  # attention layers only
+    assert masked[1] > 0 and (masked[[0, 2, 3, 4, 5]] == 0).all()
     kinds = torch.tensor([ord(c) for c in "M*-M-M"])
     for site, where in (("mamba", "M"), ("ln_attn", "M*"), ("ln_mlp", "-"), ("heads", "*"),
                         ("ffn", "-")):
@@ -339,46 +342,92 @@ def test_nemotron_h_student_distils_the_same_under_dp2_and_tp2_sp(tmp_path):
     assert (hf_logits(tmp_path / "out_hf", tokens) - ours).abs().max() <= 1e-5
 
 
-def _scores_of(ckpt, out):
+def test_nemotron_h_strategy_auto_chooses_alike_at_tp1_and_tp2_sp(tmp_path):
+    """--strategy auto on a hybrid (Mamba heads and head dimensions, hidden and a layer cut):
+    the head metrics, the RMSNorm rescale (hidden and gated norms) and the three orders are
+    its candidates, with the same losses (1e-5) and the same written shape at TP2 with sequence
+    parallelism; the written checkpoint's loss on the selection windows, computed afresh, is the
+    lowest in the table."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.prune.strategy import calibration
+
+    src = tmp_path / "src"
+    assert main(["convert", str(tiny_nemotron_h(tmp_path / "hf", seed=4)), str(src)]) == 0
+    scores = _scores_of(src, tmp_path / "s.safetensors", "--depth-samples", "2",
+                        "--head-samples", "2")
+    args = ("prune", "--load", str(src), "--scores", str(scores), "--strategy", "auto",
+            "--select-samples", "4", "--target-mamba-heads", "2", "--target-mamba-head-dim", "6",
+            "--target-hidden", "40", "--target-layers", "5")
+    assert main([*args, "--out", str(tmp_path / "tp1"), "--json", str(tmp_path / "tp1.json")]) == 0
+    run_cli(*args, "--out", str(tmp_path / "tp2"), "--json", str(tmp_path / "tp2.json"),
+            "--tp", "2", "--sequence-parallel", nproc=2)
+    ref, got = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("tp1", "tp2"))
+    table = ref["candidates"]
+    assert len(table) == 1 + 2 + 1 + 2  # as given, the other head metrics, rescale, orders
+    assert [r["strategy"] for r in got["candidates"]] == [r["strategy"] for r in table]
+    for a, b in zip(got["candidates"], table, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["strategy"]
+    assert (got["model"], got["kept_layers"]) == (ref["model"], ref["kept_layers"])
+    cal = calibration(src, load_scores(scores).meta, 4)
+    written = evaluate_windows(load_in_process(tmp_path / "tp1")[1], cal.select, 1).loss
+    assert written == pytest.approx(min(r["loss"] for r in table), abs=1e-5)
+
+
+def test_nemotron_h_search_cuts_mamba_heads_within_groups(tmp_path):
+    """`search` over hidden, MLP and Mamba heads on a hybrid: the candidates spread over the
+    Mamba head counts (whole heads per group); each is pruned to exactly the parameter count it
+    was chosen by (the built model's own count) and briefly distilled, and they are ranked by
+    their loss after KD."""
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    teacher = tmp_path / "teacher"
+    assert main(["convert", str(tiny_nemotron_h(tmp_path / "hf", seed=5)), str(teacher)]) == 0
+    for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer", str(teacher),
+                     "--output-prefix", str(tmp_path / name)]) == 0
+    scores = _scores_of(teacher, tmp_path / "s.safetensors")
+    assert main(["search", "--load", str(teacher), "--scores", str(scores), "--data",
+                 str(tmp_path / "train"), "--valid-data", str(tmp_path / "valid"), "--out",
+                 str(tmp_path / "search"), "--target-params", "40000", "--axes", "hidden",
+                 "ffn", "mamba_heads", "--candidates", "2", "--step", "8", "--kd-tokens", "256",
+                 "--global-batch-size", "4", "--seq-length", "32", "--eval-iters", "1"]) == 0
+    ranking = json.loads((tmp_path / "search" / "results.json").read_text())["ranking"]
+    assert {r["mamba_heads"] for r in ranking} == {2, 4}
+    for r in ranking:
+        cfg, chunks = load_in_process(tmp_path / "search" / r["name"] / "pruned")
+        assert cfg.mamba_heads == r["mamba_heads"] and cfg.hidden_size == r["hidden"]
+        assert sum(p.numel() for p in chunks[0].parameters()) == r["params"]
+    assert [r["loss_kd"] for r in ranking] == sorted(r["loss_kd"] for r in ranking)
+
+
+def _scores_of(ckpt, out, *flags):
     from megatron_minitron.data.demo import train_plays
 
     assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
-                 "--samples", "8", "--seq-length", "32", "--depth-samples", "0",
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "0", *flags,
                  "--out", str(out)]) == 0
     return out
 
 
-def test_hybrid_models_are_refused_where_they_are_not_handled_yet(tmp_path, capsys,
-                                                                 tiny_llama_ckpt):
-    """Search, head-masking losses and re-scored pruning strategies do not handle Mamba
-    layers yet: each refuses a hybrid checkpoint in one line before any work, as do the
-    Megatron-LM format, Mamba targets on a model without Mamba layers or that split the groups
-    unevenly, and a NemotronH whose config asks for what the conversion does not implement."""
-    from megatron_minitron.data.demo import train_plays
+def test_what_hybrid_models_cannot_take_is_refused_in_one_line(tmp_path, capsys,
+                                                               tiny_llama_ckpt):
+    """Mamba targets on a model without Mamba layers or that would split the groups unevenly,
+    the Megatron-LM format for a hybrid, and a NemotronH whose config asks for what the
+    conversion does not implement: each refused in one line before any work."""
     from tests.conftest import fails
 
     hf = tiny_nemotron_h(tmp_path / "hf")
     ckpt = tmp_path / "mcore"
     assert main(["convert", str(hf), str(ckpt)]) == 0
     capsys.readouterr()  # transformers' progress bars
-    data = str(train_plays()[0])
-    for verb, args, what in (
-            ("importance", ["--load", str(ckpt), "--out", str(tmp_path / "s.safetensors"),
-                            "--head-samples", "2"], "--head-samples"),
-            ("prune", ["--load", str(ckpt), "--drop-layers", "1", "--out", str(tmp_path / "p"),
-                       "--order", "depth-first"], "--strategy auto and --order"),
-            ("search", ["--load", str(ckpt), "--scores", str(tmp_path / "s.safetensors"),
-                        "--target-params", "0.5", "--data", data, "--valid-data", data,
-                        "--out", str(tmp_path / "d")],
-             "search")):
-        fails(capsys, [verb, *args], f"{what} does not handle hybrid Mamba models yet")
     fails(capsys, ["prune", "--load", str(ckpt), "--target-mamba-heads", "3", "--out",
                    str(tmp_path / "p")], "not a multiple of the 2 groups")
     fails(capsys, ["prune", "--load", str(tiny_llama_ckpt), "--target-mamba-head-dim", "4",
                    "--out", str(tmp_path / "p")], "has no Mamba layers")
     fails(capsys, ["convert", str(ckpt), str(tmp_path / "lm"), "--to", "megatron-lm"],
           "hybrid Mamba models are written")
-    assert not any((tmp_path / n).exists() for n in ("s.safetensors", "p", "d", "lm"))
+    assert not any((tmp_path / n).exists() for n in ("p", "lm"))
 
     cfg = json.loads((hf / "config.json").read_text())
     for key, value in (("use_conv_bias", False), ("time_step_limit", [0.0, 2.0]),

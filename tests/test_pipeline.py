@@ -24,6 +24,9 @@ PUBLISHED = {
     "llama31-8b-to-4b-depth.yaml": (8.03e9, 4.51e9),
     "mistral-nemo-12b-to-minitron-8b.yaml": (12.2e9, 8.41e9),  # MN-Minitron-8B
     "qwen3-8b-to-6b.yaml": (8.19e9, 6.0e9),  # Model Optimizer's Qwen3-8B -> 6B example
+    # Nemotron-H-8B-Base-8K ("8B"; 8.10e9 for the shape Megatron-Bridge's provider gives) and
+    # Nemotron-H-4B-Base-8K (4.49e9 summed over its safetensors)
+    "nemotron-h-8b-to-4b.yaml": (8.10e9, 4.49e9),
 }
 
 

@@ -73,9 +73,11 @@ def masking_heads(chunks, layer: int, heads: int, kv_channels: int, copies_here:
 
 
 def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
-                     samples: torch.Tensor) -> torch.Tensor:
+                     samples: torch.Tensor, attention_layers: list[int] | None = None
+                     ) -> torch.Tensor:
     """[layers, heads] float64: mean LM loss with the head masked minus the unmasked loss, on
-    `samples` [N, L+1] (split over data-parallel ranks)."""
+    `samples` [N, L+1] (split over data-parallel ranks); zero in layers without attention (a
+    hybrid's, where `attention_layers` lists those with it)."""
     from megatron.core import parallel_state
 
     late_copies = parallel_state.get_pipeline_model_parallel_world_size() == 1
@@ -86,10 +88,11 @@ def head_mask_losses(chunks, num_layers: int, heads: int, kv_channels: int,
     def per_replica(output: torch.Tensor, _mb) -> torch.Tensor:  # losses [heads + 1, s]
         return output.detach().double().sum(-1)
 
-    progress = Progress("importance: head masking", num_layers, unit="layers", every_s=30,
+    layers = list(range(num_layers)) if attention_layers is None else attention_layers
+    progress = Progress("importance: head masking", len(layers), unit="layers", every_s=30,
                         hint="pass --head-samples lower (or 0) for a shorter calibration")
     rows = torch.zeros(num_layers, heads + 1, dtype=torch.float64, device=device())
-    for i in range(num_layers):
+    for i in layers:
         with masking_heads(chunks, i, heads, kv_channels, late_copies):
             outs = forward_microbatches(chunks, mbs, per_replica)
         if outs:

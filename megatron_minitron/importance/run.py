@@ -49,8 +49,6 @@ class ImportanceConfig:
             if not 1 <= k < num_layers:
                 raise ConfigError(f"block size {k} must be between 1 and {num_layers - 1} "
                                   f"(the model has {num_layers} layers)")
-        if self.head_samples and model.hybrid:
-            model.require_transformer("--head-samples")
         if min(self.depth_samples, self.head_samples) < 0 or self.micro_batch_size < 1:
             raise ConfigError("depth and head samples must be >= 0 and micro batch size >= 1")
 
@@ -95,7 +93,7 @@ def compute_importance(chunks, model: ModelConfig, samples: torch.Tensor, cfg: I
         t = time.time()
         tensors["heads.mask_loss"] = head_mask_losses(
             chunks, model.num_layers, model.num_attention_heads, model.kv_channels,
-            samples[:cfg.head_samples])
+            samples[:cfg.head_samples], model.attention_layers)
         seconds["heads"] = time.time() - t
     info = {"format": FORMAT, "model": model.to_dict(), "samples": int(samples.shape[0]),
             "seq_length": int(samples.shape[1] - 1), "seq_agg": cfg.seq_agg,

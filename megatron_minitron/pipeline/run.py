@@ -407,5 +407,7 @@ def _short(argv: list[str], keep: int = 2) -> str:
 
 
 def _shape(m: ModelConfig) -> str:
+    mamba = (f", Mamba heads {m.mamba_heads}/{m.mamba_groups} groups of {m.mamba_head_dim}"
+             if m.hybrid else "")
     return (f"layers {m.num_layers}, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, heads "
-            f"{m.num_attention_heads}/{m.num_query_groups} groups")
+            f"{m.num_attention_heads}/{m.num_query_groups} groups{mamba}")

@@ -44,7 +44,8 @@ def split_target(cfg: ModelConfig, t: PruneTarget) -> tuple[PruneTarget, PruneTa
     parameter budget means the same whichever is cut first."""
     final = pruned_config(cfg, t)
     depth = dataclasses.replace(t, params=None, hidden=None, ffn=None, heads=None, groups=None,
-                                experts=None, moe_ffn=None, shared_ffn=None)
+                                experts=None, moe_ffn=None, shared_ffn=None, mamba_heads=None,
+                                mamba_head_dim=None)
     mlp = (dict(experts=final.num_moe_experts, moe_ffn=final.moe_ffn_hidden_size,
                 shared_ffn=final.moe_shared_ffn_hidden_size) if cfg.moe else
            dict(ffn=final.ffn_hidden_size))
@@ -70,6 +71,8 @@ def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
                      heads=then(first.heads, second.heads), ffn=ffn,
                      experts=then(first.experts, second.experts),
                      shared_ffn=then(first.shared_ffn, second.shared_ffn),
+                     mamba_heads=then(first.mamba_heads, second.mamba_heads),
+                     mamba_dims=then(first.mamba_dims, second.mamba_dims),
                      norm_rescale=first.norm_rescale, notes=first.notes + second.notes)
 
 
@@ -168,10 +171,12 @@ def choices(cfg: ModelConfig, t: PruneTarget, scores: Scores) -> list[list[dict]
         out.append([{"expert_metric": m} for m in EXPERT_METRICS])
     if neurons:
         out.append([{"expert_neurons": m} for m in EXPERT_NEURONS])
-    if new.hidden_size < cfg.hidden_size and cfg.traits.normalization == "RMSNorm":
+    if cfg.traits.normalization == "RMSNorm" and (new.hidden_size < cfg.hidden_size or
+                                                  new.mamba_inner < cfg.mamba_inner):
         out.append([{"norm_rescale": True}, {"norm_rescale": False}])
     width = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-             "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
+             "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size",
+             "mamba_heads", "mamba_head_dim")
     if new.num_layers < cfg.num_layers and any(getattr(new, k) != getattr(cfg, k) for k in width):
         out.append([{"order": o} for o in ORDERS])
     return out

@@ -126,7 +126,6 @@ def _search(teacher: Path, scores: Path, cfg: SearchConfig, data: list[str], val
     from megatron_minitron.checkpoint import mcore
 
     t = mcore.read_meta(teacher).model
-    t.require_transformer("search")
     candidates = plan(t, cfg, parallel.tp)
     if is_main_rank():
         out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,10 @@
 Homogeneous shapes (every layer the same) over the chosen axes: hidden and MLP width in multiples
 of `step` (and of the TP size), query heads in whole heads per group (all groups kept, K/V kept,
 as Minitron prunes heads), layer counts down to half; for a mixture of experts the MLP width is
-each expert's, and the expert count goes down to the router's top-k. A shape is a candidate when
+each expert's, and the expert count goes down to the router's top-k; for a hybrid (Mamba) model
+Mamba heads in whole heads per group (Minitron-SSM's group-aware cut), every layer kept (which
+kinds a depth cut removes, and so its size, is the depth scores' choice: `prune --target-layers`
+makes it). A shape is a candidate when
 its exact parameter count (ModelConfig.num_parameters, the built model's own count; total, or
 active per token) is within `tolerance` of the target. From all candidates K are kept, spread
 from the deepest to the shallowest: the paper's finding is that width-heavy and depth-heavy
@@ -20,7 +23,8 @@ from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.options import fraction_of
 from megatron_minitron.prune.plan import PruneTarget
 
-AXES = ("hidden", "ffn", "heads", "layers", "experts")  # experts: MoE teachers only
+# experts: MoE teachers only; mamba_heads: hybrid ones only
+AXES = ("hidden", "ffn", "heads", "layers", "experts", "mamba_heads")
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,13 @@ class Candidate:
     params: int
     experts: int | None = None  # MoE
     active_params: int = 0  # per token; the total under MoE, where every parameter is used
+    mamba_heads: int | None = None  # hybrid
 
     @property
     def name(self) -> str:
         experts = f"-e{self.experts}" if self.experts else ""
-        return f"L{self.layers}-h{self.hidden}-f{self.ffn}-a{self.heads}{experts}"
+        mamba = f"-m{self.mamba_heads}" if self.mamba_heads else ""
+        return f"L{self.layers}-h{self.hidden}-f{self.ffn}-a{self.heads}{experts}{mamba}"
 
     def target(self, teacher: ModelConfig) -> PruneTarget:
         """The prune target; axes left at the teacher's size are not pruned."""
@@ -48,11 +54,14 @@ class Candidate:
                            moe_ffn=ffn if teacher.moe else None,
                            experts=keep(self.experts, teacher.num_moe_experts),
                            heads=keep(self.heads, teacher.num_attention_heads),
-                           layers=keep(self.layers, teacher.num_layers))
+                           layers=keep(self.layers, teacher.num_layers),
+                           mamba_heads=keep(self.mamba_heads, teacher.mamba_heads or None))
 
     def model(self, teacher: ModelConfig) -> ModelConfig:
         width = ({"moe_ffn_hidden_size": self.ffn, "num_moe_experts": self.experts}
                  if teacher.moe else {"ffn_hidden_size": self.ffn})
+        if teacher.hybrid:
+            width["mamba_heads"] = self.mamba_heads
         return dataclasses.replace(teacher, hidden_size=self.hidden, num_layers=self.layers,
                                    num_attention_heads=self.heads, **width)
 
@@ -90,13 +99,18 @@ def enumerate_shapes(teacher: ModelConfig, target_params: float, tolerance: floa
     heads = [g * k for k in range(1, per_group + 1)] if "heads" in axes \
         else [teacher.num_attention_heads]
     layers = range(max(1, int(teacher.num_layers * min_depth)), teacher.num_layers + 1) \
-        if "layers" in axes else [teacher.num_layers]
+        if "layers" in axes and not teacher.hybrid else [teacher.num_layers]
+    mamba = [None]
+    if teacher.hybrid:
+        mg, m_per_group = teacher.mamba_groups, teacher.mamba_heads // teacher.mamba_groups
+        mamba = ([mg * k for k in range(1, m_per_group + 1) if mg * k % tp == 0]
+                 if "mamba_heads" in axes else [teacher.mamba_heads])
     out = []
-    for n_layers, a, h, f, e in itertools.product(layers, heads, hidden, ffn, experts):
-        model = Candidate(h, f, a, n_layers, 0, e).model(teacher)
+    for n_layers, a, h, f, e, m in itertools.product(layers, heads, hidden, ffn, experts, mamba):
+        model = Candidate(h, f, a, n_layers, 0, e, mamba_heads=m).model(teacher)
         total, per_token = model.num_parameters(), model.num_parameters(active=True)
         if abs((per_token if active else total) / target_params - 1) <= tolerance:
-            out.append(Candidate(h, f, a, n_layers, total, e, per_token))
+            out.append(Candidate(h, f, a, n_layers, total, e, per_token, m))
     if not out:
         raise ConfigError(f"no shape over {', '.join(axes)} is within {tolerance:.0%} of "
                           f"{target_params:,.0f} {what}; widen --tolerance or --axes")
@@ -107,7 +121,8 @@ def _balance(c: Candidate, teacher: ModelConfig) -> float:
     """How unevenly the width axes are cut (0: all kept in the same proportion)."""
     ratios = [c.hidden / teacher.hidden_size, c.ffn / teacher.mlp_width,
               c.heads / teacher.num_attention_heads,
-              *([c.experts / teacher.num_moe_experts] if teacher.moe else [])]
+              *([c.experts / teacher.num_moe_experts] if teacher.moe else []),
+              *([c.mamba_heads / teacher.mamba_heads] if teacher.hybrid else [])]
     return max(ratios) - min(ratios)
 
 
