@@ -335,7 +335,8 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     if scores is None and target.needs_scores():
         raise ConfigError("width targets and --target-layers need a scores file (--scores)")
     notes: list[str] = []
-    layers = _kept_layers(cfg, target, scores, notes)
+    depth_notes: list[str] = []
+    layers = _kept_layers(cfg, target, scores, depth_notes)
     if cfg.hybrid:  # the pattern of the layers actually kept
         new = pruned_config(cfg, target, layers)
     if target.params is not None:
@@ -344,6 +345,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
                      f"{new.hidden_size} and MLP {cfg.mlp_width} -> {new.mlp_width}, "
                      f"about one ratio (width, as the papers' 8B models; depth only when asked), "
                      f"{new.num_parameters() / want - 1:+.1%} from the target")
+    notes += depth_notes
     if cfg.window_layers is not None:  # a kept layer keeps its attention type
         new.window_layers = [cfg.window_layers[i] for i in layers]
     full = torch.arange
