@@ -36,9 +36,8 @@ class FinalHidden:
 
     def __init__(self, chunk):
         self.value: torch.Tensor | None = None
-        decoder = getattr(chunk, "decoder", None)
-        norm = next((n for n in (getattr(decoder, path.rpartition(".")[2], None)
-                                 for path in FINAL_NORMS) if n is not None), None)
+        held = dict(chunk.named_modules())
+        norm = next((held[path] for path in FINAL_NORMS if held.get(path) is not None), None)
         self.handle = norm.register_forward_hook(self._keep) if norm is not None else None
 
     def _keep(self, _module, _inputs, output) -> None:

@@ -178,8 +178,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget, kept: list[int] | None = Non
     hidden, ffn = t.hidden or cfg.hidden_size, t.ffn or cfg.ffn_hidden_size
     if cfg.hybrid:
         if kept is None:
-            kept = ([i for i in range(cfg.num_layers) if i not in set(t.drop_layers)]
-                    if t.drop_layers else list(range(layers)))
+            kept = _kept_layers(cfg, t, None, []) if t.drop_layers else list(range(layers))
         mamba["hybrid_pattern"] = "".join(cfg.hybrid_pattern[i] for i in kept)
     if t.params is not None:
         if t.hidden or t.ffn or t.moe_ffn:
