@@ -14,6 +14,7 @@ setup(
         # Tested: 0.15.3 and 0.16.1 (`make test` runs both). Read against every API we call, not
         # run (Python 3.12 only): 0.17-0.19.2. See the README's Install section.
         "megatron-core>=0.15.3,<0.20",
+        "scipy",  # prune --heterogeneous: the mixed-integer program (HiGHS)
         "psutil",  # needed by megatron's torch_dist writer, not declared by megatron-core
         "numpy",
         "sentencepiece",

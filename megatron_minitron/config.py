@@ -140,6 +140,11 @@ class ModelConfig:
     mamba_state: int = 0
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128
+    # Heterogeneous students (Puzzle, `prune --heterogeneous`): layer i's MLP is `layer_ffn[i]`
+    # wide (0: no MLP) and it has attention when `layer_attention[i]`; None: every layer has
+    # ffn_hidden_size and attention. Built with Megatron-Core's HeterogeneousTransformerConfig.
+    layer_ffn: list[int] | None = None
+    layer_attention: list[bool] | None = None
 
     @property
     def traits(self) -> FamilyTraits:
@@ -159,6 +164,17 @@ class ModelConfig:
         if not self.hybrid:
             return None
         return [i for i, kind in enumerate(self.hybrid_pattern) if kind == "*"]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return self.layer_ffn is not None
+
+    def ffn_of(self, layer: int) -> int:
+        """Layer `layer`'s MLP width (0: the layer has no MLP)."""
+        return self.layer_ffn[layer] if self.heterogeneous else self.ffn_hidden_size
+
+    def attention_of(self, layer: int) -> bool:
+        return bool(self.layer_attention[layer]) if self.heterogeneous else True
 
     @property
     def mamba_inner(self) -> int:
@@ -185,6 +201,8 @@ class ModelConfig:
                 f"num_query_groups={self.num_query_groups}")
         if self.hybrid:
             self._validate_hybrid()
+        if self.heterogeneous or self.layer_attention is not None:
+            self._validate_heterogeneous()
         if self.moe:
             if self.num_moe_experts < 1 or not self.moe_ffn_hidden_size:
                 raise ConfigError(f"num_moe_experts={self.num_moe_experts} and "
@@ -209,6 +227,23 @@ class ModelConfig:
             raise ConfigError(f"mamba_heads={self.mamba_heads} is not a multiple of "
                               f"mamba_groups={self.mamba_groups}")
 
+    def _validate_heterogeneous(self) -> None:
+        if self.moe or self.hybrid:
+            raise ConfigError("per-layer widths (layer_ffn, layer_attention) are for dense "
+                              f"transformers; this {self.family} model has experts or Mamba layers")
+        for name in ("layer_ffn", "layer_attention"):
+            value = getattr(self, name)
+            if value is None or len(value) != self.num_layers:
+                raise ConfigError(f"{name} must give each of the {self.num_layers} layers a "
+                                  f"value, got {value}")
+        blocks = zip(self.layer_ffn, self.layer_attention, strict=True)
+        for i, (width, attention) in enumerate(blocks):
+            if width < 0 or width > self.ffn_hidden_size:
+                raise ConfigError(f"layer {i}: MLP width {width} must be between 0 and "
+                                  f"ffn_hidden_size={self.ffn_hidden_size}")
+            if width == 0 and not attention:
+                raise ConfigError(f"layer {i} has neither attention nor an MLP: drop it instead")
+
     def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """Raise unless this shape can be split over `tp` tensor, `pp` pipeline and `ep` expert
         ranks."""
@@ -227,6 +262,10 @@ class ModelConfig:
             if (getattr(self, name) or 0) % tp:
                 raise ConfigError(f"tensor parallel size {tp} does not divide "
                                   f"{name}={getattr(self, name)}")
+        for i, width in enumerate(self.layer_ffn or ()):
+            if width % tp:
+                raise ConfigError(f"tensor parallel size {tp} does not divide layer {i}'s MLP "
+                                  f"width {width}")
         if self.num_layers % pp:
             raise ConfigError(f"pipeline parallel size {pp} does not divide "
                               f"num_layers={self.num_layers}")
@@ -254,9 +293,16 @@ class ModelConfig:
         if self.hybrid:  # each layer is one block after its own norm
             size = {"M": self._mamba_parameters(), "*": attention, "-": mlp}
             total = sum(size[k] + norm for k in self.hybrid_pattern) + norm
-        else:
-            layer = attention + mlp + 2 * norm + (2 * norm if t.post_norms else 0)
-            total = self.num_layers * layer + norm
+        else:  # each block with its norm (and Gemma's post-norm), where the layer has it
+            block_norms = norm * (2 if t.post_norms else 1)
+
+            def layer(i: int) -> int:
+                width = self.ffn_of(i)
+                return ((attention + block_norms if self.attention_of(i) else 0) +
+                        ((mlp_of(width) if self.heterogeneous else mlp) + block_norms
+                         if width else 0))
+
+            total = sum(layer(i) for i in range(self.num_layers)) + norm
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return total

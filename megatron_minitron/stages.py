@@ -124,14 +124,15 @@ def candidate_lines(table: list[dict]) -> list[str]:
 
 
 def _prune_record(src: Path, out: Path, model: ModelConfig, plan, written: bool,
-                  candidates: list[dict] = ()) -> dict:
+                  candidates: list[dict] = (), heterogeneous: dict | None = None) -> dict:
     return {"load": str(src), "out": str(out), "written": written,
             "source": model.to_dict(), "model": plan.model.to_dict(),
             "parameters": [model.num_parameters(), plan.model.num_parameters()],
             "non_embedding": [model.num_parameters(False), plan.model.num_parameters(False)],
             "active": [model.num_parameters(active=True),
                        plan.model.num_parameters(active=True)],
-            "kept_layers": plan.layers, "notes": plan.notes, "candidates": list(candidates)}
+            "kept_layers": plan.layers, "notes": plan.notes, "candidates": list(candidates),
+            "heterogeneous": heterogeneous}
 
 
 def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig | None = None,
@@ -166,12 +167,15 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))
     plan = make_plan(meta.model, settings, loaded)
-    rechoose = settings.strategy == "auto" or settings.order != "joint"
+    rechoose = settings.strategy == "auto" or settings.order != "joint" or settings.heterogeneous
     if rechoose and loaded is None:
-        raise ConfigError("--strategy auto and --order re-score on calibration data: they need "
-                          "--scores")
+        raise ConfigError("--strategy auto, --order and --heterogeneous score on calibration "
+                          "data: they need --scores")
     if dry_run:
-        if rechoose:
+        if settings.heterogeneous:
+            plan.notes.append("heterogeneous: each layer's MLP width and attention are chosen "
+                              "when the model is loaded; the shape above is the uniform base")
+        elif rechoose:
             plan.notes.append(f"strategy {settings.strategy}, order {settings.order}: units (and "
                               "with auto, whole groups) are chosen when the model is loaded")
         print("\n".join([f"plan for {src} (nothing written):",
@@ -179,12 +183,15 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         write_json(json_out, _prune_record(src, out, meta.model, plan, written=False))
         return out
     rt, meta, chunks = load_model(src, parallel, keep_dtype=True)
-    table = []
+    table, het = [], None
     if rechoose:
+        from megatron_minitron.prune.heterogeneous import heterogeneous_plan
         from megatron_minitron.prune.strategy import calibration, choose_plan, ordered_plan
 
         cal = calibration(src, loaded.meta, settings.select_samples)
-        if settings.strategy == "auto":
+        if settings.heterogeneous:
+            plan, het = heterogeneous_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
+        elif settings.strategy == "auto":
             plan, table = choose_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
         else:
             plan = ordered_plan(chunks, meta.model, settings, loaded, cal, rt.parallel)
@@ -202,7 +209,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
         export_hf(new, plan.model, out, Path(hf_out))
     if rt.is_main:
         print("\n".join([f"{out}:", *(f"  {x}" for x in summary), *candidate_lines(table)]))
-        write_json(json_out, _prune_record(src, out, meta.model, plan, True, table))
+        write_json(json_out, _prune_record(src, out, meta.model, plan, True, table, het))
     if dist.is_initialized():
         dist.barrier()
     return out

@@ -24,6 +24,7 @@ Facts encoded here:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,16 @@ NORM_PARAMS = ("norm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm
 FINAL_NORMS = ("decoder.final_layernorm", "decoder.final_norm")  # GPTModel, MambaModel
 MAMBA_MIXER = "mixer."  # a hybrid layer's Mamba mixer, before its tensor names
 QK_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # per-head q/k norms (Qwen3, Gemma 3)
+# A layer's two blocks, each with its norm (both specs): what a heterogeneous layer loses with
+# its attention or its MLP.
+ATTENTION_BLOCK = ("input_layernorm.", "self_attention.")
+MLP_BLOCK = ("pre_mlp_layernorm.", "mlp.")
+
+
+def removed_blocks(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """Name prefixes (relative to the layer) of the blocks layer `layer` of `cfg` lacks."""
+    return ((() if cfg.attention_of(layer) else ATTENTION_BLOCK) +
+            (() if cfg.ffn_of(layer) else MLP_BLOCK))
 
 
 # HF's MoE block, and the names of an expert's gate, up and down projections.
@@ -243,6 +254,44 @@ def _hybrid_rules(cfg: ModelConfig) -> list[Rule]:
     return out
 
 
+def _attention_rules(cfg: ModelConfig, s: str, m: str, norm: str) -> list[Rule]:
+    """A layer's attention block with its norm(s): HF layer prefix `s`, Megatron's `m`."""
+    out = [Rule(m + norm + suf, (s + f"input_layernorm.{suf}",)) for suf in _norm_suffixes(cfg)]
+    if cfg.traits.post_norms:  # Gemma: HF's post_attention_layernorm is a real post-norm
+        out.append(Rule(m + "self_attention.linear_proj.post_layernorm.weight",
+                        (s + "post_attention_layernorm.weight",)))
+    qkv = ("weight", "bias") if cfg.traits.qkv_bias else ("weight",)
+    out += [Rule(m + f"self_attention.linear_qkv.{p}",
+                 tuple(s + f"self_attn.{x}_proj.{p}" for x in "qkv"),
+                 lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)) for p in qkv]
+    if cfg.traits.qk_norm:
+        out += [Rule(m + f"self_attention.{x}_layernorm.weight",
+                     (s + f"self_attn.{x}_norm.weight",)) for x in "qk"]
+    out.append(Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)))
+    return out
+
+
+def _mlp_block_rules(cfg: ModelConfig, s: str, m: str, norm: str) -> list[Rule]:
+    """A layer's MLP (or MoE) block with its norm(s)."""
+    post = cfg.traits.post_norms
+    out = [Rule(m + norm + suf, (s + ("pre_feedforward_layernorm" if post else
+                                      "post_attention_layernorm") + f".{suf}",))
+           for suf in _norm_suffixes(cfg)]
+    if post:
+        out.append(Rule(m + "mlp.linear_fc2.post_layernorm.weight",
+                        (s + "post_feedforward_layernorm.weight",)))
+    if not cfg.moe:
+        return out + _mlp_rules(m + "mlp.", s + "mlp.", cfg.traits.gated)
+    block, gate, up, down = MOE_HF[cfg.family]
+    out.append(Rule(m + "mlp.router.weight", (s + f"{block}.gate.weight",)))
+    out += [r for j in range(cfg.num_moe_experts) for r in _mlp_rules(
+        m + f"{LOCAL_EXPERTS}{j}.", s + f"{block}.experts.{j}.", True, gate, up, down)]
+    if cfg.moe_shared_ffn_hidden_size:
+        out += [*_mlp_rules(m + SHARED_EXPERT, s + "mlp.shared_expert.", True),
+                Rule(m + SHARED_EXPERT + "gate_weight", (s + "mlp.shared_expert_gate.weight",))]
+    return out
+
+
 def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
     """The HF <-> Megatron name map of a model, written once: import applies it, export inverts
     it. Hybrid models are built on the local stack on every machine (model/hybrid.py)."""
@@ -250,39 +299,12 @@ def rules(cfg: ModelConfig, te: bool = False) -> list[Rule]:
         return _hybrid_rules(cfg)
     out = [Rule(EMBEDDING, ("model.embed_tokens.weight",))]
     attn_norm, mlp_norm = norm_prefixes(te, cfg.moe)
-    post = cfg.traits.post_norms  # Gemma: HF's post_attention_layernorm is a real post-norm
     for i in range(cfg.num_layers):
         s, m = HF_LAYER.format(i=i), MC_LAYER.format(i=i)
-        for suf in _norm_suffixes(cfg):
-            out += [Rule(m + attn_norm + suf, (s + f"input_layernorm.{suf}",)),
-                    Rule(m + mlp_norm + suf,
-                         (s + ("pre_feedforward_layernorm" if post else
-                               "post_attention_layernorm") + f".{suf}",))]
-        if post:
-            out += [Rule(m + "self_attention.linear_proj.post_layernorm.weight",
-                         (s + "post_attention_layernorm.weight",)),
-                    Rule(m + "mlp.linear_fc2.post_layernorm.weight",
-                         (s + "post_feedforward_layernorm.weight",))]
-        qkv = ("weight", "bias") if cfg.traits.qkv_bias else ("weight",)
-        out += [Rule(m + f"self_attention.linear_qkv.{p}",
-                     tuple(s + f"self_attn.{x}_proj.{p}" for x in "qkv"),
-                     lambda ts: fuse_qkv(*ts, cfg), lambda t: split_qkv(t, cfg)) for p in qkv]
-        if cfg.traits.qk_norm:
-            out += [Rule(m + f"self_attention.{x}_layernorm.weight",
-                         (s + f"self_attn.{x}_norm.weight",)) for x in "qk"]
-        out.append(Rule(m + "self_attention.linear_proj.weight", (s + "self_attn.o_proj.weight",)))
-        if cfg.moe:
-            block, gate, up, down = MOE_HF[cfg.family]
-            out.append(Rule(m + "mlp.router.weight", (s + f"{block}.gate.weight",)))
-            out += [r for j in range(cfg.num_moe_experts) for r in _mlp_rules(
-                m + f"{LOCAL_EXPERTS}{j}.", s + f"{block}.experts.{j}.", True,
-                gate, up, down)]
-            if cfg.moe_shared_ffn_hidden_size:
-                out += [*_mlp_rules(m + SHARED_EXPERT, s + "mlp.shared_expert.", True),
-                        Rule(m + SHARED_EXPERT + "gate_weight",
-                             (s + "mlp.shared_expert_gate.weight",))]
-        else:
-            out += _mlp_rules(m + "mlp.", s + "mlp.", cfg.traits.gated)
+        if cfg.attention_of(i):  # a heterogeneous layer may lack either block
+            out += _attention_rules(cfg, s, m, attn_norm)
+        if cfg.ffn_of(i):
+            out += _mlp_block_rules(cfg, s, m, mlp_norm)
     out += [Rule(f"decoder.final_layernorm.{suf}", (f"model.norm.{suf}",))
             for suf in _norm_suffixes(cfg)]
     if not cfg.tie_embeddings:
@@ -304,6 +326,11 @@ def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = False
 # HF architecture -> family. A hidden-pruned Llama is exported as Mistral (see `hf_config`) and
 # reads back as Mistral: the same network.
 HF_ARCHITECTURES = {t.architecture: name for name, t in FAMILIES.items()}
+# Heterogeneous Llama students: NVIDIA's Nemotron-NAS format (Llama-Nemotron, Puzzle's models),
+# one `block_configs` entry per layer, Llama's tensor names; transformers loads it with the
+# model's own code (trust_remote_code), vLLM and TensorRT-LLM natively.
+NEMOTRON_NAS = {"architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas"}
+HF_ARCHITECTURES[NEMOTRON_NAS["architectures"][0]] = "llama"
 
 # config.json fields that change the network and that we do not implement: refused when set to
 # anything but the value given (or absent), never silently dropped.
@@ -342,6 +369,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
     if cfg.hybrid:
         return _nemotron_h_config(cfg, out)
+    if cfg.heterogeneous:
+        return _nemotron_nas_config(cfg, out)
     if t.normalization == "LayerNorm":  # Nemotron
         return {**out, "norm_eps": cfg.norm_epsilon, "partial_rotary_factor": cfg.rotary_percent,
                 "rope_parameters": {**rope, "partial_rotary_factor": cfg.rotary_percent}}
@@ -403,6 +432,63 @@ def _nemotron_h_config(cfg: ModelConfig, common: dict) -> dict:
             "mamba_proj_bias": False, "mlp_bias": False, "attention_bias": False}
 
 
+def _nemotron_nas_config(cfg: ModelConfig, common: dict) -> dict:
+    """config.json of a heterogeneous Llama in the Nemotron-NAS format. Each block gives its
+    width twice: `ffn_hidden_size`, exact, which Megatron-Core's HeterogeneousTransformerConfig
+    reads, and `ffn_mult`, which the DeciLM code reads and rounds up to a multiple of 256
+    (exact for such widths)."""
+    from megatron_minitron.config import ConfigError
+
+    if cfg.family != "llama":
+        raise ConfigError(f"a heterogeneous {cfg.family} model has no Hugging Face format: "
+                          "Nemotron-NAS (the one per-layer format) is Llama's")
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    blocks = [{"attention": {"no_op": not cfg.attention_of(i), "replace_with_linear": False,
+                             "n_heads_in_group": per_group if cfg.attention_of(i) else None},
+               "ffn": {"no_op": not cfg.ffn_of(i), "replace_with_linear": False,
+                       "ffn_hidden_size": cfg.ffn_of(i) or None,
+                       "ffn_mult": 1.5 * cfg.ffn_of(i) / cfg.hidden_size if cfg.ffn_of(i)
+                       else None}}
+              for i in range(cfg.num_layers)]
+    drop = ("intermediate_size", "num_key_value_heads")
+    return {**{k: v for k, v in common.items() if k not in drop}, **NEMOTRON_NAS,
+            "block_configs": blocks, "rms_norm_eps": cfg.norm_epsilon,
+            "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": common["rope_parameters"] if cfg.rope_scaling_factor else None}
+
+
+def _heterogeneous_fields(hf: dict, source: str) -> dict:
+    """A Nemotron-NAS config's per-layer widths and attention; refused: blocks replaced by a
+    linear layer, and query groups that differ between layers."""
+    from megatron_minitron.config import ConfigError
+
+    if "block_configs" not in hf:
+        return {}
+    heads, ffn, attention, per_group = hf["num_attention_heads"], [], [], set()
+    for i, b in enumerate(hf["block_configs"]):
+        a, f = b["attention"], b.get("ffn") or b["mlp"]
+        if a.get("replace_with_linear") or f.get("replace_with_linear"):
+            raise ConfigError(f"{source}: layer {i} replaces a block with a linear layer, which "
+                              "is not supported")
+        attention.append(not a.get("no_op"))
+        if attention[-1]:
+            per_group.add(a.get("n_heads_in_group") or 1)
+        width = 0 if f.get("no_op") else f.get("ffn_hidden_size") or _ffn_mult_width(
+            f["ffn_mult"], hf["hidden_size"])
+        ffn.append(int(width))
+    if len(per_group) > 1:
+        raise ConfigError(f"{source}: query groups differ between layers ({sorted(per_group)} "
+                          "heads per group), which is not supported")
+    return dict(layer_ffn=ffn, layer_attention=attention, ffn_hidden_size=max(ffn),
+                num_query_groups=heads // (per_group.pop() if per_group else 1))
+
+
+def _ffn_mult_width(mult: float, hidden: int) -> int:
+    """The DeciLM code's MLP width for `ffn_mult`: 2/3 of mult x hidden, rounded up to 256."""
+    width = int(2 * mult * hidden / 3)
+    return -(-width // 256) * 256
+
+
 def _integral(x: float) -> float | int:
     return round(x) if abs(x - round(x)) < 1e-6 else x
 
@@ -461,7 +547,7 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         num_layers=hf.get("num_hidden_layers") or len(hf.get("layers_block_type") or
                                                       hf.get("hybrid_override_pattern") or ""),
         hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
+        ffn_hidden_size=hf.get("intermediate_size", 0),
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         kv_channels=head_dim,
@@ -481,6 +567,7 @@ def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
         **_moe_fields(hf, family, source),
         **_hybrid_fields(hf, family, source),
     )
+    cfg = dataclasses.replace(cfg, **_heterogeneous_fields(hf, source))
     cfg.validate()
     return cfg
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.config import ModelConfig, ParallelConfig
+from megatron_minitron.model import heterogeneous
 from megatron_minitron.model.hybrid import build_hybrid_model, mamba_config_fields
 from megatron_minitron.model.spec_compat import submodules, with_submodules
 
@@ -107,10 +108,9 @@ def _gate_shared_expert(layer):
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
                        layers_per_stage: list[int] | None = None):
-    from megatron.core.transformer import TransformerConfig
-
     t = cfg.traits
-    return TransformerConfig(
+    return heterogeneous.config_class(cfg)(
+        **heterogeneous.config_fields(cfg),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -203,7 +203,8 @@ def layer_spec(cfg: ModelConfig, config, vp_stage: int | None = None, te: bool =
     # The final norm too: a bare layer spec would get Megatron's default, apex's or torch's norm,
     # which refuses zero-centred gamma and sequence parallelism.
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
+    return TransformerBlockSubmodules(
+        layer_specs=heterogeneous.layer_specs(cfg, layer, config, vp_stage, n), layer_norm=norm)
 
 
 def local_keys_map(keys_map: dict[str, str], moe: bool) -> dict[str, str]:

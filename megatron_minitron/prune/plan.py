@@ -13,7 +13,7 @@ import torch
 
 from megatron_minitron.config import ConfigError, ModelConfig
 from megatron_minitron.importance.scores import EXPERT_METRICS, HEAD_METRICS, Scores
-from megatron_minitron.options import fraction_of, option, parse_size
+from megatron_minitron.options import fraction_of, option, parse_bytes, parse_size
 
 DEPTH_METRICS = ("auto", "block", "skip_loss", "block_influence")
 ORDERS = ("joint", "depth-first", "width-first")  # see prune/strategy.py
@@ -93,14 +93,40 @@ class PruneTarget:
                              "depth-first: cut layers, re-score width on the shallower model; "
                              "width-first: cut width, pick layers by LM loss on the narrower one")
     strategy: str = strategy_option()
-    select_samples: int = option(8, help="with --strategy auto: calibration windows that score "
-                                         "each candidate (drawn after importance's, disjoint)")
+    select_samples: int = option(8, help="with --strategy auto or --heterogeneous: calibration "
+                                         "windows that score each candidate (drawn after "
+                                         "importance's, disjoint)")
+    heterogeneous: bool = option(
+        False, help="each layer its own MLP width and attention kept or removed (Puzzle): every "
+                    "layer's variants are scored by LM loss on calibration windows, and a "
+                    "mixed-integer program picks one per layer under --target-params, "
+                    "--target-memory and --target-latency (hidden, heads and groups stay "
+                    "uniform, as --target-hidden/--target-heads/--target-groups say)")
+    layer_ffn_choices: list[float] = option(
+        factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0],
+        parse=lambda s: [float(x) for x in s.split(",") if x.strip()],
+        render=lambda v: ",".join(f"{x:g}" for x in v), metavar="F,G,...",
+        help="with --heterogeneous: the MLP widths a layer may keep, as fractions of the "
+             "source's (0 removes the MLP; a layer with neither attention nor MLP is dropped)")
+    target_memory: int | None = option(
+        None, parse=parse_bytes, metavar="SIZE",
+        help="with --heterogeneous: weights plus the KV cache at --budget-batch-size x "
+             "--budget-seq-length, in the checkpoint's precision (300MB, 2GiB)")
+    target_latency: float | None = option(
+        None, metavar="MS",
+        help="with --heterogeneous: milliseconds per forward of --budget-batch-size x "
+             "--budget-seq-length tokens through the layers, from a table of every block variant "
+             "measured on this machine when prune runs")
+    budget_batch_size: int = option(1, help="sequences at which --target-memory and "
+                                            "--target-latency are counted")
+    budget_seq_length: int = option(2048, help="tokens per sequence at which --target-memory "
+                                               "and --target-latency are counted")
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
                                            self.groups, self.layers, self.experts,
                                            self.moe_ffn, self.shared_ffn, self.mamba_heads,
-                                           self.mamba_head_dim))
+                                           self.mamba_head_dim)) or self.heterogeneous
 
 
 @dataclass
@@ -125,13 +151,15 @@ class PrunePlan:
     def summary(self) -> str:
         m = self.model
         mlp = (f"{m.num_moe_experts} experts of {m.moe_ffn_hidden_size}" if m.moe else
-               f"ffn {m.ffn_hidden_size}")
+               f"ffn per layer {m.layer_ffn}" if m.heterogeneous else f"ffn {m.ffn_hidden_size}")
         if m.moe_shared_ffn_hidden_size:
             mlp += f" + shared {m.moe_shared_ffn_hidden_size}"
         mamba = (f", Mamba {m.mamba_heads} heads of {m.mamba_head_dim} ({m.hybrid_pattern})"
                  if m.hybrid else "")
+        attention = (f" (attention in {sum(m.layer_attention)} of {m.num_layers} layers)"
+                     if m.heterogeneous else "")
         return (f"layers {m.num_layers}, hidden {m.hidden_size}, {mlp}, "
-                f"heads {m.num_attention_heads} in {m.num_query_groups} groups{mamba}")
+                f"heads {m.num_attention_heads} in {m.num_query_groups} groups{attention}{mamba}")
 
 
 def _check_range(name: str, value: int | None, original: int) -> None:
@@ -146,6 +174,8 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget, kept: list[int] | None = Non
     before that, dropped layers or, for a layer count, the pattern's first layers)."""
     experts, moe_ffn, shared_ffn = _moe_target(cfg, t)
     mamba = _mamba_target(cfg, t)
+    if t.heterogeneous:
+        _check_heterogeneous(cfg, t)
     for name, value, original in (("hidden", t.hidden, cfg.hidden_size),
                                   ("ffn", t.ffn, cfg.ffn_hidden_size),
                                   ("heads", t.heads, cfg.num_attention_heads),
@@ -180,7 +210,7 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget, kept: list[int] | None = Non
         if kept is None:
             kept = _kept_layers(cfg, t, None, []) if t.drop_layers else list(range(layers))
         mamba["hybrid_pattern"] = "".join(cfg.hybrid_pattern[i] for i in kept)
-    if t.params is not None:
+    if t.params is not None and not t.heterogeneous:  # heterogeneous: the program's budget
         if t.hidden or t.ffn or t.moe_ffn:
             raise ConfigError("give --target-params or --target-hidden/--target-ffn"
                               f"{'/--target-moe-ffn' if cfg.moe else ''}, not both")
@@ -200,6 +230,32 @@ def pruned_config(cfg: ModelConfig, t: PruneTarget, kept: list[int] | None = Non
         new.norm_epsilon = cfg.norm_epsilon * cfg.hidden_size / new.hidden_size
     new.validate()
     return new
+
+
+def _check_heterogeneous(cfg: ModelConfig, t: PruneTarget) -> None:
+    """What --heterogeneous needs: a dense transformer, a budget, and no fixed MLP width or depth
+    (the program chooses both per layer)."""
+    if cfg.moe or cfg.hybrid or cfg.heterogeneous:
+        has = "per-layer widths" if cfg.heterogeneous else "experts or Mamba layers"
+        raise ConfigError(f"--heterogeneous prunes a homogeneous dense transformer; this "
+                          f"{cfg.family} model has {has}")
+    for flag, value in (("--target-ffn", t.ffn), ("--target-layers", t.layers),
+                        ("--drop-layers", t.drop_layers)):
+        if value is not None:
+            raise ConfigError(f"{flag} with --heterogeneous: each layer's MLP width and whether "
+                              "it stays are chosen by the program (--layer-ffn-choices)")
+    if t.strategy != "given" or t.order != "joint":
+        raise ConfigError("--heterogeneous makes its own choices per layer: leave --strategy and "
+                          "--order at their defaults")
+    if t.params is None and t.target_memory is None and t.target_latency is None:
+        raise ConfigError("--heterogeneous needs a budget: --target-params, --target-memory or "
+                          "--target-latency")
+    bad = [f for f in t.layer_ffn_choices if not 0 <= f <= 1]
+    if bad or not t.layer_ffn_choices:
+        raise ConfigError(f"--layer-ffn-choices {t.layer_ffn_choices}: fractions of the MLP "
+                          "width between 0 and 1")
+    if t.budget_batch_size < 1 or t.budget_seq_length < 1:
+        raise ConfigError("--budget-batch-size and --budget-seq-length must be >= 1")
 
 
 def _mamba_target(cfg: ModelConfig, t: PruneTarget) -> dict:
@@ -338,7 +394,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: Scores | None) -> P
     layers = _kept_layers(cfg, target, scores, depth_notes)
     if cfg.hybrid:  # the pattern of the layers actually kept
         new = pruned_config(cfg, target, layers)
-    if target.params is not None:
+    if target.params is not None and not target.heterogeneous:
         want = fraction_of(target.params, cfg.num_parameters())
         notes.append(f"target {want:,.0f} parameters: hidden {cfg.hidden_size} -> "
                      f"{new.hidden_size} and MLP {cfg.mlp_width} -> {new.mlp_width}, "

@@ -22,6 +22,7 @@ from megatron_minitron.checkpoint.layout import (
     FINAL_NORMS,
     LOCAL_EXPERTS,
     OUTPUT_LAYER,
+    removed_blocks,
     renumber_expert,
 )
 from megatron_minitron.checkpoint.sharding import full_tensor, local_shard
@@ -36,12 +37,13 @@ VOCAB_PARALLEL = (EMBEDDING, OUTPUT_LAYER)
 
 
 def _copy(src_module, dst_module, cfg: ModelConfig, new_cfg: ModelConfig, slicer,
-          prefix: str = "", experts: torch.Tensor | None = None, skip_experts: bool = False
-          ) -> None:
+          prefix: str = "", experts: torch.Tensor | None = None, skip_experts: bool = False,
+          removed: tuple[str, ...] = ()) -> None:
     """Copy every parameter, sliced (gathered at the source shape `cfg`, sharded again at the
     pruned one `new_cfg`); names passed to `slicer` carry `prefix`. New expert j is source
     expert experts[j]; the source's other experts are left behind (all of them with
-    `skip_experts`, for `_copy_experts_over_ep`)."""
+    `skip_experts`, for `_copy_experts_over_ep`), and so are the blocks under `removed`
+    prefixes (a heterogeneous layer's attention or MLP)."""
     def params(module) -> dict:
         return {prefix + n: p for n, p in module.named_parameters()
                 if not (skip_experts and LOCAL_EXPERTS in n)}
@@ -50,7 +52,8 @@ def _copy(src_module, dst_module, cfg: ModelConfig, new_cfg: ModelConfig, slicer
     source = {n: n if experts is None else renumber_expert(n, lambda j: int(experts[j]))
               for n in dst}
     left = src.keys() - set(source.values())
-    if set(source.values()) - src.keys() or any(LOCAL_EXPERTS not in n for n in left):
+    if set(source.values()) - src.keys() or any(LOCAL_EXPERTS not in n and
+                                                not n.startswith(removed) for n in left):
         raise RuntimeError(f"pruned module has parameters {sorted(dst)}, source {sorted(src)}")
     with torch.no_grad():
         for name, from_name in source.items():
@@ -141,7 +144,8 @@ def prune_model(chunks, src: ModelConfig, plan: PrunePlan, parallel: ParallelCon
             slicer = partial(slice_layer_tensor, src=src, plan=plan, layer=src_i)
             over_ep = src.moe and parallel.ep > 1
             _copy(src_layers[src_i], new_layers[new_i], src, plan.model, slicer,
-                  experts=None if over_ep else plan.experts.get(src_i), skip_experts=over_ep)
+                  experts=None if over_ep else plan.experts.get(src_i), skip_experts=over_ep,
+                  removed=removed_blocks(plan.model, new_i))
             if over_ep:
                 _copy_experts_over_ep(src_layers[src_i], new_layers[new_i], src, slicer,
                                       plan.experts[src_i])

@@ -1,0 +1,295 @@
+"""`prune --heterogeneous`: each layer its own MLP width, attention kept or removed (Puzzle,
+arXiv 2411.19146), chosen by a mixed-integer program over measured costs.
+
+1. The uniform part of the target (hidden, heads, groups) is pruned in memory: the base.
+2. Every layer of the base gets a menu of variants (MLP width from `--layer-ffn-choices`, keeping
+   its highest-scored neurons; attention kept or removed). Each variant's effect is the LM-loss
+   rise on calibration windows importance did not use, with only that layer changed: removed
+   neurons and a removed attention are masked (zeroed at `linear_fc2`'s input and at the
+   attention's output), which is exactly what removing them computes.
+3. `scipy.optimize.milp` (HiGHS) picks one variant per layer, minimising the summed rises (the
+   blocks are scored one at a time, as Puzzle does) under the budgets: parameters, memory
+   (weights + KV cache at a batch x sequence) and latency from a table of every block measured
+   on this machine.
+A layer left with neither block is dropped. The plan is one plan over the source, so
+`prune_model` writes the checkpoint once from the original weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_minitron.importance.hooks import decoder_layers
+from megatron_minitron.importance.scores import Scores
+from megatron_minitron.options import fraction_of
+from megatron_minitron.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_minitron.prune.run import prune_model
+from megatron_minitron.runtime.progress import Progress
+
+log = logging.getLogger("minitron")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One layer's shape: its MLP width (0: no MLP) and whether it keeps attention."""
+
+    ffn: int
+    attention: bool
+
+    def __str__(self) -> str:
+        return f"{'attn' if self.attention else 'no-attn'}+ffn{self.ffn}"
+
+
+def menu(base: ModelConfig, fractions: list[float], tp: int) -> list[Variant]:
+    """The variants every layer may take: each width rounded down to a multiple of the TP size
+    (each rank keeps an equal share), with and without attention; the full layer first. The
+    empty layer (dropped) is a variant too."""
+    widths = sorted({int(f * base.ffn_hidden_size) // tp * tp for f in fractions} |
+                    {base.ffn_hidden_size}, reverse=True)
+    return [Variant(w, a) for a in (True, False) for w in widths]
+
+
+def layer_parameters(base: ModelConfig, v: Variant) -> int:
+    """The parameters of one layer of `base` shaped as `v` (exact, from ModelConfig's count)."""
+    if not v.attention and not v.ffn:
+        return 0
+    one = dataclasses.replace(base, num_layers=1, layer_ffn=[v.ffn],
+                              layer_attention=[v.attention], window_layers=None)
+    return one.num_parameters(include_embeddings=False) - _final_norm(base)
+
+
+def _final_norm(cfg: ModelConfig) -> int:
+    return cfg.hidden_size * (2 if cfg.traits.normalization == "LayerNorm" else 1)
+
+
+def kv_cache_bytes(base: ModelConfig, batch: int, seq: int, itemsize: int) -> int:
+    """One attention layer's K and V cache at `batch` x `seq` tokens."""
+    return 2 * base.num_query_groups * base.kv_channels * batch * seq * itemsize
+
+
+@dataclass
+class Costs:
+    """Per layer variant (same for every layer) and the fixed rest of the model, for each budget
+    the target sets: parameters, bytes, milliseconds."""
+    per_variant: dict[str, list[float]]
+    fixed: dict[str, float]
+    budget: dict[str, float]
+    latency_table: dict[str, float] | None = None
+
+
+def costs(src: ModelConfig, base: ModelConfig, variants: list[Variant], t: PruneTarget,
+          itemsize: int, latency: dict[str, float] | None) -> Costs:
+    params = [float(layer_parameters(base, v)) for v in variants]
+    rest = float(base.num_parameters() - base.num_layers * layer_parameters(
+        base, Variant(base.ffn_hidden_size, True)))
+    per, fixed, budget = {}, {}, {}
+    if t.params is not None:
+        per["parameters"], fixed["parameters"] = params, rest
+        budget["parameters"] = fraction_of(t.params, src.num_parameters())
+    if t.target_memory is not None:
+        kv = kv_cache_bytes(base, t.budget_batch_size, t.budget_seq_length, itemsize)
+        per["memory"] = [p * itemsize + (kv if v.attention else 0)
+                         for p, v in zip(params, variants, strict=True)]
+        fixed["memory"], budget["memory"] = rest * itemsize, float(t.target_memory)
+    if t.target_latency is not None:
+        per["latency_ms"] = [(latency["attention"] if v.attention else 0.0) +
+                             (latency[f"ffn{v.ffn}"] if v.ffn else 0.0) for v in variants]
+        fixed["latency_ms"], budget["latency_ms"] = 0.0, float(t.target_latency)
+    return Costs(per, fixed, budget, latency)
+
+
+def select(rise: torch.Tensor, c: Costs) -> list[int]:
+    """One variant per layer minimising the summed LM-loss rise [layers, variants] under every
+    budget: scipy's mixed-integer linear program (HiGHS)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    layers, n = rise.shape
+    one_each = np.kron(np.eye(layers), np.ones(n))
+    constraints = [LinearConstraint(one_each, 1, 1)]
+    for name, per in c.per_variant.items():
+        constraints.append(LinearConstraint(np.tile(per, layers)[None], -np.inf,
+                                            c.budget[name] - c.fixed[name]))
+    result = milp(rise.flatten().double().numpy(), constraints=constraints,
+                  integrality=np.ones(layers * n), bounds=Bounds(0, 1))
+    if result.x is None:
+        least = {name: c.fixed[name] + layers * min(per) for name, per in c.per_variant.items()}
+        raise ConfigError("no choice of layer variants fits the budget ("
+                          + ", ".join(f"{k} {c.budget[k]:,.6g}, the smallest possible "
+                                      f"{least[k]:,.6g}" for k in c.budget)
+                          + "): raise the budget or add smaller --layer-ffn-choices")
+    return np.round(result.x).reshape(layers, n).argmax(1).tolist()
+
+
+class _Masks:
+    """Forward hooks that make one layer a variant: MLP neurons outside `keep` zeroed at
+    `linear_fc2`'s input (this rank's TP slice), attention output zeroed."""
+
+    def __init__(self, layer, keep: torch.Tensor | None, attention: bool, width: int):
+        from megatron.core import parallel_state
+
+        from megatron_minitron.runtime.distributed import device
+
+        self.handles = []
+        if keep is not None:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            mask = torch.zeros(width)
+            mask[keep] = 1
+            local = mask.chunk(tp)[rank].to(device())
+            self.handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
+                lambda _m, args: (args[0] * local.to(args[0].dtype), *args[1:])))
+        if not attention:
+            self.handles.append(layer.self_attention.register_forward_hook(
+                lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:])))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def score_variants(chunks, base: ModelConfig, variants: list[Variant], neurons: torch.Tensor,
+                   windows: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """[layers, variants]: each variant's LM-loss rise over the unchanged base, one layer at a
+    time. `neurons` [layers, ffn] ranks each layer's MLP neurons (highest kept)."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+
+    here = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
+    reference = evaluate_windows(chunks, windows, micro_batch_size).loss
+    rise = torch.zeros(base.num_layers, len(variants), dtype=torch.float64)
+    progress = Progress("variants", base.num_layers * (len(variants) - 1), unit="variants")
+    for i in range(base.num_layers):
+        order = neurons[i].argsort(descending=True)
+        for j, v in enumerate(variants):
+            if v == Variant(base.ffn_hidden_size, True):
+                continue
+            layer = here.get(i)  # hooks only where this rank holds the layer
+            masks = None if layer is None else _Masks(
+                layer, order[:v.ffn] if v.ffn < base.ffn_hidden_size else None, v.attention,
+                base.ffn_hidden_size)
+            try:
+                rise[i, j] = evaluate_windows(chunks, windows, micro_batch_size).loss - reference
+            finally:
+                if masks is not None:
+                    masks.remove()
+            progress.update(1)
+    return rise
+
+
+def measure_latency(base: ModelConfig, widths: list[int], parallel: ParallelConfig,
+                    batch: int, seq: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds of one attention block and of one MLP of each width on this machine, from a
+    model built with one layer per block (attention alone, then each MLP alone) at the run's
+    TP: forward hooks time each layer, median over `repeats` after a warm-up."""
+    from megatron_minitron.model import build_model
+    from megatron_minitron.model.forward import forward_microbatches
+
+    widths = [w for w in widths if w]
+    probe = dataclasses.replace(base, num_layers=1 + len(widths), window_layers=None,
+                                layer_ffn=[0, *widths], ffn_hidden_size=max(widths),
+                                layer_attention=[True] + [False] * len(widths))
+    layout = ParallelConfig(tp=parallel.tp, sequence_parallel=parallel.sequence_parallel,
+                            precision=parallel.precision)
+    chunks = build_model(probe, layout)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.normal_(0, 0.02)  # no NaNs or denormals from uninitialised memory to slow the math
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times: dict[int, list[float]] = {i: [] for i in range(probe.num_layers)}
+    started = {}
+
+    def before(i):
+        def hook(*_):
+            sync()
+            started[i] = time.perf_counter()
+        return hook
+
+    def after(i):
+        def hook(*_):
+            sync()
+            times[i].append(1000 * (time.perf_counter() - started[i]))
+        return hook
+
+    layers = list(decoder_layers(chunks))
+    tokens = torch.randint(0, base.vocab_size, (batch, seq + 1))
+    mb = [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}]
+    forward_microbatches(chunks, mb, lambda out, _mb: None)  # warm-up
+    handles = [h for i, layer in enumerate(layers)
+               for h in (layer.register_forward_pre_hook(before(i)),
+                         layer.register_forward_hook(after(i)))]
+    for _ in range(repeats):
+        forward_microbatches(chunks, mb, lambda out, _mb: None)
+    for h in handles:
+        h.remove()
+    del chunks
+    gc.collect()
+    table = {"attention": statistics.median(times[0])}
+    table.update({f"ffn{w}": statistics.median(times[1 + k]) for k, w in enumerate(widths)})
+    return table
+
+
+def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal,
+                       parallel: ParallelConfig) -> tuple[PrunePlan, dict]:
+    """The plan over the source, and a record of the choice (variants, rises, costs, the
+    latency table) for the prune record and the report."""
+    start = time.time()
+    base_t = dataclasses.replace(t, heterogeneous=False, params=None)
+    base_plan = make_plan(cfg, base_t, scores)
+    base = base_plan.model
+    itemsize = next(chunks[0].parameters()).element_size()
+    variants = menu(base, t.layer_ffn_choices, parallel.tp)
+    latency = (measure_latency(base, sorted({v.ffn for v in variants}), parallel,
+                               t.budget_batch_size, t.budget_seq_length)
+               if t.target_latency is not None else None)
+    model = (prune_model(chunks, cfg, base_plan, parallel)
+             if base.num_parameters() < cfg.num_parameters() else chunks)
+    rise = score_variants(model, base, variants, scores.axis("ffn"), cal.select,
+                          cal.micro_batch_size)
+    del model
+    gc.collect()
+    c = costs(cfg, base, variants, t, itemsize, latency)
+    choice = select(rise, c)
+    chosen = [variants[j] for j in choice]
+    plan = _plan(cfg, base_plan, chosen, scores)
+    total = {k: c.fixed[k] + sum(c.per_variant[k][j] for j in choice) for k in c.per_variant}
+    plan.notes.append(
+        f"heterogeneous: {len(variants)} variants x {base.num_layers} layers scored on "
+        f"{len(cal.select)} calibration windows importance did not use; the program chose "
+        f"summed rise {sum(float(rise[i, j]) for i, j in enumerate(choice)):.4f} at "
+        + ", ".join(f"{k} {v:,.6g} (budget {c.budget[k]:,.6g})" for k, v in total.items())
+        + f" in {time.time() - start:.1f} s")
+    record = {"variants": [str(v) for v in variants], "rise": rise.tolist(),
+              "choice": [str(v) for v in chosen], "costs": c.per_variant, "totals": total,
+              "budgets": c.budget, "latency_ms": latency}
+    return plan, record
+
+
+def _plan(cfg: ModelConfig, base: PrunePlan, chosen: list[Variant], scores: Scores) -> PrunePlan:
+    """The base plan with each layer's chosen width and attention; empty layers dropped."""
+    kept = [i for i, v in zip(base.layers, chosen, strict=True) if v.ffn or v.attention]
+    by = dict(zip(base.layers, chosen, strict=True))
+    widths, attention = [by[i].ffn for i in kept], [by[i].attention for i in kept]
+    ffn = scores.axis("ffn")
+    model = dataclasses.replace(
+        base.model, num_layers=len(kept), layer_ffn=widths, layer_attention=attention,
+        ffn_hidden_size=max(widths) or base.model.ffn_hidden_size,
+        window_layers=None if cfg.window_layers is None else [cfg.window_layers[i] for i in kept])
+    if all(attention) and len(set(widths)) == 1:  # uniform after all: an ordinary checkpoint
+        model = dataclasses.replace(model, layer_ffn=None, layer_attention=None,
+                                    ffn_hidden_size=widths[0])
+    model.validate()
+    empty = torch.zeros(0, dtype=torch.long)
+    plan = PrunePlan(model, kept, base.hidden, norm_rescale=base.norm_rescale,
+                     notes=list(base.notes))
+    for i in kept:
+        plan.heads[i] = base.heads[i] if by[i].attention else empty
+        plan.ffn[i] = ffn[i].topk(by[i].ffn).indices.sort().values if by[i].ffn else empty
+    return plan
