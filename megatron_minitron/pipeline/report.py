@@ -53,6 +53,29 @@ def plot_params_vs_loss(rows: dict[str, dict], png: Path) -> Path | None:
     return save(fig, png)
 
 
+def plot_layer_widths(record: dict, png: Path) -> Path | None:
+    """A heterogeneous student's MLP width per source layer (0 where the MLP or the whole layer
+    went), attention kept or removed marked above each bar."""
+    plt = pyplot()
+    model = record.get("model") or {}
+    if plt is None or not model.get("layer_ffn"):
+        return None
+    source = record["source"]
+    width = dict(zip(record["kept_layers"], model["layer_ffn"], strict=True))
+    attention = dict(zip(record["kept_layers"], model["layer_attention"], strict=True))
+    layers = range(source["num_layers"])
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(layers)), 3.2))
+    ax.bar(layers, [width.get(i, 0) for i in layers], color="tab:blue", label="MLP width")
+    ax.axhline(source["ffn_hidden_size"], color="gray", lw=0.8, ls="--", label="source width")
+    kept = [i for i in layers if attention.get(i)]
+    ax.scatter(kept, [source["ffn_hidden_size"] * 1.05] * len(kept), marker="v", s=14,
+               color="tab:orange", label="attention kept")
+    ax.set_xlabel("source layer")
+    ax.set_ylabel("MLP width")
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, png)
+
+
 def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str, float]
                  ) -> dict:
     from megatron_minitron.checkpoint import mcore
@@ -67,7 +90,8 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
                "non_embedding_parameters": m.num_parameters(False),
                "shape": {k: getattr(m, k) for k in ("num_layers", "hidden_size",
                                                     "ffn_hidden_size", "num_attention_heads",
-                                                    "num_query_groups")}}
+                                                    "num_query_groups", "layer_ffn",
+                                                    "layer_attention")}}
         ev = d / "eval" / f"{name}.json"
         if ev.is_file():
             e = json.loads(ev.read_text())
@@ -81,8 +105,9 @@ def write_report(cfg: RunConfig, checkpoints: dict[str, Path], seconds: dict[str
     loss_png = d / "distill" / "loss.png"
     plots["distill_loss"] = loss_png if loss_png.is_file() else None
     record = d / PRUNE_RECORD
-    pruning = {k: v for k, v in json.loads(record.read_text()).items()
-               if k in ("notes", "candidates")} if record.is_file() else {}
+    pruned = json.loads(record.read_text()) if record.is_file() else {}
+    pruning = {k: v for k, v in pruned.items() if k in ("notes", "candidates")}
+    plots["layer_widths"] = plot_layer_widths(pruned, d / "layer_widths.png")
     report = {"name": cfg.name, "models": rows, "pruning": pruning, "stage_seconds": seconds,
               "total_seconds": sum(seconds.values()),
               "plots": {k: str(v.relative_to(d)) for k, v in plots.items() if v is not None}}
@@ -112,7 +137,9 @@ def _markdown(report: dict) -> str:
            "perplexity |", "|---|---|---|---|---|---|---|---|"]
     for name, r in report["models"].items():
         s = r["shape"]
-        out.append(f"| {name} | {s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} "
+        ffn = (f"{min(s['layer_ffn'])}..{max(s['layer_ffn'])} per layer, attention in "
+               f"{sum(s['layer_attention'])}" if s.get("layer_ffn") else s["ffn_hidden_size"])
+        out.append(f"| {name} | {s['num_layers']} | {s['hidden_size']} | {ffn} "
                    f"| {s['num_attention_heads']} / {s['num_query_groups']} | "
                    f"{r['parameters']:,} | {r.get('loss', float('nan')):.4f} | "
                    f"{r.get('perplexity', float('nan')):.3f} |")

@@ -1,0 +1,92 @@
+"""Heterogeneous against homogeneous students of SmolLM2-135M at the same parameter count:
+held-out loss right after pruning and after the same short KD (issue 37's measurement).
+
+Homogeneous: the combined target (hidden 448, ffn 1024, heads 6, layers 24) with
+`--strategy auto`; heterogeneous: hidden 448 and heads 6 the same, each layer's MLP width and
+attention chosen by `--heterogeneous` under `--target-params` equal to what auto's winner has.
+Both from the same scores; both distilled from the unpruned model with the same steps, data
+and seed; held-out loss over the first held-out play (8 windows of 256 tokens).
+
+    python benchmarks/heterogeneous.py [--kd-steps 30] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import kd_data, teacher_checkpoint  # noqa: E402
+
+TARGET = ["--target-hidden", "448", "--target-heads", "6"]
+HOMOGENEOUS = [*TARGET, "--target-ffn", "1024", "--target-layers", "24", "--strategy", "auto"]
+
+
+def main() -> None:
+    from megatron_minitron.cli import main as cli
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kd-steps", type=int, default=30)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_checkpoint(None)
+    scores = work / "scores.safetensors"
+    if not scores.is_file():
+        assert cli(["importance", "--load", str(teacher), "--data", *map(str, train_plays()[:4]),
+                    "--samples", "32", "--seq-length", "128", "--depth-samples", "8",
+                    "--block-sizes", "1", "6", "--micro-batch-size", "4",
+                    "--out", str(scores)]) == 0
+    train, valid = kd_data(teacher, work, train_files=8)
+
+    def held_out(ckpt: Path) -> float:
+        out = ckpt.with_suffix(".eval.json")
+        assert cli(["eval", "--load", str(ckpt), "--data", str(held_out_plays()[0]),
+                    "--seq-length", "256", "--max-windows", "8", "--micro-batch-size", "4",
+                    "--out", str(out)]) == 0
+        return json.loads(out.read_text())["loss"]
+
+    def prune(name: str, flags: list[str]) -> dict:
+        out, record = work / name, work / f"{name}.json"
+        if not out.is_dir():
+            assert cli(["prune", "--load", str(teacher), "--scores", str(scores),
+                        "--out", str(out), "--json", str(record), *flags]) == 0
+        return json.loads(record.read_text())
+
+    def distill(name: str) -> Path:
+        save = work / f"{name}-kd"
+        assert cli(["distill", "--teacher", str(teacher), "--student", str(work / name),
+                    "--data", str(train), "--save", str(save), "--train-iters",
+                    str(args.kd_steps), "--global-batch-size", "4", "--seq-length", "128",
+                    "--lr", "3e-4", "--min-lr", "3e-5", "--eval-iters", "0",
+                    "--save-interval", str(args.kd_steps), "--seed", "1234"]) == 0
+        return max(save.glob("iter_*"))
+
+    homo = prune("homogeneous", HOMOGENEOUS)
+    budget = homo["parameters"][1]
+    het = prune("heterogeneous", [*TARGET, "--heterogeneous", "--target-params", str(budget)])
+    rows = []
+    for name, record in (("homogeneous (auto)", homo), ("heterogeneous", het)):
+        ckpt = work / name.split()[0]
+        rows.append((name, record["parameters"][1], held_out(ckpt),
+                     held_out(distill(ckpt.name))))
+    print(f"\nSmolLM2-135M, held-out loss (teacher {held_out(teacher):.3f}); "
+          f"KD {args.kd_steps} steps x 4 x 128 tokens")
+    print("| student | parameters | after pruning | after KD |\n|---|---|---|---|")
+    for name, params, pruned, kd in rows:
+        print(f"| {name} | {params / 1e6:.2f}M | {pruned:.3f} | {kd:.3f} |")
+    m = het["model"]
+    print("\nheterogeneous per layer (source layers "
+          f"{het['kept_layers']}):\n  MLP width {m['layer_ffn']}\n  attention "
+          f"{[int(a) for a in m['layer_attention']]}")
+    print(f"  {het['notes'][-1]}")
+
+
+if __name__ == "__main__":
+    main()
