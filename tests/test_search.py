@@ -135,6 +135,32 @@ def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
 
 
+def test_search_heterogeneous_adds_a_per_layer_twin_at_the_same_budget(tiny_llama_ckpt,
+                                                                      tmp_path):
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.data.demo import held_out_plays, train_plays
+
+    for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
+        assert main(["preprocess", "--input", *map(str, files), "--tokenizer",
+                     str(tiny_llama_ckpt), "--output-prefix", str(tmp_path / name)]) == 0
+    scores = tmp_path / "scores.safetensors"
+    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", "0",
+                 "--out", str(scores)]) == 0
+    res = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "s", "--target-params",
+                  "100000", "--tolerance", "0.1", "--candidates", "1", "--step", "16",
+                  "--axes", "hidden", "ffn", "--heterogeneous", "--kd-tokens", "256",
+                  "--global-batch-size", "4", "--seq-length", "32", "--eval-iters", "1")
+    by_kind = {r["heterogeneous"]: r for r in res["ranking"]}
+    assert set(by_kind) == {False, True}
+    twin, het = by_kind[False], by_kind[True]
+    assert het["hidden"] == twin["hidden"] and het["budget"] == twin["params"]
+    model = mcore.read_meta(tmp_path / "s" / het["name"] / "pruned").model
+    assert het["params"] == model.num_parameters() <= twin["params"]
+    assert model.hidden_size == twin["hidden"]
+    assert (tmp_path / "s" / het["name"] / "distill").is_dir()
+
+
 def test_candidates_keep_every_parallel_flag(monkeypatch, tmp_path):
     """The candidates' prune and distill run with the search's own ParallelConfig, virtual
     pipeline and precision included (rebuilt flag lists used to lose --vpp)."""

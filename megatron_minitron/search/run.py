@@ -24,7 +24,13 @@ from megatron_minitron.distill.train import DistillConfig, iteration_dir
 from megatron_minitron.options import fraction_of, option, parse_size
 from megatron_minitron.prune.plan import strategy_option
 from megatron_minitron.runtime.distributed import barrier, is_main_rank
-from megatron_minitron.search.space import AXES, Candidate, enumerate_shapes, spread
+from megatron_minitron.search.space import (
+    AXES,
+    Candidate,
+    enumerate_shapes,
+    heterogeneous_twins,
+    spread,
+)
 
 log = logging.getLogger("minitron")
 
@@ -46,6 +52,10 @@ class SearchConfig:
     candidates: int = option(4, help="candidates pruned and distilled")
     strategy: str = strategy_option()
     step: int = option(64, help="width granularity (hidden, ffn)")
+    heterogeneous: bool = option(
+        False, help="also a heterogeneous candidate per distinct hidden and heads of the "
+                    "candidates, at its parameter count: each layer's MLP width and attention "
+                    "chosen by prune --heterogeneous (dense models)")
     kd_tokens: int = option(65536, help="distillation tokens per candidate")
     kd: DistillConfig = option(
         factory=lambda: DistillConfig(train_iters=1, seq_length=256, eval_iters=4),
@@ -73,7 +83,13 @@ def plan(teacher: ModelConfig, cfg: SearchConfig, tp: int) -> list[Candidate]:
     target, active = cfg.budget()
     shapes = enumerate_shapes(teacher, target, cfg.tolerance, tuple(cfg.axes), cfg.step, tp,
                               active=active)
-    return spread(shapes, cfg.candidates, teacher)
+    chosen = spread(shapes, cfg.candidates, teacher)
+    if cfg.heterogeneous:
+        if teacher.moe or teacher.hybrid:
+            raise ConfigError("--heterogeneous: per-layer widths are for dense transformers; "
+                              f"this {teacher.family} model has experts or Mamba layers")
+        chosen += heterogeneous_twins(chosen)
+    return chosen
 
 
 def kd_config(cfg: SearchConfig) -> DistillConfig:
@@ -97,12 +113,18 @@ def run_candidate(c: Candidate, teacher: Path, scores: Path, t: ModelConfig, cfg
     barrier()
     with prefixed(f"search: candidate {c.name}"):
         if not is_mcore_dir(pruned):
-            target = dataclasses.replace(c.target(t), strategy=cfg.strategy)
+            # a heterogeneous candidate makes its own per-layer choices (no --strategy)
+            target = c.target(t) if c.heterogeneous else dataclasses.replace(
+                c.target(t), strategy=cfg.strategy)
             stages.prune(teacher, pruned, target, parallel, scores=scores)
         stages.distill(teacher, pruned, data, d / "distill", kd_config(cfg), parallel, valid)
     before, after = val_lm_first_last(d / "distill")
     result = {**asdict(c), "name": c.name, "loss_pruned": before, "loss_kd": after,
               "checkpoint": str(iteration_dir(d / "distill", cfg.train_iters))}
+    if c.heterogeneous:  # the program may stay under its budget
+        from megatron_minitron.checkpoint import mcore
+
+        result.update(budget=c.params, params=mcore.read_meta(pruned).model.num_parameters())
     if is_main_rank():
         write_text(done, json.dumps(result, indent=2))
     barrier()

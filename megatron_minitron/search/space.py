@@ -37,17 +37,26 @@ class Candidate:
     experts: int | None = None  # MoE
     active_params: int = 0  # per token; the total under MoE, where every parameter is used
     mamba_heads: int | None = None  # hybrid
+    # `search --heterogeneous`: the same hidden and heads, each layer's MLP width and attention
+    # chosen by `prune --heterogeneous` at this candidate's parameter count
+    heterogeneous: bool = False
 
     @property
     def name(self) -> str:
         experts = f"-e{self.experts}" if self.experts else ""
         mamba = f"-m{self.mamba_heads}" if self.mamba_heads else ""
+        if self.heterogeneous:
+            return f"het-h{self.hidden}-a{self.heads}-p{self.params}"
         return f"L{self.layers}-h{self.hidden}-f{self.ffn}-a{self.heads}{experts}{mamba}"
 
     def target(self, teacher: ModelConfig) -> PruneTarget:
         """The prune target; axes left at the teacher's size are not pruned."""
         def keep(v, full):
             return None if v == full else v
+        if self.heterogeneous:
+            return PruneTarget(hidden=keep(self.hidden, teacher.hidden_size),
+                               heads=keep(self.heads, teacher.num_attention_heads),
+                               heterogeneous=True, params=float(self.params))
         ffn = keep(self.ffn, teacher.mlp_width)
         return PruneTarget(hidden=keep(self.hidden, teacher.hidden_size),
                            ffn=None if teacher.moe else ffn,
@@ -64,6 +73,15 @@ class Candidate:
             width["mamba_heads"] = self.mamba_heads
         return dataclasses.replace(teacher, hidden_size=self.hidden, num_layers=self.layers,
                                    num_attention_heads=self.heads, **width)
+
+
+def heterogeneous_twins(candidates: list[Candidate]) -> list[Candidate]:
+    """One heterogeneous candidate per distinct (hidden, heads) of `candidates`, at the
+    parameter count of the first with them."""
+    seen: dict[tuple[int, int], Candidate] = {}
+    for c in candidates:
+        seen.setdefault((c.hidden, c.heads), dataclasses.replace(c, heterogeneous=True))
+    return list(seen.values())
 
 
 def _widths(full: int, step: int) -> list[int]:
