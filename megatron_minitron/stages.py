@@ -162,7 +162,7 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     if out_format != "minitron":
         from megatron_minitron.checkpoint.megatron_lm import check_describable
 
-        check_describable(meta.model)
+        check_describable(meta.model, settings.heterogeneous)
     loaded = load_scores(Path(scores)) if scores else None
     if loaded is not None:
         check_scores(loaded, meta.model, meta.fingerprint, str(src))

@@ -210,7 +210,13 @@ def test_heterogeneous_refusals(pruned, tiny_llama_ckpt, tmp_path, capsys):
     fails(capsys, ["prune", "--load", str(pruned["out"]), "--scores", str(pruned["scores"]),
                    "--out", str(tmp_path / "d"), "--heterogeneous", "--target-params", "0.5"],
           "per-layer widths")
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    fails(capsys, [*common, "--out", str(tmp_path / "e"), "--heterogeneous", *BUDGET,
+                   "--out-format", "megatron-lm"], "Nemotron-NAS")
+    from megatron_minitron.data.demo import train_plays
+
+    fails(capsys, ["importance", "--load", str(pruned["out"]), "--data", str(train_plays()[1]),
+                   "--out", str(tmp_path / "s.safetensors")], "heterogeneous model")
+    assert not any((tmp_path / x).exists() for x in ("a", "b", "c", "d", "e", "s.safetensors"))
     model = mcore.read_meta(pruned["out"]).model
     with pytest.raises(ConfigError, match="neither attention nor an MLP"):
         dataclasses.replace(model, layer_ffn=[0] * model.num_layers,

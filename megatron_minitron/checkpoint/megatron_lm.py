@@ -188,8 +188,9 @@ def model_config_from_args(args: dict) -> ModelConfig:
     return cfg
 
 
-def check_describable(cfg: ModelConfig) -> None:
-    """Refuse, before any work, a model that Megatron-LM's args cannot rebuild."""
+def check_describable(cfg: ModelConfig, heterogeneous: bool = False) -> None:
+    """Refuse, before any work, a model that Megatron-LM's args cannot rebuild (`heterogeneous`:
+    a model that prune --heterogeneous will make of `cfg`)."""
     t = cfg.traits
     if t.post_norms or t.scaled_embedding or t.activation == "geglu":
         raise ConfigError(f"a {cfg.family} model has no Megatron-LM args equivalent (post-norms, "
@@ -197,6 +198,10 @@ def check_describable(cfg: ModelConfig) -> None:
     if cfg.window_layers is not None:
         raise ConfigError("sliding window in some layers only has no Megatron-LM args "
                           "equivalent: export it to Hugging Face instead")
+    if cfg.heterogeneous or heterogeneous:  # Megatron-LM's --heterogeneous-layers-config args: not written yet
+        raise ConfigError("heterogeneous students (per-layer widths) are written in this "
+                          "project's format or as Hugging Face Nemotron-NAS only (not yet "
+                          "Megatron-LM's or Megatron-Bridge's)")
     if cfg.hybrid:  # Megatron-LM's pretrain_mamba.py args: not written yet
         raise ConfigError("hybrid Mamba models are written in this project's format or as "
                           "Hugging Face only (not yet Megatron-LM's or Megatron-Bridge's)")

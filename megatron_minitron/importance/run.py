@@ -40,6 +40,9 @@ class ImportanceConfig:
 
     def validate(self, model: ModelConfig) -> None:
         num_layers = model.num_layers
+        if model.heterogeneous:  # the scores file's axes are one width for every layer
+            raise ConfigError("importance of a heterogeneous model (per-layer widths) is not "
+                              "supported: score the homogeneous model it was pruned from")
         if self.seq_length > model.max_position_embeddings:
             raise ConfigError(f"sequence length {self.seq_length} exceeds the model's "
                               f"{model.max_position_embeddings} positions")
