@@ -116,3 +116,45 @@ def test_te_spec_names_and_checkpoint_keys_match_the_local_spec(family, tmp_path
     import_weights(te, source, te=True)
     torch.testing.assert_close(logits(te, tiny_tokens, 2), logits(local, tiny_tokens, 2),
                                rtol=0, atol=1e-5)
+
+
+def test_te_spec_of_a_heterogeneous_student_matches_the_local_spec(tmp_path, tiny_tokens,
+                                                                    monkeypatch):
+    """Per-layer widths and removed attention under TE's spec: the removed blocks' fused norms
+    go with them (TE fuses the input norm into linear_qkv), the HF name map names exactly the TE
+    model's parameters, checkpoint keys equal the local spec's, and a checkpoint the local model
+    wrote gives the same logits in the TE model."""
+    import dataclasses
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_minitron.checkpoint import mcore
+    from megatron_minitron.checkpoint.layout import rules
+    from megatron_minitron.checkpoint.sources import open_source
+    from megatron_minitron.config import CheckpointMeta, ParallelConfig
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.forward import logits
+    from megatron_minitron.runtime import init_runtime
+
+    source = open_source(tiny_hf_dir(tmp_path / "hf", "llama", seed=7), "hf")
+    cfg = dataclasses.replace(source.config, layer_ffn=[96, 48, 0, 24],
+                              layer_attention=[True, False, True, True])
+    cfg.validate()
+    init_runtime(ParallelConfig())
+    local = build_model(cfg, ParallelConfig(), torch.float32, te=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in local[0].parameters():
+            p.normal_(0, 0.1)
+    mcore.save_checkpoint(local, CheckpointMeta(model=cfg, source="test"), tmp_path / "ckpt", {})
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", _stand_in_provider(), raising=False)
+    te = build_model(cfg, ParallelConfig(), torch.float32, te=True)
+
+    te_params = {n for n, _ in te[0].named_parameters()}
+    assert te_params == {r.mcore for r in rules(cfg, te=True)}
+    assert not any(n.startswith("decoder.layers.1.self_attention") for n in te_params)
+    assert "decoder.layers.2.mlp.linear_fc1.layer_norm_weight" not in te_params
+    assert _keys(te) == _keys(local), sorted(_keys(te) ^ _keys(local))[:4]
+    mcore.load_checkpoint(te, tmp_path / "ckpt")
+    torch.testing.assert_close(logits(te, tiny_tokens, 2), logits(local, tiny_tokens, 2),
+                               rtol=0, atol=1e-5)
