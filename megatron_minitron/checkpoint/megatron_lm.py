@@ -198,7 +198,7 @@ def check_describable(cfg: ModelConfig, heterogeneous: bool = False) -> None:
     if cfg.window_layers is not None:
         raise ConfigError("sliding window in some layers only has no Megatron-LM args "
                           "equivalent: export it to Hugging Face instead")
-    if cfg.heterogeneous or heterogeneous:  # Megatron-LM's --heterogeneous-layers-config args: not written yet
+    if cfg.heterogeneous or heterogeneous:  # Megatron-LM's heterogeneous args: not written yet
         raise ConfigError("heterogeneous students (per-layer widths) are written in this "
                           "project's format or as Hugging Face Nemotron-NAS only (not yet "
                           "Megatron-LM's or Megatron-Bridge's)")
