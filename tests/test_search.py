@@ -100,16 +100,22 @@ def test_smollm2_search_ranks_candidates_after_short_kd(smol_ckpt, smol_scores, 
     assert eval_loss(out / "best") < eval_loss(out / "best_pruned")
 
 
-def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
+def _tiny_inputs(ckpt: Path, tmp: Path, depth_samples: int) -> Path:
+    """TMP/train and TMP/valid (one play each) and the scores of `ckpt`; returns the scores."""
     from megatron_minitron.data.demo import held_out_plays, train_plays
 
     for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
         assert main(["preprocess", "--input", *map(str, files), "--tokenizer",
-                     str(tiny_llama_ckpt), "--output-prefix", str(tmp_path / name)]) == 0
-    scores = tmp_path / "scores.safetensors"
-    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
-                 "--samples", "8", "--seq-length", "32", "--depth-samples", "2",
+                     str(ckpt), "--output-prefix", str(tmp / name)]) == 0
+    scores = tmp / "scores.safetensors"
+    assert main(["importance", "--load", str(ckpt), "--data", str(train_plays()[1]),
+                 "--samples", "8", "--seq-length", "32", "--depth-samples", str(depth_samples),
                  "--out", str(scores)]) == 0
+    return scores
+
+
+def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
+    scores = _tiny_inputs(tiny_llama_ckpt, tmp_path, depth_samples=2)
     flags = ("--target-params", "100000", "--tolerance", "0.1", "--candidates", "2", "--step",
              "16", "--kd-tokens", "256", "--global-batch-size", "4", "--seq-length", "32",
              "--lr", "1e-3", "--eval-iters", "1")
@@ -138,15 +144,8 @@ def test_search_is_reproducible_and_resumes(tiny_llama_ckpt, tmp_path):
 def test_search_heterogeneous_adds_a_per_layer_twin_at_the_same_budget(tiny_llama_ckpt,
                                                                       tmp_path):
     from megatron_minitron.checkpoint import mcore
-    from megatron_minitron.data.demo import held_out_plays, train_plays
 
-    for name, files in (("train", train_plays()[1:2]), ("valid", held_out_plays()[:1])):
-        assert main(["preprocess", "--input", *map(str, files), "--tokenizer",
-                     str(tiny_llama_ckpt), "--output-prefix", str(tmp_path / name)]) == 0
-    scores = tmp_path / "scores.safetensors"
-    assert main(["importance", "--load", str(tiny_llama_ckpt), "--data", str(train_plays()[1]),
-                 "--samples", "8", "--seq-length", "32", "--depth-samples", "0",
-                 "--out", str(scores)]) == 0
+    scores = _tiny_inputs(tiny_llama_ckpt, tmp_path, depth_samples=0)
     res = _search(tiny_llama_ckpt, scores, tmp_path, tmp_path / "s", "--target-params",
                   "100000", "--tolerance", "0.1", "--candidates", "1", "--step", "16",
                   "--axes", "hidden", "ffn", "--heterogeneous", "--kd-tokens", "256",

@@ -107,12 +107,25 @@ def costs(src: ModelConfig, base: ModelConfig, variants: list[Variant], t: Prune
     return Costs(per, fixed, budget, latency)
 
 
+def check_feasible(c: Costs, layers: int) -> None:
+    """Refuse, before any scoring, budgets that even the smallest variant in every layer
+    exceeds."""
+    least = {name: c.fixed[name] + layers * min(per) for name, per in c.per_variant.items()}
+    over = [k for k in c.budget if least[k] > c.budget[k]]
+    if over:
+        raise ConfigError("no choice of layer variants fits the budget ("
+                          + ", ".join(f"{k} {c.budget[k]:,.6g}, the smallest possible "
+                                      f"{least[k]:,.6g}" for k in over)
+                          + "): raise the budget or add smaller --layer-ffn-choices")
+
+
 def select(rise: torch.Tensor, c: Costs) -> list[int]:
     """One variant per layer minimising the summed LM-loss rise [layers, variants] under every
     budget: scipy's mixed-integer linear program (HiGHS)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     layers, n = rise.shape
+    check_feasible(c, layers)
     one_each = np.kron(np.eye(layers), np.ones(n))
     constraints = [LinearConstraint(one_each, 1, 1)]
     for name, per in c.per_variant.items():
@@ -120,12 +133,10 @@ def select(rise: torch.Tensor, c: Costs) -> list[int]:
                                             c.budget[name] - c.fixed[name]))
     result = milp(rise.flatten().double().numpy(), constraints=constraints,
                   integrality=np.ones(layers * n), bounds=Bounds(0, 1))
-    if result.x is None:
-        least = {name: c.fixed[name] + layers * min(per) for name, per in c.per_variant.items()}
-        raise ConfigError("no choice of layer variants fits the budget ("
-                          + ", ".join(f"{k} {c.budget[k]:,.6g}, the smallest possible "
-                                      f"{least[k]:,.6g}" for k in c.budget)
-                          + "): raise the budget or add smaller --layer-ffn-choices")
+    if result.x is None:  # each budget alone fits, not all of them together
+        raise ConfigError("no choice of layer variants fits all the budgets together ("
+                          + ", ".join(f"{k} {v:,.6g}" for k, v in c.budget.items())
+                          + f"): {result.message}")
     return np.round(result.x).reshape(layers, n).argmax(1).tolist()
 
 
@@ -249,13 +260,14 @@ def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores,
     latency = (measure_latency(base, sorted({v.ffn for v in variants}), parallel,
                                t.budget_batch_size, t.budget_seq_length)
                if t.target_latency is not None else None)
+    c = costs(cfg, base, variants, t, itemsize, latency)
+    check_feasible(c, base.num_layers)
     model = (prune_model(chunks, cfg, base_plan, parallel)
              if base.num_parameters() < cfg.num_parameters() else chunks)
     rise = score_variants(model, base, variants, scores.axis("ffn"), cal.select,
                           cal.micro_batch_size)
     del model
     gc.collect()
-    c = costs(cfg, base, variants, t, itemsize, latency)
     choice = select(rise, c)
     chosen = [variants[j] for j in choice]
     plan = _plan(cfg, base_plan, chosen, scores)
