@@ -96,6 +96,28 @@ def test_the_choice_is_the_optimum_and_the_student_is_the_masked_source(pruned, 
     assert rec["parameters"][1] < 0.7 * rec["parameters"][0]
 
 
+def test_a_variants_replayed_rise_is_a_whole_forward_with_that_layer_masked(pruned):
+    """Variants are scored from each layer's recorded input; a whole forward of the masked
+    source over the same calibration windows gives the same rise."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.prune.heterogeneous import _Masks
+    from megatron_minitron.prune.strategy import calibration
+
+    het = pruned["record"]["heterogeneous"]
+    cfg, chunks = load_in_process(pruned["source"])
+    cal = calibration(pruned["source"], load_scores(pruned["scores"]).meta, 4)
+    base = evaluate_windows(chunks, cal.select, cal.micro_batch_size).loss
+    order = load_scores(pruned["scores"]).axis("ffn")[2].argsort(descending=True)
+    for name in ("no-attn+ffn48", "attn+ffn24", "no-attn+ffn0"):
+        v, width = het["variants"].index(name), int(name.split("ffn")[1])
+        masks = _Masks(chunks[0].decoder.layers[2], order[:width], name.startswith("attn"),
+                       cfg.ffn_hidden_size)
+        loss = evaluate_windows(chunks, cal.select, cal.micro_batch_size).loss
+        masks.remove()
+        assert loss - base == pytest.approx(het["rise"][2][v], abs=1e-6), name
+
+
 def test_pruned_from_a_tp2_source_the_student_is_the_masked_source_at_tp2_sp_and_pp2(
         pruned, tiny_tokens):
     """From the TP2+SP-sharded source, with widths but no layer drop (even layers for PP2):

@@ -83,33 +83,60 @@ def _loss_sum(output: torch.Tensor, _mb) -> torch.Tensor:
     return output.detach().double().sum()
 
 
-def skip_losses(chunks, num_layers: int, samples: torch.Tensor, block_sizes: tuple[int, ...],
-                micro_batch_size: int) -> dict[str, torch.Tensor]:
-    """Mean LM loss of `samples` [N, L+1] unchanged (`depth.base_loss`) and its rise for every
-    skipped block (`depth.skip_loss.k{K}`); data-parallel ranks split the samples."""
+def resumed_at(chunks, start: int, inputs: dict[int, list[torch.Tensor]]):
+    """Run layer `start` (and what follows) on its recorded input without running the layers
+    before it: for a change to layer `start` alone (a prune variant), which leaves its input as
+    recorded."""
+    feed = iter(inputs.get(start, ()))
+    layer = next((m for m in decoder_layers(chunks) if m.layer_number - 1 == start), None)
+    original = None if layer is None else type(layer).forward.__get__(layer)
+
+    def replay(hidden_states=None, *args, **kwargs):
+        return original(next(feed), *args, **kwargs)
+
+    return replaced(chunks, {**dict.fromkeys(range(start), _pass_through), start: replay})
+
+
+def replayed_losses(chunks, samples: torch.Tensor, micro_batch_size: int,
+                    passes: list[Callable[[dict], contextlib.AbstractContextManager]],
+                    what: str, label: str) -> torch.Tensor:
+    """Mean LM loss per token of `samples` [N, L+1] unchanged (entry 0) and under each of
+    `passes` (entry j + 1): a context made from the recorded layer inputs, which changes the
+    model from some layer on and replays that layer's input. Data-parallel ranks split the
+    samples (`what` names them in an error); every rank returns the same losses. Progress lines
+    are headed `label`."""
     from megatron.core import parallel_state
 
     dp = parallel_state.get_data_parallel_world_size()
-    blocks = [(k, start) for k in block_sizes for start in range(num_layers - k + 1)]
     mbs = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-           for w in torch.split(data_parallel_share(samples, "depth samples (--depth-samples)"),
-                               micro_batch_size)]
+           for w in torch.split(data_parallel_share(samples, what), micro_batch_size)]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     per_group = 1 if pp == 1 else 2 * pp
     groups = [mbs[i:i + per_group] for i in range(0, len(mbs), per_group)]
-    progress = Progress("depth (layer-skip LM loss)", len(samples) * (1 + len(blocks)),
-                        unit="sample passes", every_s=30)
-    totals = torch.zeros(1 + len(blocks), dtype=torch.float64, device=device())
+    progress = Progress(label, len(samples) * (1 + len(passes)), unit="sample passes",
+                        every_s=30)
+    totals = torch.zeros(1 + len(passes), dtype=torch.float64, device=device())
     for group in groups:
         with recording_inputs(chunks) as inputs:
             for loss in forward_microbatches(chunks, group, _loss_sum):  # last stage only
                 totals[0] += loss
-        for j, (k, start) in enumerate(blocks, 1):
-            with resumed_after(chunks, start, k, inputs):
+        for j, change in enumerate(passes, 1):
+            with change(inputs):
                 for loss in forward_microbatches(chunks, group, _loss_sum):
                     totals[j] += loss
-        progress.update(sum(len(m["tokens"]) for m in group) * dp * (1 + len(blocks)))
-    loss = total_over_ranks(totals, totals.shape).cpu() / (len(samples) * (samples.shape[1] - 1))
+        progress.update(sum(len(m["tokens"]) for m in group) * dp * (1 + len(passes)))
+    return total_over_ranks(totals, totals.shape).cpu() / (len(samples) * (samples.shape[1] - 1))
+
+
+def skip_losses(chunks, num_layers: int, samples: torch.Tensor, block_sizes: tuple[int, ...],
+                micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean LM loss of `samples` [N, L+1] unchanged (`depth.base_loss`) and its rise for every
+    skipped block (`depth.skip_loss.k{K}`); data-parallel ranks split the samples."""
+    blocks = [(k, start) for k in block_sizes for start in range(num_layers - k + 1)]
+    passes = [lambda inputs, k=k, start=start: resumed_after(chunks, start, k, inputs)
+              for k, start in blocks]
+    loss = replayed_losses(chunks, samples, micro_batch_size, passes,
+                           "depth samples (--depth-samples)", "depth (layer-skip LM loss)")
     out = {"depth.base_loss": loss[:1]}
     for k in block_sizes:
         out[f"depth.skip_loss.k{k}"] = torch.stack(

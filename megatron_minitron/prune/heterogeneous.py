@@ -17,6 +17,7 @@ A layer left with neither block is dropped. The plan is one plan over the source
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -33,7 +34,6 @@ from megatron_minitron.importance.scores import Scores
 from megatron_minitron.options import fraction_of
 from megatron_minitron.prune.plan import PrunePlan, PruneTarget, make_plan
 from megatron_minitron.prune.run import prune_model
-from megatron_minitron.runtime.progress import Progress
 
 log = logging.getLogger("minitron")
 
@@ -170,28 +170,35 @@ class _Masks:
 def score_variants(chunks, base: ModelConfig, variants: list[Variant], neurons: torch.Tensor,
                    windows: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
     """[layers, variants]: each variant's LM-loss rise over the unchanged base, one layer at a
-    time. `neurons` [layers, ffn] ranks each layer's MLP neurons (highest kept)."""
-    from megatron_minitron.evaluate.perplexity import evaluate_windows
+    time. `neurons` [layers, ffn] ranks each layer's MLP neurons (highest kept). A variant of
+    layer i changes nothing before it, so each pass replays layer i's recorded input and runs
+    from there (the depth metrics' prefix reuse)."""
+    from megatron_minitron.importance.depth import replayed_losses, resumed_at
 
     here = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
-    reference = evaluate_windows(chunks, windows, micro_batch_size).loss
-    rise = torch.zeros(base.num_layers, len(variants), dtype=torch.float64)
-    progress = Progress("variants", base.num_layers * (len(variants) - 1), unit="variants")
-    for i in range(base.num_layers):
+    full = Variant(base.ffn_hidden_size, True)
+    cells = [(i, j) for i in range(base.num_layers) for j, v in enumerate(variants) if v != full]
+
+    @contextlib.contextmanager
+    def variant(inputs, i: int, v: Variant):
+        layer = here.get(i)  # hooks only where this rank holds the layer
         order = neurons[i].argsort(descending=True)
-        for j, v in enumerate(variants):
-            if v == Variant(base.ffn_hidden_size, True):
-                continue
-            layer = here.get(i)  # hooks only where this rank holds the layer
-            masks = None if layer is None else _Masks(
-                layer, order[:v.ffn] if v.ffn < base.ffn_hidden_size else None, v.attention,
-                base.ffn_hidden_size)
-            try:
-                rise[i, j] = evaluate_windows(chunks, windows, micro_batch_size).loss - reference
-            finally:
-                if masks is not None:
-                    masks.remove()
-            progress.update(1)
+        masks = None if layer is None else _Masks(
+            layer, order[:v.ffn] if v.ffn < base.ffn_hidden_size else None, v.attention,
+            base.ffn_hidden_size)
+        try:
+            with resumed_at(chunks, i, inputs):
+                yield
+        finally:
+            if masks is not None:
+                masks.remove()
+
+    passes = [lambda inputs, i=i, v=variants[j]: variant(inputs, i, v) for i, j in cells]
+    loss = replayed_losses(chunks, windows, micro_batch_size, passes,
+                           "calibration windows (--select-samples)", "layer variants")
+    rise = torch.zeros(base.num_layers, len(variants), dtype=torch.float64)
+    for (i, j), value in zip(cells, loss[1:] - loss[0], strict=True):
+        rise[i, j] = value
     return rise
 
 
