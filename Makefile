@@ -42,13 +42,13 @@ COMPAT_VENV ?= .venv-mcore-$(COMPAT_MCORE)
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 # The compat leg: one test per Megatron API we call (layer specs of every family, dist checkpoints
 # and their formats, TP/SP/PP/VPP/EP forward, DDP, the optimizer and its checkpoint, the pipeline
-# schedules, the module structure hooks and pruning rely on, MambaModel and its mixer), not the
-# whole suite again.
+# schedules, the module structure hooks and pruning rely on, MambaModel and its mixer,
+# HeterogeneousTransformerConfig), not the whole suite again.
 T := tests
 COMPAT_TESTS ?= $(T)/test_layout.py $(T)/test_precision.py \
 	$(T)/test_mamba.py::test_megatron_mamba_mixer_on_cpu_matches_transformers_nemotron_h \
 	$(T)/test_mamba.py::test_nemotron_h_converts_and_matches_transformers_at_tp1_tp2_sp_and_pp2 \
-	$(T)/test_mamba.py::test_nemotron_h_importance_and_pruning_are_the_same_at_tp1_and_tp2_sp \
+	$(T)/test_te_spec.py::test_te_spec_of_a_heterogeneous_student_matches_the_local_spec \
 	$(T)/test_roundtrip.py::test_family_logits_match_transformers \
 	$(T)/test_roundtrip.py::test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers \
 	$(T)/test_roundtrip.py::test_tp2_sequence_parallel_logits_match_transformers \
