@@ -62,13 +62,10 @@ def layer_parameters(base: ModelConfig, v: Variant) -> int:
     """The parameters of one layer of `base` shaped as `v` (exact, from ModelConfig's count)."""
     if not v.attention and not v.ffn:
         return 0
-    one = dataclasses.replace(base, num_layers=1, layer_ffn=[v.ffn],
-                              layer_attention=[v.attention], window_layers=None)
-    return one.num_parameters(include_embeddings=False) - _final_norm(base)
-
-
-def _final_norm(cfg: ModelConfig) -> int:
-    return cfg.hidden_size * (2 if cfg.traits.normalization == "LayerNorm" else 1)
+    one, none = (dataclasses.replace(base, num_layers=n, layer_ffn=[v.ffn] * n,
+                                     layer_attention=[v.attention] * n, window_layers=None)
+                 for n in (1, 0))
+    return one.num_parameters(include_embeddings=False) - none.num_parameters(False)
 
 
 def kv_cache_bytes(base: ModelConfig, batch: int, seq: int, itemsize: int) -> int:
@@ -83,11 +80,12 @@ class Costs:
     per_variant: dict[str, list[float]]
     fixed: dict[str, float]
     budget: dict[str, float]
-    latency_table: dict[str, float] | None = None
 
 
 def costs(src: ModelConfig, base: ModelConfig, variants: list[Variant], t: PruneTarget,
           itemsize: int, latency: dict[str, float] | None) -> Costs:
+    """The budgets `t` sets, with each variant's cost: parameters (exact), memory (weights at
+    `itemsize` bytes plus an attention layer's K/V cache), latency (`latency`'s table)."""
     params = [float(layer_parameters(base, v)) for v in variants]
     rest = float(base.num_parameters() - base.num_layers * layer_parameters(
         base, Variant(base.ffn_hidden_size, True)))
@@ -104,7 +102,7 @@ def costs(src: ModelConfig, base: ModelConfig, variants: list[Variant], t: Prune
         per["latency_ms"] = [(latency["attention"] if v.attention else 0.0) +
                              (latency[f"ffn{v.ffn}"] if v.ffn else 0.0) for v in variants]
         fixed["latency_ms"], budget["latency_ms"] = 0.0, float(t.target_latency)
-    return Costs(per, fixed, budget, latency)
+    return Costs(per, fixed, budget)
 
 
 def check_feasible(c: Costs, layers: int) -> None:
