@@ -118,18 +118,24 @@ def test_a_variants_replayed_rise_is_a_whole_forward_with_that_layer_masked(prun
         assert loss - base == pytest.approx(het["rise"][2][v], abs=1e-6), name
 
 
-def test_pruned_from_a_tp2_source_the_student_is_the_masked_source_at_tp2_sp_and_pp2(
+def test_pruned_from_tp2_or_pp2_the_student_is_the_masked_source_at_tp2_sp_and_pp2(
         pruned, tiny_tokens):
-    """From the TP2+SP-sharded source, with widths but no layer drop (even layers for PP2):
-    each variant's loss rise equals TP1's, and the student equals the masked source loaded at
-    TP1, TP2+SP and PP2 (the TP1 run's 3-layer student at TP2+SP too)."""
+    """From the TP2+SP-sharded source (and the PP2 one), with widths but no layer drop (even
+    layers for PP2): each variant's loss rise equals TP1's, the latency table is timed on the
+    ranks holding each block, and the student equals the masked source loaded at TP1, TP2+SP and
+    PP2 (the TP1 run's 3-layer student at TP2+SP too)."""
     tmp = pruned["tmp"]
     out = tmp / "het_tp2"
     run_cli("prune", "--load", str(pruned["source"]), "--scores", str(pruned["scores"]),
             "--out", str(out), "--heterogeneous", *BUDGET, "--layer-ffn-choices", "1,0.5,0.25",
             "--tp", "2", "--sequence-parallel", "--json", str(tmp / "tp2.json"), nproc=2)
-    tp1, tp2 = pruned["record"]["heterogeneous"], json.loads(
-        (tmp / "tp2.json").read_text())["heterogeneous"]
+    run_cli("prune", "--load", str(pruned["source"]), "--scores", str(pruned["scores"]),
+            "--out", str(tmp / "het_pp2"), "--heterogeneous", *BUDGET, "--layer-ffn-choices",
+            "1,0.5,0.25", "--pp", "2", "--json", str(tmp / "pp2.json"), nproc=2)
+    tp1, tp2, pp2 = (json.loads((tmp / f).read_text())["heterogeneous"] if f else
+                     pruned["record"]["heterogeneous"] for f in (None, "tp2.json", "pp2.json"))
+    assert pp2["choice"] == tp2["choice"] and pp2["latency_ms"].keys() == tp2["latency_ms"].keys()
+    assert torch.allclose(torch.tensor(pp2["rise"]), torch.tensor(tp2["rise"]), atol=1e-5)
     for j, name in enumerate(tp2["variants"]):
         k = tp1["variants"].index(name)
         assert torch.allclose(torch.tensor(tp2["rise"])[:, j], torch.tensor(tp1["rise"])[:, k],

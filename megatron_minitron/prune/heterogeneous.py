@@ -203,23 +203,30 @@ def score_variants(chunks, base: ModelConfig, variants: list[Variant], neurons: 
 def measure_latency(base: ModelConfig, widths: list[int], parallel: ParallelConfig,
                     batch: int, seq: int, repeats: int = 5) -> dict[str, float]:
     """Milliseconds of one attention block and of one MLP of each width on this machine, from a
-    model built with one layer per block (attention alone, then each MLP alone) at the run's
-    TP: forward hooks time each layer, median over `repeats` after a warm-up."""
+    model built with one layer per block (attention alone, then each MLP alone; attention again
+    up to a multiple of the pipeline stages) at the run's own layout: forward hooks time each
+    layer on the rank that holds it, median over `repeats` after a warm-up, and the slowest
+    rank's figure counts."""
+    import torch.distributed as dist
+
     from megatron_minitron.model import build_model
     from megatron_minitron.model.forward import forward_microbatches
+    from megatron_minitron.runtime.distributed import device
 
     widths = [w for w in widths if w]
-    probe = dataclasses.replace(base, num_layers=1 + len(widths), window_layers=None,
-                                layer_ffn=[0, *widths], ffn_hidden_size=max(widths),
-                                layer_attention=[True] + [False] * len(widths))
-    layout = ParallelConfig(tp=parallel.tp, sequence_parallel=parallel.sequence_parallel,
-                            precision=parallel.precision)
-    chunks = build_model(probe, layout)
+    stages = parallel.pp * (parallel.vpp or 1)
+    kinds = ["attention", *(f"ffn{w}" for w in widths)]
+    kinds += ["attention"] * (-len(kinds) % stages)
+    probe = dataclasses.replace(
+        base, num_layers=len(kinds), window_layers=None, ffn_hidden_size=max(widths),
+        layer_ffn=[0 if k == "attention" else int(k[3:]) for k in kinds],
+        layer_attention=[k == "attention" for k in kinds])
+    chunks = build_model(probe, parallel)
     with torch.no_grad():
-        for p in chunks[0].parameters():
+        for p in (p for c in chunks for p in c.parameters()):
             p.normal_(0, 0.02)  # no NaNs or denormals from uninitialised memory to slow the math
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times: dict[int, list[float]] = {i: [] for i in range(probe.num_layers)}
+    times: dict[int, list[float]] = {}
     started = {}
 
     def before(i):
@@ -231,25 +238,27 @@ def measure_latency(base: ModelConfig, widths: list[int], parallel: ParallelConf
     def after(i):
         def hook(*_):
             sync()
-            times[i].append(1000 * (time.perf_counter() - started[i]))
+            times.setdefault(i, []).append(1000 * (time.perf_counter() - started[i]))
         return hook
 
-    layers = list(decoder_layers(chunks))
     tokens = torch.randint(0, base.vocab_size, (batch, seq + 1))
     mb = [{"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}]
     forward_microbatches(chunks, mb, lambda out, _mb: None)  # warm-up
-    handles = [h for i, layer in enumerate(layers)
-               for h in (layer.register_forward_pre_hook(before(i)),
-                         layer.register_forward_hook(after(i)))]
+    handles = [h for layer in decoder_layers(chunks)
+               for h in (layer.register_forward_pre_hook(before(layer.layer_number - 1)),
+                         layer.register_forward_hook(after(layer.layer_number - 1)))]
     for _ in range(repeats):
         forward_microbatches(chunks, mb, lambda out, _mb: None)
     for h in handles:
         h.remove()
     del chunks
     gc.collect()
-    table = {"attention": statistics.median(times[0])}
-    table.update({f"ffn{w}": statistics.median(times[1 + k]) for k, w in enumerate(widths)})
-    return table
+    medians = torch.zeros(len(kinds), dtype=torch.float64, device=device())
+    for i, ms in times.items():
+        medians[i] = statistics.median(ms)
+    if dist.is_initialized():
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return {k: float(medians[kinds.index(k)]) for k in dict.fromkeys(kinds)}
 
 
 def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal,
