@@ -2,12 +2,13 @@
 held-out loss right after pruning and after the same short KD (issue 37's measurement).
 
 Homogeneous: the combined target (hidden 448, ffn 1024, heads 6, layers 24) with
-`--strategy auto`; heterogeneous: hidden 448 and heads 6 the same, each layer's MLP width and
-attention chosen by `--heterogeneous` under `--target-params` equal to what auto's winner has.
+`--strategy auto`; heterogeneous: the hidden size, heads and query groups of auto's winner, each
+layer's MLP width and attention chosen by `--heterogeneous` under `--target-params` equal to
+what auto's winner has.
 Both from the same scores; both distilled from the unpruned model with the same steps, data
 and seed; held-out loss over the first held-out play (8 windows of 256 tokens).
 
-    python benchmarks/heterogeneous.py [--kd-steps 30] [--work DIR]
+    python benchmarks/heterogeneous.py [--kd-steps 30] [--work DIR] [--teacher CKPT]
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import kd_data, teacher_checkpoint  # noqa: E402
 
-TARGET = ["--target-hidden", "448", "--target-heads", "6"]
-HOMOGENEOUS = [*TARGET, "--target-ffn", "1024", "--target-layers", "24", "--strategy", "auto"]
+HOMOGENEOUS = ["--target-hidden", "448", "--target-heads", "6", "--target-ffn", "1024",
+               "--target-layers", "24", "--strategy", "auto"]
 
 
 def main() -> None:
@@ -33,17 +34,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kd-steps", type=int, default=30)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--teacher", default=None, help="SmolLM2 converted already (a rerun in the "
+                                                    "same --work: the one the scores are for)")
+    ap.add_argument("--latency-seq-length", type=int, default=2048)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
-    teacher = teacher_checkpoint(None)
+    teacher = teacher_checkpoint(args.teacher)
     scores = work / "scores.safetensors"
     if not scores.is_file():
         assert cli(["importance", "--load", str(teacher), "--data", *map(str, train_plays()[:4]),
                     "--samples", "32", "--seq-length", "128", "--depth-samples", "8",
                     "--block-sizes", "1", "6", "--micro-batch-size", "4",
                     "--out", str(scores)]) == 0
-    train, valid = kd_data(teacher, work, train_files=8)
+    train, valid = ((work / "train", work / "valid") if (work / "train.idx").is_file() else
+                    kd_data(teacher, work, train_files=8))
 
     def held_out(ckpt: Path) -> float:
         out = ckpt.with_suffix(".eval.json")
@@ -61,16 +66,22 @@ def main() -> None:
 
     def distill(name: str) -> Path:
         save = work / f"{name}-kd"
+        if (save / "latest").is_file():  # a rerun: the distilled student is there
+            return save / (save / "latest").read_text().strip()
         assert cli(["distill", "--teacher", str(teacher), "--student", str(work / name),
-                    "--data", str(train), "--save", str(save), "--train-iters",
+                    "--data", str(train), "--valid-data", str(valid), "--save", str(save),
+                    "--train-iters",
                     str(args.kd_steps), "--global-batch-size", "4", "--seq-length", "128",
                     "--lr", "3e-4", "--min-lr", "3e-5", "--eval-iters", "0",
                     "--save-interval", str(args.kd_steps), "--seed", "1234"]) == 0
         return max(save.glob("iter_*"))
 
     homo = prune("homogeneous", HOMOGENEOUS)
-    budget = homo["parameters"][1]
-    het = prune("heterogeneous", [*TARGET, "--heterogeneous", "--target-params", str(budget)])
+    won = homo["model"]
+    het = prune("heterogeneous", [
+        "--target-hidden", str(won["hidden_size"]), "--target-heads",
+        str(won["num_attention_heads"]), "--target-groups", str(won["num_query_groups"]),
+        "--heterogeneous", "--target-params", str(homo["parameters"][1])])
     rows = []
     for name, record in (("homogeneous (auto)", homo), ("heterogeneous", het)):
         ckpt = work / name.split()[0]
@@ -86,6 +97,26 @@ def main() -> None:
           f"{het['kept_layers']}):\n  MLP width {m['layer_ffn']}\n  attention "
           f"{[int(a) for a in m['layer_attention']]}")
     print(f"  {het['notes'][-1]}")
+    latency_table(homo, het, args.latency_seq_length)
+
+
+def latency_table(homo: dict, het: dict, seq: int) -> None:
+    """The table prune --target-latency would use here (batch 1 x `seq` tokens), and each
+    student's layers summed from it."""
+    from megatron_minitron.config import ModelConfig, ParallelConfig
+    from megatron_minitron.prune.heterogeneous import measure_latency
+
+    base = ModelConfig.from_dict(het["model"])
+    widths = sorted({*base.layer_ffn, homo["model"]["ffn_hidden_size"], 1536} - {0})
+    table = measure_latency(base, widths, ParallelConfig(), 1, seq)
+    print(f"\nlatency table, batch 1 x {seq} tokens, this machine (ms, median of 5):")
+    print("  " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
+    h = ModelConfig.from_dict(homo["model"])
+    for name, m in (("homogeneous", h), ("heterogeneous", base)):
+        total = sum((table["attention"] if m.attention_of(i) else 0) +
+                    (table[f"ffn{m.ffn_of(i)}"] if m.ffn_of(i) else 0)
+                    for i in range(m.num_layers))
+        print(f"  {name}: layers sum to {total:.1f} ms")
 
 
 if __name__ == "__main__":
