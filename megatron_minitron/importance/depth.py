@@ -117,14 +117,16 @@ def replayed_losses(chunks, samples: torch.Tensor, micro_batch_size: int,
                         every_s=30)
     totals = torch.zeros(1 + len(passes), dtype=torch.float64, device=device())
     for group in groups:
+        samples_here = sum(len(m["tokens"]) for m in group) * dp
         with recording_inputs(chunks) as inputs:
             for loss in forward_microbatches(chunks, group, _loss_sum):  # last stage only
                 totals[0] += loss
+        progress.update(samples_here)
         for j, change in enumerate(passes, 1):
             with change(inputs):
                 for loss in forward_microbatches(chunks, group, _loss_sum):
                     totals[j] += loss
-        progress.update(sum(len(m["tokens"]) for m in group) * dp * (1 + len(passes)))
+            progress.update(samples_here)
     return total_over_ranks(totals, totals.shape).cpu() / (len(samples) * (samples.shape[1] - 1))
 
 
