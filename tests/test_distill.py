@@ -256,6 +256,8 @@ def test_teacher_as_its_own_student_has_zero_kd_and_hidden_loss(tiny_setup, tmp_
     val = dist.evaluate()
     assert abs(val["val_hidden"]) <= 1e-6 and abs(val["val_kd"]) <= 1e-6, val
     assert val["val_lm"] > 1.0
+    dist.cfg.eval_iters = 0  # --eval-iters 0: no validation (it used to crash)
+    assert dist.evaluate() == {}
 
 
 def test_hidden_and_top_k_losses_are_the_same_under_tp_sp_and_pp(tiny_setup, tmp_path):

@@ -82,7 +82,7 @@ class DistillConfig:
                                        "later runs on the same data (search candidates, "
                                        "reruns); needs --top-k")
     eval_interval: int = option(0, help="validate every N steps (0: at the end only)")
-    eval_iters: int = option(2, help="validation global batches")
+    eval_iters: int = option(2, help="validation global batches (0: no validation)")
     save_interval: int = option(0, help="checkpoint every N steps (0: at the end only)")
     keep_last: int = option(2, help="checkpoints kept")
     log_interval: int = option(1, help="log every N steps")
@@ -96,6 +96,8 @@ class DistillConfig:
     def validate(self, dp: int) -> None:
         if self.train_iters < 1:
             raise ConfigError("train iterations must be >= 1")
+        if self.eval_iters < 0:
+            raise ConfigError("eval iterations must be >= 0 (0: no validation)")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"global batch {self.global_batch_size} is not a multiple of "
                               f"micro batch {self.micro_batch_size} x data-parallel size {dp}")
@@ -468,6 +470,8 @@ class Distiller:
     def evaluate(self) -> dict[str, float]:
         from megatron_minitron.model.forward import forward_microbatches
 
+        if not self.cfg.eval_iters:  # --eval-iters 0: no validation
+            return {}
         reports = []
         for b in range(self.cfg.eval_iters):
             mbs = self._microbatches(self.valid_data, b)
