@@ -152,11 +152,15 @@ def prune(load: Path, out: Path, settings: PruneTarget, parallel: ParallelConfig
     check_destination(out)
     if hf_out:
         check_destination(Path(hf_out))
+    meta = mcore.read_meta(src)
+    if hf_out and settings.heterogeneous:
+        from megatron_minitron.checkpoint.layout import check_nemotron_nas
+
+        check_nemotron_nas(meta.model)
     if not settings.needs_scores() and not settings.drop_layers:
         raise ConfigError("no pruning target: give --target-hidden, --target-ffn, "
                           "--target-heads, --target-groups, --target-layers, --drop-layers or "
                           "(hybrid models) --target-mamba-heads/--target-mamba-head-dim")
-    meta = mcore.read_meta(src)
     # written at this TP and EP
     pruned_config(meta.model, settings).check_parallel(parallel.tp, 1, parallel.ep)
     if out_format != "minitron":

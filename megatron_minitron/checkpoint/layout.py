@@ -432,16 +432,21 @@ def _nemotron_h_config(cfg: ModelConfig, common: dict) -> dict:
             "mamba_proj_bias": False, "mlp_bias": False, "attention_bias": False}
 
 
-def _nemotron_nas_config(cfg: ModelConfig, common: dict) -> dict:
-    """config.json of a heterogeneous Llama in the Nemotron-NAS format. Each block gives its
-    width twice: `ffn_hidden_size`, exact, which Megatron-Core's HeterogeneousTransformerConfig
-    reads, and `ffn_mult`, which the DeciLM code reads and rounds up to a multiple of 256
-    (exact for such widths)."""
+def check_nemotron_nas(cfg: ModelConfig) -> None:
+    """Refuse, before any work, a heterogeneous export of a family other than Llama."""
     from megatron_minitron.config import ConfigError
 
     if cfg.family != "llama":
         raise ConfigError(f"a heterogeneous {cfg.family} model has no Hugging Face format: "
                           "Nemotron-NAS (the one per-layer format) is Llama's")
+
+
+def _nemotron_nas_config(cfg: ModelConfig, common: dict) -> dict:
+    """config.json of a heterogeneous Llama in the Nemotron-NAS format. Each block gives its
+    width twice: `ffn_hidden_size`, exact, which Megatron-Core's HeterogeneousTransformerConfig
+    reads, and `ffn_mult`, which the DeciLM code reads and rounds up to a multiple of 256
+    (exact for such widths)."""
+    check_nemotron_nas(cfg)
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     blocks = [{"attention": {"no_op": not cfg.attention_of(i), "replace_with_linear": False,
                              "n_heads_in_group": per_group if cfg.attention_of(i) else None},
