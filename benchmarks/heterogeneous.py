@@ -105,7 +105,9 @@ def latency_table(homo: dict, het: dict, seq: int) -> None:
     student's layers summed from it."""
     from megatron_minitron.config import ModelConfig, ParallelConfig
     from megatron_minitron.prune.heterogeneous import measure_latency
+    from megatron_minitron.runtime import init_runtime
 
+    init_runtime(ParallelConfig())  # each CLI call above tore its own down
     base = ModelConfig.from_dict(het["model"])
     widths = sorted({*base.layer_ffn, homo["model"]["ffn_hidden_size"], 1536} - {0})
     table = measure_latency(base, widths, ParallelConfig(), 1, seq)
