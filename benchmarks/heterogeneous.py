@@ -104,7 +104,7 @@ def latency_table(homo: dict, het: dict, seq: int) -> None:
     """The table prune --target-latency would use here (batch 1 x `seq` tokens), and each
     student's layers summed from it."""
     from megatron_minitron.config import ModelConfig, ParallelConfig
-    from megatron_minitron.prune.heterogeneous import measure_latency
+    from megatron_minitron.prune.heterogeneous import Variant, measure_latency, variant_latency
     from megatron_minitron.runtime import init_runtime
 
     init_runtime(ParallelConfig())  # each CLI call above tore its own down
@@ -115,8 +115,7 @@ def latency_table(homo: dict, het: dict, seq: int) -> None:
     print("  " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
     h = ModelConfig.from_dict(homo["model"])
     for name, m in (("homogeneous", h), ("heterogeneous", base)):
-        total = sum((table["attention"] if m.attention_of(i) else 0) +
-                    (table[f"ffn{m.ffn_of(i)}"] if m.ffn_of(i) else 0)
+        total = sum(variant_latency(table, Variant(m.ffn_of(i), m.attention_of(i)))
                     for i in range(m.num_layers))
         print(f"  {name}: layers sum to {total:.1f} ms")
 

@@ -32,7 +32,7 @@ from megatron_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_minitron.importance.hooks import decoder_layers
 from megatron_minitron.importance.scores import Scores
 from megatron_minitron.options import fraction_of
-from megatron_minitron.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_minitron.prune.plan import PrunePlan, PruneTarget, _top, make_plan
 from megatron_minitron.prune.run import prune_model
 
 log = logging.getLogger("minitron")
@@ -99,10 +99,14 @@ def costs(src: ModelConfig, base: ModelConfig, variants: list[Variant], t: Prune
                          for p, v in zip(params, variants, strict=True)]
         fixed["memory"], budget["memory"] = rest * itemsize, float(t.target_memory)
     if t.target_latency is not None:
-        per["latency_ms"] = [(latency["attention"] if v.attention else 0.0) +
-                             (latency[f"ffn{v.ffn}"] if v.ffn else 0.0) for v in variants]
+        per["latency_ms"] = [variant_latency(latency, v) for v in variants]
         fixed["latency_ms"], budget["latency_ms"] = 0.0, float(t.target_latency)
     return Costs(per, fixed, budget)
+
+
+def variant_latency(table: dict[str, float], v: Variant) -> float:
+    """A layer's milliseconds from `measure_latency`'s table: its attention plus its MLP."""
+    return (table["attention"] if v.attention else 0.0) + (table[f"ffn{v.ffn}"] if v.ffn else 0.0)
 
 
 def check_feasible(c: Costs, layers: int) -> None:
@@ -180,10 +184,9 @@ def score_variants(chunks, base: ModelConfig, variants: list[Variant], neurons: 
     @contextlib.contextmanager
     def variant(inputs, i: int, v: Variant):
         layer = here.get(i)  # hooks only where this rank holds the layer
-        order = neurons[i].argsort(descending=True)
         masks = None if layer is None else _Masks(
-            layer, order[:v.ffn] if v.ffn < base.ffn_hidden_size else None, v.attention,
-            base.ffn_hidden_size)
+            layer, _top(neurons[i], v.ffn) if v.ffn < base.ffn_hidden_size else None,
+            v.attention, base.ffn_hidden_size)
         try:
             with resumed_at(chunks, i, inputs):
                 yield
@@ -317,5 +320,5 @@ def _plan(cfg: ModelConfig, base: PrunePlan, chosen: list[Variant], scores: Scor
                      notes=list(base.notes))
     for i in kept:
         plan.heads[i] = base.heads[i] if by[i].attention else empty
-        plan.ffn[i] = ffn[i].topk(by[i].ffn).indices.sort().values if by[i].ffn else empty
+        plan.ffn[i] = _top(ffn[i], by[i].ffn) if by[i].ffn else empty
     return plan
