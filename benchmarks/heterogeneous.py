@@ -2,13 +2,13 @@
 held-out loss right after pruning and after the same short KD (issue 37's measurement).
 
 Homogeneous: the combined target (hidden 448, ffn 1024, heads 6, layers 24) with
-`--strategy auto`; heterogeneous: the hidden size, heads and query groups of auto's winner, each
-layer's MLP width and attention chosen by `--heterogeneous` under `--target-params` equal to
-what auto's winner has.
+`--strategy auto`; heterogeneous: `--heterogeneous` started from auto's winner (its hidden size,
+heads, query groups, MLP width and dropped layers), each layer's MLP width and attention refined
+in context for `--rounds` rounds under `--target-params` equal to what auto's winner has.
 Both from the same scores; both distilled from the unpruned model with the same steps, data
 and seed; held-out loss over the first held-out play (8 windows of 256 tokens).
 
-    python benchmarks/heterogeneous.py [--kd-steps 30] [--work DIR] [--teacher CKPT]
+    python benchmarks/heterogeneous.py [--kd-steps 30] [--rounds 2] [--work DIR] [--teacher CKPT]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="SmolLM2 converted already (a rerun in the "
                                                     "same --work: the one the scores are for)")
     ap.add_argument("--latency-seq-length", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=2, help="--refine-rounds")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
@@ -78,10 +79,13 @@ def main() -> None:
 
     homo = prune("homogeneous", HOMOGENEOUS)
     won = homo["model"]
+    dropped = sorted(set(range(homo["source"]["num_layers"])) - set(homo["kept_layers"]))
     het = prune("heterogeneous", [
         "--target-hidden", str(won["hidden_size"]), "--target-heads",
         str(won["num_attention_heads"]), "--target-groups", str(won["num_query_groups"]),
-        "--heterogeneous", "--target-params", str(homo["parameters"][1])])
+        "--heterogeneous", "--target-params", str(homo["parameters"][1]),
+        "--target-ffn", str(won["ffn_hidden_size"]), "--refine-rounds", str(args.rounds),
+        *(["--drop-layers", ",".join(map(str, dropped))] if dropped else [])])
     rows = []
     for name, record in (("homogeneous (auto)", homo), ("heterogeneous", het)):
         ckpt = work / name.split()[0]
@@ -97,6 +101,10 @@ def main() -> None:
           f"{het['kept_layers']}):\n  MLP width {m['layer_ffn']}\n  attention "
           f"{[int(a) for a in m['layer_attention']]}")
     print(f"  {het['notes'][-1]}")
+    for r, step in enumerate(het["heterogeneous"]["rounds"]):
+        print(f"  round {r}: calibration loss {step['loss']:.4f}, proposals tried "
+              + ", ".join(f"{t['changed']} layers changed -> {t['loss']:.4f}"
+                          for t in step["tried"]))
     latency_table(homo, het, args.latency_seq_length)
 
 

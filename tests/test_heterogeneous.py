@@ -41,7 +41,7 @@ def pruned(tiny_llama_ckpt, tmp_path_factory) -> dict:
                  "--depth-samples", "0", "--out", str(scores)]) == 0
     out = tmp / "het"
     assert main(["prune", "--load", str(tiny_llama_ckpt), "--scores", str(scores), "--out",
-                 str(out), "--heterogeneous", *BUDGET, *CHOICES, "--json",
+                 str(out), "--heterogeneous", *BUDGET, *CHOICES, "--refine-rounds", "0", "--json",
                  str(tmp / "het.json")]) == 0
     return {"tmp": tmp, "scores": scores, "out": out, "source": tiny_llama_ckpt,
             "record": json.loads((tmp / "het.json").read_text())}
@@ -116,6 +116,50 @@ def test_a_variants_replayed_rise_is_a_whole_forward_with_that_layer_masked(prun
         loss = evaluate_windows(chunks, cal.select, cal.micro_batch_size).loss
         masks.remove()
         assert loss - base == pytest.approx(het["rise"][2][v], abs=1e-6), name
+
+
+def test_refinement_starts_at_the_homogeneous_student_and_its_losses_are_the_students(
+        pruned, tmp_path):
+    """From `--target-ffn 48 --drop-layers 1`: round 0's loss is that homogeneous student's
+    (pruned and written the ordinary way), an in-context rise is a whole forward with the
+    student changed at one layer, and the written result has the lowest loss the rounds saw,
+    within the homogeneous student's parameters."""
+    from megatron_minitron.evaluate.perplexity import evaluate_windows
+    from megatron_minitron.importance import load_scores
+    from megatron_minitron.prune.heterogeneous import Variant, _Shape
+    from megatron_minitron.prune.strategy import calibration
+
+    common = ["prune", "--load", str(pruned["source"]), "--scores", str(pruned["scores"]),
+              "--target-ffn", "48", "--drop-layers", "1"]
+    assert main([*common, "--out", str(tmp_path / "homo"), "--json",
+                 str(tmp_path / "homo.json")]) == 0
+    assert main([*common, "--out", str(tmp_path / "het"), "--heterogeneous", "--refine-rounds",
+                 "2", "--select-samples", "4", *CHOICES, "--json",
+                 str(tmp_path / "het.json")]) == 0
+    homo, rec = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("homo", "het"))
+    het = rec["heterogeneous"]
+    cal = calibration(pruned["source"], load_scores(pruned["scores"]).meta, 4)
+
+    def loss_of(chunks) -> float:
+        return evaluate_windows(chunks, cal.select, cal.micro_batch_size).loss
+
+    first = het["rounds"][0]
+    assert het["start"] == first["choice"] and first["choice"][1] == "no-attn+ffn0"
+    assert loss_of(load_in_process(tmp_path / "homo")[1]) == pytest.approx(first["loss"],
+                                                                          abs=1e-5)
+    seen = [r["loss"] for r in het["rounds"]] + [t["loss"] for r in het["rounds"]
+                                                 for t in r["tried"]]
+    assert loss_of(load_in_process(tmp_path / "het")[1]) == pytest.approx(min(seen), abs=1e-5)
+    assert rec["parameters"][1] <= homo["parameters"][1]
+    cfg, chunks = load_in_process(pruned["source"])
+    variants = [Variant(int(v.split("ffn")[1]), v.startswith("attn")) for v in het["variants"]]
+    student = [variants[het["variants"].index(v)] for v in first["choice"]]
+    for name in ("attn+ffn96", "no-attn+ffn24"):
+        j = het["variants"].index(name)
+        with _Shape(chunks, cfg, load_scores(pruned["scores"]).axis("ffn")).shaped(
+                [*student[:2], variants[j], *student[3:]]):
+            assert loss_of(chunks) - first["loss"] == pytest.approx(first["rise"][2][j],
+                                                                    abs=1e-6), name
 
 
 def test_pruned_from_tp2_or_pp2_the_student_is_the_masked_source_at_tp2_sp_and_pp2(
@@ -231,9 +275,11 @@ def test_heterogeneous_refusals(pruned, tiny_llama_ckpt, tmp_path, capsys):
     from megatron_minitron.config import ConfigError
 
     common = ["prune", "--load", str(tiny_llama_ckpt), "--scores", str(pruned["scores"])]
-    fails(capsys, [*common, "--out", str(tmp_path / "a"), "--heterogeneous"], "needs a budget")
+    fails(capsys, [*common, "--out", str(tmp_path / "a"), "--heterogeneous"],
+          "needs a budget (--target-params")
     fails(capsys, [*common, "--out", str(tmp_path / "b"), "--heterogeneous", "--target-params",
-                   "0.5", "--target-ffn", "48"], "--target-ffn with --heterogeneous")
+                   "0.5", "--target-ffn", "24", "--target-layers", "4"],
+          "the starting student (--target-ffn with the layers kept) exceeds the budget")
     fails(capsys, [*common, "--out", str(tmp_path / "c"), "--heterogeneous", "--target-params",
                    "1000"], "no choice of layer variants fits the budget")
     fails(capsys, ["prune", "--load", str(pruned["out"]), "--scores", str(pruned["scores"]),

@@ -49,12 +49,13 @@ class Variant:
         return f"{'attn' if self.attention else 'no-attn'}+ffn{self.ffn}"
 
 
-def menu(base: ModelConfig, fractions: list[float], tp: int) -> list[Variant]:
-    """The variants every layer may take: each width rounded down to a multiple of the TP size
-    (each rank keeps an equal share), with and without attention; the full layer first. The
-    empty layer (dropped) is a variant too."""
+def menu(base: ModelConfig, fractions: list[float], tp: int, widths: list[int] = ()
+         ) -> list[Variant]:
+    """The variants every layer may take: each fraction's width rounded down to a multiple of
+    the TP size (each rank keeps an equal share) and `widths` as they are, with and without
+    attention; the full layer first. A width of 0 with no attention is the dropped layer."""
     widths = sorted({int(f * base.ffn_hidden_size) // tp * tp for f in fractions} |
-                    {base.ffn_hidden_size}, reverse=True)
+                    {base.ffn_hidden_size, *widths}, reverse=True)
     return [Variant(w, a) for a in (True, False) for w in widths]
 
 
@@ -121,15 +122,21 @@ def check_feasible(c: Costs, layers: int) -> None:
                           + "): raise the budget or add smaller --layer-ffn-choices")
 
 
-def select(rise: torch.Tensor, c: Costs) -> list[int]:
+def select(rise: torch.Tensor, c: Costs, around: list[int] | None = None,
+           changes: int | None = None) -> list[int]:
     """One variant per layer minimising the summed LM-loss rise [layers, variants] under every
-    budget: scipy's mixed-integer linear program (HiGHS)."""
+    budget, and with `around` (a choice) at most `changes` layers other than it: scipy's
+    mixed-integer linear program (HiGHS)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     layers, n = rise.shape
     check_feasible(c, layers)
     one_each = np.kron(np.eye(layers), np.ones(n))
     constraints = [LinearConstraint(one_each, 1, 1)]
+    if around is not None:
+        kept = np.zeros((1, layers * n))
+        kept[0, [i * n + j for i, j in enumerate(around)]] = 1
+        constraints.append(LinearConstraint(kept, layers - changes, np.inf))
     for name, per in c.per_variant.items():
         constraints.append(LinearConstraint(np.tile(per, layers)[None], -np.inf,
                                             c.budget[name] - c.fixed[name]))
@@ -169,38 +176,110 @@ class _Masks:
             h.remove()
 
 
+class _Shape:
+    """The base model with some layers made variants by `_Masks` (on the ranks that hold them):
+    how a student is evaluated without being written."""
+
+    def __init__(self, chunks, base: ModelConfig, neurons: torch.Tensor):
+        self.here = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
+        self.base, self.neurons, self.masks = base, neurons, {}
+
+    def set(self, i: int, v: Variant) -> None:
+        if i in self.masks:
+            self.masks.pop(i).remove()
+        width = self.base.ffn_hidden_size
+        if i in self.here and v != Variant(width, True):
+            self.masks[i] = _Masks(self.here[i], _top(self.neurons[i], v.ffn)
+                                   if v.ffn < width else None, v.attention, width)
+
+    @contextlib.contextmanager
+    def shaped(self, student: list[Variant]):
+        for i, v in enumerate(student):
+            self.set(i, v)
+        try:
+            yield
+        finally:
+            for m in self.masks.values():
+                m.remove()
+            self.masks.clear()
+
+
 def score_variants(chunks, base: ModelConfig, variants: list[Variant], neurons: torch.Tensor,
-                   windows: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
-    """[layers, variants]: each variant's LM-loss rise over the unchanged base, one layer at a
-    time. `neurons` [layers, ffn] ranks each layer's MLP neurons (highest kept). A variant of
-    layer i changes nothing before it, so each pass replays layer i's recorded input and runs
-    from there (the depth metrics' prefix reuse)."""
+                   windows: torch.Tensor, micro_batch_size: int,
+                   context: list[Variant] | None = None) -> tuple[torch.Tensor, float]:
+    """[layers, variants]: each variant's LM-loss rise over `context` (a student; the unchanged
+    base when None), one layer changed at a time, and the context's own loss. `neurons`
+    [layers, ffn] ranks each layer's MLP neurons (highest kept). A change to layer i leaves
+    its input as the context computes it, so each pass replays layer i's recorded input and
+    runs from there (the depth metrics' prefix reuse)."""
     from megatron_minitron.importance.depth import replayed_losses, resumed_at
 
-    here = {layer.layer_number - 1: layer for layer in decoder_layers(chunks)}
-    full = Variant(base.ffn_hidden_size, True)
-    cells = [(i, j) for i in range(base.num_layers) for j, v in enumerate(variants) if v != full]
+    context = context or [Variant(base.ffn_hidden_size, True)] * base.num_layers
+    shape = _Shape(chunks, base, neurons)
+    cells = [(i, j) for i in range(base.num_layers) for j, v in enumerate(variants)
+             if v != context[i]]
 
     @contextlib.contextmanager
     def variant(inputs, i: int, v: Variant):
-        layer = here.get(i)  # hooks only where this rank holds the layer
-        masks = None if layer is None else _Masks(
-            layer, _top(neurons[i], v.ffn) if v.ffn < base.ffn_hidden_size else None,
-            v.attention, base.ffn_hidden_size)
+        shape.set(i, v)
         try:
             with resumed_at(chunks, i, inputs):
                 yield
         finally:
-            if masks is not None:
-                masks.remove()
+            shape.set(i, context[i])
 
     passes = [lambda inputs, i=i, v=variants[j]: variant(inputs, i, v) for i, j in cells]
-    loss = replayed_losses(chunks, windows, micro_batch_size, passes,
-                           "calibration windows (--select-samples)", "layer variants")
+    with shape.shaped(context):
+        loss = replayed_losses(chunks, windows, micro_batch_size, passes,
+                               "calibration windows (--select-samples)", "layer variants")
     rise = torch.zeros(base.num_layers, len(variants), dtype=torch.float64)
     for (i, j), value in zip(cells, loss[1:] - loss[0], strict=True):
         rise[i, j] = value
-    return rise
+    return rise, float(loss[0])
+
+
+def refine(chunks, base: ModelConfig, variants: list[Variant], neurons: torch.Tensor, cal,
+           c: Costs, start: list[int], rounds: int) -> tuple[list[int], list[dict]]:
+    """Improve the student `start` (a variant index per layer) in context: each round scores
+    every variant of every layer with the other layers as the student has them (single-layer
+    rises are far from additive when half the model is gone, but close to it around the
+    student), then the program picks under the budgets, changing at most k layers; k halves
+    until the student's measured loss falls. A round with no fall ends it, so the result is
+    never worse than `start` on the calibration windows. Each round's record: the student's
+    loss, the rises, and each proposal tried."""
+    choice, history = start, []
+    for r in range(rounds):
+        student = [variants[j] for j in choice]
+        rise, loss = score_variants(chunks, base, variants, neurons, cal.select,
+                                    cal.micro_batch_size, student)
+        tried: list[dict] = []
+        history.append({"loss": loss, "choice": [str(v) for v in student],
+                        "rise": rise.tolist(), "tried": tried})
+        k, better = base.num_layers, None
+        while k and better is None:
+            proposal = select(rise, c, around=choice, changes=k)
+            if proposal == choice:
+                break
+            with _Shape(chunks, base, neurons).shaped([variants[j] for j in proposal]):
+                tried.append({"changed": sum(a != b for a, b in zip(choice, proposal,
+                                                                     strict=True)),
+                              "loss": student_loss(chunks, cal)})
+            log.info("heterogeneous round %d: %d layers changed, loss %.4f -> %.4f", r,
+                     tried[-1]["changed"], loss, tried[-1]["loss"])
+            better = proposal if tried[-1]["loss"] < loss else None
+            k = tried[-1]["changed"] // 2
+        if better is None:
+            break
+        choice = better
+    return choice, history
+
+
+def student_loss(chunks, cal) -> float:
+    """The model's mean LM loss on the calibration windows, as it is now."""
+    from megatron_minitron.importance.depth import replayed_losses
+
+    return float(replayed_losses(chunks, cal.select, cal.micro_batch_size, [],
+                                 "calibration windows (--select-samples)", "student loss")[0])
 
 
 def measure_latency(base: ModelConfig, widths: list[int], parallel: ParallelConfig,
@@ -267,13 +346,22 @@ def measure_latency(base: ModelConfig, widths: list[int], parallel: ParallelConf
 def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores, cal,
                        parallel: ParallelConfig) -> tuple[PrunePlan, dict]:
     """The plan over the source, and a record of the choice (variants, rises, costs, the
-    latency table) for the prune record and the report."""
-    start = time.time()
-    base_t = dataclasses.replace(t, heterogeneous=False, params=None)
-    base_plan = make_plan(cfg, base_t, scores)
+    latency table, the refinement rounds) for the prune record and the report. The first
+    student is the homogeneous one `--target-ffn` with `--target-layers`/`--drop-layers` give
+    (its parameters the budget when none is given), else the program's choice over the
+    single-layer rises on the base (Puzzle's scoring); `--refine-rounds` improve it in
+    context."""
+    began = time.time()
+    uniform = dataclasses.replace(t, heterogeneous=False, params=None)
+    base_plan = make_plan(cfg, dataclasses.replace(uniform, ffn=None, layers=None,
+                                                   drop_layers=None), scores)
     base = base_plan.model
+    given = make_plan(cfg, uniform, scores) if t.names_homogeneous() else None
+    if given is not None and not t.budgeted():
+        t = dataclasses.replace(t, params=float(given.model.num_parameters()))
     itemsize = next(chunks[0].parameters()).element_size()
-    variants = menu(base, t.layer_ffn_choices, parallel.tp)
+    variants = menu(base, t.layer_ffn_choices, parallel.tp,
+                    [] if given is None else [given.model.ffn_hidden_size, 0])
     latency = (measure_latency(base, sorted({v.ffn for v in variants}), parallel,
                                t.budget_batch_size, t.budget_seq_length)
                if t.target_latency is not None else None)
@@ -281,24 +369,44 @@ def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores,
     check_feasible(c, base.num_layers)
     model = (prune_model(chunks, cfg, base_plan, parallel)
              if base.num_parameters() < cfg.num_parameters() else chunks)
-    rise = score_variants(model, base, variants, scores.axis("ffn"), cal.select,
-                          cal.micro_batch_size)
+    neurons = scores.axis("ffn")
+    rise = None
+    if given is None:
+        rise, _ = score_variants(model, base, variants, neurons, cal.select, cal.micro_batch_size)
+        start = select(rise, c)
+    else:
+        start = [variants.index(Variant(given.model.ffn_hidden_size, True) if i in given.layers
+                                else Variant(0, False)) for i in range(base.num_layers)]
+        check_within(c, start, "the starting student (--target-ffn with the layers kept)")
+    choice, rounds = refine(model, base, variants, neurons, cal, c, start, t.refine_rounds)
     del model
     gc.collect()
-    choice = select(rise, c)
     chosen = [variants[j] for j in choice]
     plan = _plan(cfg, base_plan, chosen, scores)
     total = {k: c.fixed[k] + sum(c.per_variant[k][j] for j in choice) for k in c.per_variant}
+    losses = " -> ".join(f"{r['loss']:.4f}" for r in rounds)
     plan.notes.append(
         f"heterogeneous: {len(variants)} variants x {base.num_layers} layers scored on "
-        f"{len(cal.select)} calibration windows importance did not use; the program chose "
-        f"summed rise {sum(float(rise[i, j]) for i, j in enumerate(choice)):.4f} at "
+        f"{len(cal.select)} calibration windows importance did not use, starting from "
+        f"{'the homogeneous student given' if given else 'the single-layer rises on the base'}"
+        f"; loss per refinement round {losses or '(none run)'}; "
         + ", ".join(f"{k} {v:,.6g} (budget {c.budget[k]:,.6g})" for k, v in total.items())
-        + f" in {time.time() - start:.1f} s")
-    record = {"variants": [str(v) for v in variants], "rise": rise.tolist(),
+        + f" in {time.time() - began:.1f} s")
+    record = {"variants": [str(v) for v in variants], "rounds": rounds,
+              "rise": None if rise is None else rise.tolist(),
+              "start": [str(variants[j]) for j in start],
               "choice": [str(v) for v in chosen], "costs": c.per_variant, "totals": total,
               "budgets": c.budget, "latency_ms": latency}
     return plan, record
+
+
+def check_within(c: Costs, choice: list[int], what: str) -> None:
+    """Refuse a choice over a budget (the start a refinement must stay within)."""
+    total = {k: c.fixed[k] + sum(per[j] for j in choice) for k, per in c.per_variant.items()}
+    over = [k for k in c.budget if total[k] > c.budget[k]]
+    if over:
+        raise ConfigError(f"{what} exceeds the budget: " + ", ".join(
+            f"{k} {total[k]:,.6g} > {c.budget[k]:,.6g}" for k in over))
 
 
 def _plan(cfg: ModelConfig, base: PrunePlan, chosen: list[Variant], scores: Scores) -> PrunePlan:

@@ -101,7 +101,13 @@ class PruneTarget:
                     "layer's variants are scored by LM loss on calibration windows, and a "
                     "mixed-integer program picks one per layer under --target-params, "
                     "--target-memory and --target-latency (hidden, heads and groups stay "
-                    "uniform, as --target-hidden/--target-heads/--target-groups say)")
+                    "uniform, as --target-hidden/--target-heads/--target-groups say); "
+                    "--target-ffn with --target-layers/--drop-layers name a homogeneous student "
+                    "to start from, its size the budget unless one is given")
+    refine_rounds: int = option(
+        1, help="with --heterogeneous: rounds that re-score every layer's variants with the "
+                "other layers as the student has them and keep the program's new choice only "
+                "if it lowers the loss (each round costs one scoring pass)")
     layer_ffn_choices: list[float] = option(
         factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0],
         parse=lambda s: [float(x) for x in s.split(",") if x.strip()],
@@ -121,6 +127,14 @@ class PruneTarget:
                                             "--target-latency are counted")
     budget_seq_length: int = option(2048, help="tokens per sequence at which --target-memory "
                                                "and --target-latency are counted")
+
+    def names_homogeneous(self) -> bool:
+        """Whether an MLP width or depth is given: with --heterogeneous, the student to start
+        from."""
+        return self.ffn is not None or self.layers is not None or bool(self.drop_layers)
+
+    def budgeted(self) -> bool:
+        return not all(b is None for b in (self.params, self.target_memory, self.target_latency))
 
     def needs_scores(self) -> bool:
         return any(v is not None for v in (self.params, self.hidden, self.ffn, self.heads,
@@ -239,17 +253,15 @@ def _check_heterogeneous(cfg: ModelConfig, t: PruneTarget) -> None:
         has = "per-layer widths" if cfg.heterogeneous else "experts or Mamba layers"
         raise ConfigError(f"--heterogeneous prunes a homogeneous dense transformer; this "
                           f"{cfg.family} model has {has}")
-    for flag, value in (("--target-ffn", t.ffn), ("--target-layers", t.layers),
-                        ("--drop-layers", t.drop_layers)):
-        if value is not None:
-            raise ConfigError(f"{flag} with --heterogeneous: each layer's MLP width and whether "
-                              "it stays are chosen by the program (--layer-ffn-choices)")
     if t.strategy != "given" or t.order != "joint":
         raise ConfigError("--heterogeneous makes its own choices per layer: leave --strategy and "
                           "--order at their defaults")
-    if t.params is None and t.target_memory is None and t.target_latency is None:
-        raise ConfigError("--heterogeneous needs a budget: --target-params, --target-memory or "
-                          "--target-latency")
+    if not t.names_homogeneous() and not t.budgeted():
+        raise ConfigError("--heterogeneous needs a budget (--target-params, --target-memory or "
+                          "--target-latency) or a homogeneous student to start from "
+                          "(--target-ffn, --target-layers, --drop-layers)")
+    if t.refine_rounds < 0:
+        raise ConfigError(f"--refine-rounds {t.refine_rounds}: must be >= 0")
     bad = [f for f in t.layer_ffn_choices if not 0 <= f <= 1]
     if bad or not t.layer_ffn_choices:
         raise ConfigError(f"--layer-ffn-choices {t.layer_ffn_choices}: fractions of the MLP "
