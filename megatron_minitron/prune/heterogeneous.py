@@ -384,12 +384,14 @@ def heterogeneous_plan(chunks, cfg: ModelConfig, t: PruneTarget, scores: Scores,
     chosen = [variants[j] for j in choice]
     plan = _plan(cfg, base_plan, chosen, scores)
     total = {k: c.fixed[k] + sum(c.per_variant[k][j] for j in choice) for k in c.per_variant}
-    losses = " -> ".join(f"{r['loss']:.4f}" for r in rounds)
+    seen = [r["loss"] for r in rounds] + [x["loss"] for r in rounds for x in r["tried"]]
+    losses = (f"calibration loss {rounds[0]['loss']:.4f} -> {min(seen):.4f} in {len(rounds)} "
+              "refinement rounds" if rounds else "no refinement round")
     plan.notes.append(
         f"heterogeneous: {len(variants)} variants x {base.num_layers} layers scored on "
         f"{len(cal.select)} calibration windows importance did not use, starting from "
         f"{'the homogeneous student given' if given else 'the single-layer rises on the base'}"
-        f"; loss per refinement round {losses or '(none run)'}; "
+        f"; {losses}; "
         + ", ".join(f"{k} {v:,.6g} (budget {c.budget[k]:,.6g})" for k, v in total.items())
         + f" in {time.time() - began:.1f} s")
     record = {"variants": [str(v) for v in variants], "rounds": rounds,
