@@ -8,7 +8,7 @@ in context for `--rounds` rounds under `--target-params` equal to what auto's wi
 Both from the same scores; both distilled from the unpruned model with the same steps, data
 and seed; held-out loss over the first held-out play (8 windows of 256 tokens).
 
-    python benchmarks/heterogeneous.py [--kd-steps 30] [--rounds 2] [--work DIR] [--teacher CKPT]
+    python benchmarks/heterogeneous.py [--kd-steps 30] [--rounds 3] [--work DIR] [--teacher CKPT]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="SmolLM2 converted already (a rerun in the "
                                                     "same --work: the one the scores are for)")
     ap.add_argument("--latency-seq-length", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=2, help="--refine-rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="--refine-rounds")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
