@@ -162,6 +162,25 @@ def test_refinement_starts_at_the_homogeneous_student_and_its_losses_are_the_stu
                                                                     abs=1e-6), name
 
 
+def test_refinement_refuses_every_proposal_measured_worse(pruned, tmp_path, monkeypatch):
+    """Every proposal measured 1 nat worse than it is (on the tiny random model real proposals
+    all lower the loss, so the acceptance rule is otherwise never exercised): each is refused,
+    k halves down to a single changed layer, and the written student is the start."""
+    from megatron_minitron.prune import heterogeneous
+
+    real = heterogeneous.student_loss
+    monkeypatch.setattr(heterogeneous, "student_loss", lambda *a: real(*a) + 1.0)
+    assert main(["prune", "--load", str(pruned["source"]), "--scores", str(pruned["scores"]),
+                 "--target-ffn", "48", "--drop-layers", "1", "--out", str(tmp_path / "het"),
+                 "--heterogeneous", "--refine-rounds", "2", "--select-samples", "4", *CHOICES,
+                 "--json", str(tmp_path / "het.json")]) == 0
+    het = json.loads((tmp_path / "het.json").read_text())["heterogeneous"]
+    (only,) = het["rounds"]
+    assert len(only["tried"]) > 1 and all(t["loss"] > only["loss"] for t in only["tried"])
+    assert only["tried"][-1]["changed"] == 1
+    assert het["choice"] == het["start"]
+
+
 def test_pruned_from_tp2_or_pp2_the_student_is_the_masked_source_at_tp2_sp_and_pp2(
         pruned, tiny_tokens):
     """From the TP2+SP-sharded source (and the PP2 one), with widths but no layer drop (even
