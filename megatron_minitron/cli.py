@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megatron_minitron.commands import add_verbs
 from megatron_minitron.config import ConfigError, TrainingError
-from megatron_minitron.runtime import interrupt
+from megatron_minitron.runtime import cpu_compat, interrupt
 
 log = logging.getLogger("minitron")
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[minitron] %(message)s")
     _quiet_third_party()
     interrupt.install()
+    cpu_compat.import_megatron()
     try:
         args.call(args)
     except (ConfigError, TrainingError) as e:  # exit 2: bad usage or input; 3: training failed

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_minitron.runtime import cpu_compat
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each pytest-xdist worker computes in its own process: at torch's default (a thread per core)
@@ -20,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the cores each, as the commands the tests start get (OMP_NUM_THREADS=1).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+# Megatron imported here as every command imports it (its torch.compile fusions off on a host
+# without CUDA), so an in-process run and a subprocess run compute alike.
+cpu_compat.import_megatron()
 
 
 def run_cli(*args: str, nproc: int = 1, check: bool = True, env: dict | None = None

@@ -12,6 +12,7 @@ from megatron_minitron.config import ParallelConfig
 from megatron_minitron.model import load_model
 from megatron_minitron.model.forward import logits
 from megatron_minitron.options import add_options, from_args
+from megatron_minitron.runtime.cpu_compat import import_megatron
 from megatron_minitron.runtime.distributed import shutdown
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     add_options(p, ParallelConfig)
     a = p.parse_args()
     _quiet_third_party()
+    import_megatron()
     tokens = load_file(a.tokens)["tokens"]
     for ckpt, dst in zip(a.load, a.out, strict=True):
         rt, _, chunks = load_model(Path(ckpt), from_args(ParallelConfig, a))

@@ -61,3 +61,29 @@ def test_stages_reuse_process_groups_and_ranks_wait_for_rank_0_without_a_timeout
               str(tmp_path / "cache")], check=False)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("ok groups reused") == 2 and r.stdout.count("ok rank 0 first") == 2
+
+
+_IMPORT_PROBE = """
+import sys, torch
+from megatron_minitron.runtime.cpu_compat import import_megatron
+torch.cuda.is_available = lambda: {cuda}
+import_megatron()
+from megatron.core import jit
+import megatron.core.models.gpt
+print(jit.jit_fuser is torch.compile, "torch._dynamo" in sys.modules, torch.compile.__module__)
+"""
+
+
+def test_megatron_imports_without_torch_compile_on_cpu_only():
+    """Without CUDA, Megatron imports with its fusions off (no TorchDynamo imported: 1.4 s off
+    every rank's start) and torch.compile is itself again afterwards; with CUDA nothing
+    changes: the fusions stay compiled."""
+    import subprocess
+    import sys
+
+    def probe(cuda: bool) -> str:
+        return subprocess.run([sys.executable, "-c", _IMPORT_PROBE.format(cuda=cuda)],
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert probe(False) == ["False", "False", "torch"]
+    assert probe(True) == ["True", "True", "torch"]

@@ -165,3 +165,31 @@ def apply() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _applied = True
+
+
+def import_megatron() -> None:
+    """Import Megatron-Core, on a host without CUDA with its JIT fusions off. Megatron decorates
+    its fused elementwise kernels with `torch.compile` as it imports them, and that decoration
+    alone imports TorchDynamo and Inductor: 1.4 of the 2.2 s Megatron takes to import, paid by
+    every rank of every launch, for kernels our CPU paths never call (their fusion flags follow
+    Transformer Engine, see model/build.py). So `torch.compile` passes functions through while
+    Megatron imports, and Megatron's own switch (`jit.disable_jit_fuser`) does the same for
+    the modules it imports later. On a GPU this does nothing: the fusions stay compiled."""
+    import sys
+
+    if torch.cuda.is_available() or "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = _no_compile
+    try:
+        from megatron.core import jit
+
+        jit.disable_jit_fuser()
+    finally:
+        torch.compile = compile_
+
+
+def _no_compile(model=None, **_options):
+    """`torch.compile`'s two call forms (`@torch.compile`, `@torch.compile(...)`), compiling
+    nothing."""
+    return model if model is not None else (lambda fn: fn)

@@ -77,6 +77,7 @@ def local_device_index(local_rank: int, visible: int) -> int:
 
 def init_runtime(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     """Initialise torch.distributed and Megatron's parallel state once per process."""
+    cpu_compat.import_megatron()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
