@@ -5,10 +5,13 @@ Homogeneous: the combined target (hidden 448, ffn 1024, heads 6, layers 24) with
 `--strategy auto`; heterogeneous: `--heterogeneous` started from auto's winner (its hidden size,
 heads, query groups, MLP width and dropped layers), each layer's MLP width and attention refined
 in context for `--rounds` rounds under `--target-params` equal to what auto's winner has.
-Both from the same scores; both distilled from the unpruned model with the same steps, data
-and seed; held-out loss over the first held-out play (8 windows of 256 tokens).
+Both from the same scores; both distilled from the unpruned model with the same steps and
+data, once per `--kd-seeds` seed (the order the batches are drawn in), so that a difference after
+KD can be told from the run-to-run spread; held-out loss over the first held-out play (8 windows
+of 256 tokens).
 
-    python benchmarks/heterogeneous.py [--kd-steps 30] [--rounds 3] [--work DIR] [--teacher CKPT]
+    python benchmarks/heterogeneous.py [--kd-steps 30] [--kd-seeds 1234,1,2] [--rounds 3]
+        [--work DIR] [--teacher CKPT]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
                                                     "same --work: the one the scores are for)")
     ap.add_argument("--latency-seq-length", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3, help="--refine-rounds")
+    ap.add_argument("--kd-seeds", default="1234,1,2", help="one KD run per seed (comma list)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
@@ -65,8 +69,8 @@ def main() -> None:
                         "--out", str(out), "--json", str(record), *flags]) == 0
         return json.loads(record.read_text())
 
-    def distill(name: str) -> Path:
-        save = work / f"{name}-kd"
+    def distill(name: str, seed: int) -> Path:
+        save = work / f"{name}-kd-seed{seed}"
         if (save / "latest").is_file():  # a rerun: the distilled student is there
             return save / (save / "latest").read_text().strip()
         assert cli(["distill", "--teacher", str(teacher), "--student", str(work / name),
@@ -74,7 +78,7 @@ def main() -> None:
                     "--train-iters",
                     str(args.kd_steps), "--global-batch-size", "4", "--seq-length", "128",
                     "--lr", "3e-4", "--min-lr", "3e-5", "--eval-iters", "0",
-                    "--save-interval", str(args.kd_steps), "--seed", "1234"]) == 0
+                    "--save-interval", str(args.kd_steps), "--seed", str(seed)]) == 0
         return max(save.glob("iter_*"))
 
     homo = prune("homogeneous", HOMOGENEOUS)
@@ -86,16 +90,24 @@ def main() -> None:
         "--heterogeneous", "--target-params", str(homo["parameters"][1]),
         "--target-ffn", str(won["ffn_hidden_size"]), "--refine-rounds", str(args.rounds),
         *(["--drop-layers", ",".join(map(str, dropped))] if dropped else [])])
-    rows = []
+    seeds = [int(s) for s in args.kd_seeds.split(",")]
+    rows, kd = [], {}
     for name, record in (("homogeneous (auto)", homo), ("heterogeneous", het)):
         ckpt = work / name.split()[0]
-        rows.append((name, record["parameters"][1], held_out(ckpt),
-                     held_out(distill(ckpt.name))))
+        kd[name] = [held_out(distill(ckpt.name, seed)) for seed in seeds]
+        rows.append((name, record["parameters"][1], held_out(ckpt), kd[name]))
     print(f"\nSmolLM2-135M, held-out loss (teacher {held_out(teacher):.3f}); "
-          f"KD {args.kd_steps} steps x 4 x 128 tokens")
-    print("| student | parameters | after pruning | after KD |\n|---|---|---|---|")
-    for name, params, pruned, kd in rows:
-        print(f"| {name} | {params / 1e6:.2f}M | {pruned:.3f} | {kd:.3f} |")
+          f"KD {args.kd_steps} steps x 4 x 128 tokens, seeds {seeds}")
+    print("| student | parameters | after pruning | after KD, per seed | after KD, mean |\n"
+          "|---|---|---|---|---|")
+    for name, params, pruned, losses in rows:
+        print(f"| {name} | {params / 1e6:.2f}M | {pruned:.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in losses)} | {sum(losses) / len(losses):.3f} |")
+    diffs = [h - o for h, o in zip(*kd.values(), strict=True)]  # homogeneous - heterogeneous
+    print(f"after KD, homogeneous minus heterogeneous per seed: "
+          f"{', '.join(f'{d:+.3f}' for d in diffs)}: heterogeneous "
+          + ("better on every seed" if min(diffs) > 0 else "worse on every seed"
+             if max(diffs) < 0 else "better on some seeds, worse on others (within the spread)"))
     m = het["model"]
     print("\nheterogeneous per layer (source layers "
           f"{het['kept_layers']}):\n  MLP width {m['layer_ffn']}\n  attention "
