@@ -184,7 +184,10 @@ def import_megatron() -> None:
     try:
         from megatron.core import jit
 
-        jit.disable_jit_fuser()
+        if hasattr(jit, "disable_jit_fuser"):  # megatron-core >= 0.16
+            jit.disable_jit_fuser()
+        else:  # 0.15: the same switch, by hand
+            jit.jit_fuser = _no_compile
     finally:
         torch.compile = compile_
 
