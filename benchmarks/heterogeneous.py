@@ -70,7 +70,7 @@ def main() -> None:
         return json.loads(record.read_text())
 
     def distill(name: str, seed: int) -> Path:
-        save = work / f"{name}-kd-seed{seed}"
+        save = work / f"{name}-kd{args.kd_steps}-seed{seed}"
         if (save / "latest").is_file():  # a rerun: the distilled student is there
             return save / (save / "latest").read_text().strip()
         assert cli(["distill", "--teacher", str(teacher), "--student", str(work / name),
